@@ -7,6 +7,13 @@ from typing import Callable, Dict, Generic, Iterator, TypeVar
 T = TypeVar("T")
 
 
+class UnknownNameError(KeyError):
+    """Raised for a name a registry does not know; the message lists the known names."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
 class Registry(Generic[T]):
     """A named lookup table.
 
@@ -36,7 +43,7 @@ class Registry(Generic[T]):
             return self._items[name]
         except KeyError:
             known = ", ".join(sorted(self._items))
-            raise KeyError(f"unknown {self.kind} {name!r}; known: {known}") from None
+            raise UnknownNameError(f"unknown {self.kind} {name!r}; known: {known}") from None
 
     def __contains__(self, name: object) -> bool:
         return name in self._items

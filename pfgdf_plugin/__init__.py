@@ -1,0 +1,18 @@
+"""pfgdf-plugin: PFGDF, SPP, DBP and MPDCompress for Torch-Pruning and NNI.
+
+Importing this package does not import NNI; ``pfgdf_plugin.nni`` does.
+
+Example:
+    >>> import torch, torch_pruning as tp, torchvision
+    >>> from pfgdf_plugin import GaussianImportance
+    >>> model = torchvision.models.resnet18(num_classes=10)
+    >>> tp.pruner.MetaPruner(model, torch.randn(1, 3, 32, 32), importance=GaussianImportance(),
+    ...                      pruning_ratio=0.5, ignored_layers=[model.fc]).step()
+"""
+
+from .methods.pfgdf import PFGDFError
+from .torch_pruning import GaussianImportance, PFGDFPruner
+
+__version__ = "0.1.0"
+
+__all__ = ["GaussianImportance", "PFGDFPruner", "PFGDFError", "__version__"]

@@ -1,0 +1,308 @@
+"""PFGDF: pruning filters judged insignificant by the Gaussian distribution of a layer's filters.
+
+Framework-free: every function here takes and returns tensors. The Torch-Pruning and NNI
+adapters translate their own objects into these calls.
+
+Paper: Xu et al., "Pruning Filter via Gaussian Distribution Feature for Deep Neural Networks
+Acceleration", arXiv 2006.12963. Only the abstract is public; the rules below are this
+project's reading of it (see docs/pfgdf.md):
+
+* ``mode="band"`` (default, reading A): one statistic ``s_i`` per filter, a Gaussian
+  ``N(mu, sigma)`` fitted to the layer's ``s_i``; filter ``i`` is insignificant when
+  ``|s_i - mu| <= k * sigma``. Its importance is ``|s_i - mu| / sigma``.
+* ``mode="tail"`` (reading B): a Gaussian fitted to all weights of the layer; a filter's
+  importance is the share of its weights outside ``mu +- k * sigma``; it is insignificant when
+  that share is at most ``tail_threshold`` (default: the share a Gaussian puts outside the
+  band, ``2 * (1 - Phi(k))``, 31.7% for k = 1).
+
+The per-layer pruning ratio is the share of insignificant filters, capped so that at least
+``min_channels`` filters (and at most ``max_ratio`` of them) remain.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+STATISTICS = ("mean", "abs_mean", "l2")
+MODES = ("band", "tail")
+
+
+class PFGDFError(ValueError):
+    """Raised for input PFGDF cannot score (NaN/Inf weights, bad parameters)."""
+
+
+def check_params(k: float, statistic: str = "mean", mode: str = "band", min_channels: int = 1,
+                 max_ratio: float = 1.0, tail_threshold: Optional[float] = None) -> None:
+    """Validate PFGDF's parameters; raise ``ValueError`` naming the bad one.
+
+    Example:
+        >>> check_params(k=1.0)
+        >>> check_params(k=-1.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: k must be > 0, got -1.0
+    """
+    if isinstance(k, bool) or not isinstance(k, (int, float)) or not math.isfinite(k) or k <= 0:
+        raise ValueError(f"k must be > 0, got {k!r}")
+    if statistic not in STATISTICS:
+        raise ValueError(f"statistic must be one of {', '.join(STATISTICS)}; got {statistic!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+    if isinstance(min_channels, bool) or not isinstance(min_channels, int) or min_channels < 1:
+        raise ValueError(f"min_channels must be an integer >= 1, got {min_channels!r}")
+    if not isinstance(max_ratio, (int, float)) or not 0.0 <= max_ratio <= 1.0:
+        raise ValueError(f"max_ratio must be in [0, 1], got {max_ratio!r}")
+    if tail_threshold is not None and not 0.0 <= tail_threshold <= 1.0:
+        raise ValueError(f"tail_threshold must be in [0, 1], got {tail_threshold!r}")
+
+
+def _check_finite(weight: torch.Tensor, layer: str) -> None:
+    if not torch.isfinite(weight).all():
+        bad = int((~torch.isfinite(weight)).sum())
+        raise PFGDFError(f"layer {layer!r}: weight holds {bad} NaN/Inf value(s); PFGDF cannot fit a "
+                         "Gaussian to it (check the checkpoint or the training run that made it)")
+
+
+def filter_statistic(weight: torch.Tensor, statistic: str = "mean", layer: str = "?") -> torch.Tensor:
+    """One number per filter (first dimension) of ``weight``.
+
+    Args:
+        weight: ``[out, ...]`` filters, e.g. a conv weight ``[out, in, kh, kw]``.
+        statistic: ``"mean"`` (mean weight), ``"abs_mean"`` (mean ``|w|``) or ``"l2"`` (L2 norm).
+        layer: name used in error messages.
+
+    Example:
+        >>> filter_statistic(torch.tensor([[1., 3.], [-2., 2.]]))
+        tensor([2., 0.], dtype=torch.float64)
+    """
+    if statistic not in STATISTICS:
+        raise ValueError(f"statistic must be one of {', '.join(STATISTICS)}; got {statistic!r}")
+    _check_finite(weight, layer)
+    w = weight.detach().reshape(weight.shape[0], -1).double()
+    if statistic == "mean":
+        return w.mean(1)
+    if statistic == "abs_mean":
+        return w.abs().mean(1)
+    return w.norm(p=2, dim=1)
+
+
+def fit_gaussian(values: torch.Tensor) -> tuple:
+    """Maximum-likelihood ``(mu, sigma)`` of a 1-D sample (population standard deviation)."""
+    v = values.detach().double().reshape(-1)
+    mu = v.mean()
+    sigma = (v - mu).pow(2).mean().sqrt()
+    return float(mu), float(sigma)
+
+
+def gaussian_tail_share(k: float) -> float:
+    """Share of a Gaussian outside ``mu +- k*sigma``: ``2 * (1 - Phi(k))`` = ``erfc(k / sqrt 2)``."""
+    return math.erfc(k / math.sqrt(2.0))
+
+
+@dataclass
+class LayerDecision:
+    """PFGDF's verdict on one layer.
+
+    Attributes:
+        scores: importance per filter (higher = keep).
+        insignificant: bool per filter, the Gaussian rule's verdict before the caps.
+        prune: indices chosen for removal (after ``min_channels`` / ``max_ratio`` caps),
+            least important first.
+        mu, sigma: the fitted Gaussian (of the filter statistic for ``band``, of all weights
+            for ``tail``).
+        statistic: the per-filter statistic (``band``) or the tail share (``tail``).
+        degenerate: ``True`` when sigma is 0 (every value equal): nothing is pruned.
+    """
+
+    scores: torch.Tensor
+    insignificant: torch.Tensor
+    prune: torch.Tensor
+    mu: float
+    sigma: float
+    statistic: torch.Tensor
+    degenerate: bool = False
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float:
+        n = self.scores.numel()
+        return len(self.prune) / n if n else 0.0
+
+
+def band_scores(stat: torch.Tensor, mu: float, sigma: float) -> torch.Tensor:
+    """``|s - mu| / sigma``; all zeros when ``sigma == 0``."""
+    if sigma <= 0:
+        return torch.zeros_like(stat, dtype=torch.float64)
+    return (stat.double() - mu).abs() / sigma
+
+
+def tail_share(weight: torch.Tensor, k: float, layer: str = "?") -> tuple:
+    """Reading B: per filter, the share of its weights outside the layer's ``mu +- k*sigma``.
+
+    Returns ``(share, mu, sigma)``.
+    """
+    _check_finite(weight, layer)
+    w = weight.detach().reshape(weight.shape[0], -1).double()
+    mu, sigma = fit_gaussian(w)
+    if sigma <= 0:
+        return torch.zeros(w.shape[0], dtype=torch.float64), mu, sigma
+    outside = ((w - mu).abs() > k * sigma).double().mean(1)
+    return outside, mu, sigma
+
+
+def capped_prune_count(n: int, n_candidates: int, min_channels: int = 1, max_ratio: float = 1.0,
+                       round_to: Optional[int] = None) -> int:
+    """How many of ``n`` filters to remove, given ``n_candidates`` insignificant ones.
+
+    Never leaves fewer than ``min_channels`` (nor fewer than 1) filters, never removes more than
+    ``floor(max_ratio * n)``; with ``round_to`` the remaining count is rounded up to a multiple.
+
+    Example:
+        >>> capped_prune_count(10, 10)
+        9
+        >>> capped_prune_count(10, 7, min_channels=4)
+        6
+    """
+    keep_floor = max(1, min(min_channels, n))
+    count = min(n_candidates, n - keep_floor, int(math.floor(max_ratio * n + 1e-9)))
+    count = max(count, 0)
+    if round_to and round_to > 1 and count > 0:
+        keep = n - count
+        keep = min(n, int(math.ceil(keep / round_to) * round_to))
+        count = n - keep
+    return count
+
+
+def threshold(k: float, mode: str = "band", tail_threshold: Optional[float] = None) -> float:
+    """Score at or below which a filter is insignificant: ``k`` (band) or the tail cut-off."""
+    if mode == "band":
+        return k + 1e-12
+    return gaussian_tail_share(k) if tail_threshold is None else tail_threshold
+
+
+def select(scores: torch.Tensor, insignificant: torch.Tensor, min_channels: int = 1,
+           max_ratio: float = 1.0, round_to: Optional[int] = None) -> torch.Tensor:
+    """Indices to remove: the insignificant filters, least important first, within the caps.
+
+    Example:
+        >>> select(torch.tensor([0.1, 2.0, 0.5, 0.2]), torch.tensor([True, False, True, True]),
+        ...        min_channels=2).tolist()
+        [0, 3]
+    """
+    n = scores.numel()
+    count = capped_prune_count(n, int(insignificant.sum()), min_channels, max_ratio, round_to)
+    # ranks only among the insignificant ones, so a capped layer drops its least important
+    order = torch.argsort(torch.where(insignificant, scores.double(), torch.inf), stable=True)
+    return order[:count]
+
+
+def decide(weight: torch.Tensor, k: float = 1.0, statistic: str = "mean", mode: str = "band",
+           min_channels: int = 1, max_ratio: float = 1.0, tail_threshold: Optional[float] = None,
+           layer: str = "?", round_to: Optional[int] = None) -> LayerDecision:
+    """Apply PFGDF to one layer's filters.
+
+    Args:
+        weight: ``[out, ...]`` filters.
+        k: band half-width in standard deviations (> 0).
+        statistic: per-filter statistic for ``mode="band"``.
+        mode: ``"band"`` (reading A) or ``"tail"`` (reading B).
+        min_channels: filters always kept.
+        max_ratio: largest share of filters removed.
+        tail_threshold: ``mode="tail"`` cut-off; default ``gaussian_tail_share(k)``.
+        layer: name for error messages.
+        round_to: keep a multiple of this many filters.
+
+    Example:
+        >>> w = torch.tensor([-3., -1., -0.5, 0., 0.5, 1., 3.]).view(7, 1)
+        >>> d = decide(w, k=1.0)
+        >>> d.prune.tolist()   # filters within one sigma of the mean, closest first
+        [3, 2, 4, 1, 5]
+    """
+    check_params(k, statistic, mode, min_channels, max_ratio, tail_threshold)
+    if weight.dim() < 1 or weight.shape[0] == 0:
+        raise PFGDFError(f"layer {layer!r}: no filters to score (weight shape {tuple(weight.shape)})")
+    notes: List[str] = []
+    if mode == "band":
+        stat = filter_statistic(weight, statistic, layer)
+        mu, sigma = fit_gaussian(stat)
+        scores = band_scores(stat, mu, sigma)
+        insignificant = scores <= threshold(k, mode)
+    else:
+        stat, mu, sigma = tail_share(weight, k, layer)
+        scores = stat
+        insignificant = scores <= threshold(k, mode, tail_threshold)
+    degenerate = sigma <= 0 or not math.isfinite(sigma)
+    n = scores.numel()
+    if degenerate:
+        notes.append("zero variance: every filter looks alike, none is pruned")
+        insignificant = torch.zeros(n, dtype=torch.bool)
+        prune = torch.zeros(0, dtype=torch.long)
+    else:
+        prune = select(scores, insignificant, min_channels, max_ratio, round_to)
+        if len(prune) < int(insignificant.sum()):
+            notes.append(f"capped at {len(prune)} of {int(insignificant.sum())} insignificant filters")
+    return LayerDecision(scores=scores.float(), insignificant=insignificant, prune=prune, mu=mu,
+                         sigma=sigma, statistic=stat.float(), degenerate=degenerate, notes=notes)
+
+
+def importance(weight: torch.Tensor, k: float = 1.0, statistic: str = "mean", mode: str = "band",
+               layer: str = "?") -> torch.Tensor:
+    """Per-filter importance (higher = keep), as :func:`decide` ranks them.
+
+    ``band``: ``|s_i - mu| / sigma``; ``tail``: share of the filter's weights outside the band.
+    A zero-variance layer scores all zeros.
+    """
+    if mode == "band":
+        stat = filter_statistic(weight, statistic, layer)
+        mu, sigma = fit_gaussian(stat)
+        return band_scores(stat, mu, sigma).float()
+    if mode == "tail":
+        return tail_share(weight, k, layer)[0].float()
+    raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+
+
+@dataclass
+class AutoKStep:
+    k: float
+    accuracy: float
+    accepted: bool
+    info: dict = field(default_factory=dict)
+
+
+def auto_k(trial: Callable[[float], tuple], baseline: float, tolerance: float = 0.003,
+           k_values: Sequence[float] = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)) -> tuple:
+    """The automatic loop: widen ``k`` while the pruned, fine-tuned model stays within tolerance.
+
+    ``trial(k)`` must prune a *copy* of the model with band ``k``, fine-tune it, evaluate it, and
+    return ``(accuracy, info)``. The loop walks ``k_values`` upwards and stops at the first ``k``
+    whose accuracy falls below ``baseline - tolerance``; it returns ``(best_k, history)`` where
+    ``best_k`` is the widest accepted ``k`` (``None`` if even the first fails).
+
+    Example:
+        >>> acc = {0.5: 0.91, 1.0: 0.90, 1.5: 0.80}
+        >>> best, hist = auto_k(lambda k: (acc[k], {}), baseline=0.91, tolerance=0.02,
+        ...                     k_values=(0.5, 1.0, 1.5))
+        >>> best, [h.accepted for h in hist]
+        (1.0, [True, True, False])
+    """
+    if tolerance < 0:
+        raise ValueError(f"tolerance must be >= 0, got {tolerance!r}")
+    ks = list(k_values)
+    if not ks or any(b <= a for a, b in zip(ks, ks[1:])):
+        raise ValueError(f"k_values must be a non-empty increasing sequence, got {ks!r}")
+    for k in ks:
+        check_params(k)
+    best = None
+    history: List[AutoKStep] = []
+    for k in ks:
+        accuracy, info = trial(k)
+        ok = accuracy >= baseline - tolerance
+        history.append(AutoKStep(k=k, accuracy=float(accuracy), accepted=ok, info=dict(info or {})))
+        if not ok:
+            break
+        best = k
+    return best, history

@@ -1,0 +1,157 @@
+"""Translate a Torch-Pruning dependency group into plain tensors.
+
+Every criterion of this package scores channels from per-channel weight slices. This module
+is the one place that knows how a group item maps onto a layer's weight: out-channel items of
+convolutions and linears (filters), in-channel items (input slices, grouped and depthwise
+convolutions included), and normalisation items (their affine scale). Items are classified by
+the name of the pruning function Torch-Pruning attached (``prune_out_channels`` /
+``prune_in_channels``) and by the layer type, never by function identity, so customised
+pruners and depthwise convolutions are seen too.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Iterator, List, Optional
+
+import torch
+import torch.nn as nn
+
+OUT, IN, NORM = "out", "in", "norm"
+_NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+_warned: set = set()
+
+
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(msg, stacklevel=3)
+
+
+@dataclass
+class ItemTensor:
+    """One group item as tensors.
+
+    Attributes:
+        module: the layer.
+        kind: ``"out"`` (filters), ``"in"`` (input slices) or ``"norm"`` (affine scale).
+        slices: ``[channels_of_layer, -1]``, one row per channel of the layer along the pruned
+            dimension (all of them, so a statistic can be fitted to the whole layer).
+        idxs: the item's channel indices into ``slices``.
+        positions: for each of ``idxs``, its position in the group's root index list.
+    """
+
+    module: nn.Module
+    kind: str
+    slices: torch.Tensor
+    idxs: torch.Tensor
+    positions: torch.Tensor
+
+
+def handler_direction(handler: Callable) -> Optional[str]:
+    """``"out"`` / ``"in"`` from a Torch-Pruning pruning function, ``None`` if neither."""
+    name = getattr(handler, "__name__", "")
+    if name.endswith("out_channels"):
+        return OUT
+    if name.endswith("in_channels"):
+        return IN
+    return None
+
+
+def _conv_in_slices(layer: nn.modules.conv._ConvNd) -> torch.Tensor:
+    w = layer.weight.detach()
+    if layer.transposed:  # [in, out/groups, ...]
+        return w.reshape(w.shape[0], -1)
+    groups = layer.groups
+    out_c, in_per_g = w.shape[0], w.shape[1]
+    out_per_g = out_c // groups
+    rest = w.shape[2:]
+    v = w.reshape(groups, out_per_g, in_per_g, *rest).transpose(1, 2)  # [g, in/g, out/g, ...]
+    return v.reshape(groups * in_per_g, -1)
+
+
+def _layer_slices(layer: nn.Module, kind: str) -> Optional[torch.Tensor]:
+    if isinstance(layer, nn.modules.conv._ConvNd):
+        w = layer.weight.detach()
+        if kind == OUT:
+            if layer.transposed:  # [in, out/groups, ...] -> out channels per group
+                groups = layer.groups
+                in_c, out_per_g = w.shape[0], w.shape[1]
+                v = w.reshape(groups, in_c // groups, out_per_g, *w.shape[2:]).transpose(1, 2)
+                return v.reshape(groups * out_per_g, -1)
+            return w.reshape(w.shape[0], -1)
+        return _conv_in_slices(layer)
+    if isinstance(layer, nn.Linear):
+        w = layer.weight.detach()
+        return w if kind == OUT else w.t()
+    if isinstance(layer, _NORM_TYPES):
+        weight = getattr(layer, "weight", None)
+        if weight is None:
+            return None
+        return weight.detach().reshape(-1, 1)
+    return None
+
+
+def group_tensors(group) -> Iterator[ItemTensor]:
+    """Yield the scorable items of a Torch-Pruning group as :class:`ItemTensor`.
+
+    Elementwise, reshape and other parameter-free items are skipped silently; parametrised
+    layers of a type this module does not know are skipped with a one-time warning.
+    """
+    root_idxs = [int(i) for i in group[0].root_idxs]
+    pos_of = {r: p for p, r in enumerate(root_idxs)}
+    for item in group:
+        dep, idxs = item.dep, item.idxs
+        layer = dep.target.module
+        direction = handler_direction(dep.handler)
+        if direction is None or not isinstance(layer, nn.Module):
+            continue
+        kind = NORM if isinstance(layer, _NORM_TYPES) else direction
+        slices = _layer_slices(layer, kind if kind != NORM else OUT)
+        if slices is None:
+            if any(True for _ in layer.parameters(recurse=False)) and not isinstance(layer, _NORM_TYPES):
+                _warn_once(type(layer).__name__, f"{type(layer).__name__} layers are not scored by "
+                           "pfgdf_plugin criteria; their channels follow the other layers of the group")
+            continue
+        rid = item.root_idxs
+        if any(r is None for r in rid):
+            continue
+        keep = [(int(i), pos_of[int(r)]) for i, r in zip(idxs, rid) if int(r) in pos_of]
+        if not keep:
+            continue
+        ii = torch.tensor([a for a, _ in keep], dtype=torch.long)
+        if int(ii.max()) >= slices.shape[0]:
+            _warn_once(f"range-{type(layer).__name__}", f"{type(layer).__name__}: channel index out of "
+                       "range of its weight; the item is skipped")
+            continue
+        yield ItemTensor(layer, kind, slices, ii, torch.tensor([b for _, b in keep], dtype=torch.long))
+
+
+def reduce_to_root(group, per_item: List[tuple], reduction: str = "mean") -> torch.Tensor:
+    """Combine per-item channel scores into one score per root channel.
+
+    Args:
+        group: the Torch-Pruning group (its first item's ``idxs`` fix the output length).
+        per_item: ``(positions, scores)`` pairs, scores aligned with positions.
+        reduction: ``"mean"``, ``"max"`` or ``"first"``.
+    """
+    n = len(group[0].idxs)
+    total = torch.zeros(n, dtype=torch.float64)
+    count = torch.zeros(n, dtype=torch.float64)
+    if reduction == "first":
+        per_item = per_item[:1]
+    if reduction == "max":
+        best = torch.full((n,), float("-inf"), dtype=torch.float64)
+        for pos, s in per_item:
+            best.scatter_reduce_(0, pos, s.double(), reduce="amax")
+            count.index_add_(0, pos, torch.ones_like(s, dtype=torch.float64))
+        out = torch.where(count > 0, best, torch.zeros_like(best))
+    else:
+        for pos, s in per_item:
+            total.index_add_(0, pos, s.double())
+            count.index_add_(0, pos, torch.ones_like(s, dtype=torch.float64))
+        out = total / count.clamp(min=1)
+    if out.numel() != n:  # the contract Torch-Pruning does not check
+        raise RuntimeError(f"importance has {out.numel()} scores for a group of {n} channels")
+    return out.float()

@@ -1,0 +1,177 @@
+"""PFGDF inside Torch-Pruning: :class:`GaussianImportance` and :class:`PFGDFPruner`.
+
+The rule itself lives in :mod:`pfgdf_plugin.methods.pfgdf`; this module only turns a
+dependency group into filter tensors and back.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+from ..methods import pfgdf
+from ._group import IN, NORM, OUT, group_tensors, reduce_to_root
+
+REDUCTIONS = ("mean", "max", "first")
+
+
+class GaussianImportance(tp.importance.Importance):
+    """PFGDF's Gaussian-distribution score as a Torch-Pruning importance.
+
+    Each layer of a group is scored against a Gaussian fitted to *that layer's* filters, so the
+    score is ``|s_i - mu| / sigma`` (``mode="band"``) or the share of the filter's weights in
+    the layer's Gaussian tails (``mode="tail"``): higher = keep. Coupled layers (residual
+    additions, concatenations) are combined with ``group_reduction``. Filters (out-channel
+    items of convolutions and linears, depthwise and grouped included) are scored first; a
+    group without any is scored on its normalisation layers' scales, then on input slices.
+
+    Args:
+        k: band half-width in standard deviations (used by ``mode="tail"``; ``PFGDFPruner``
+            uses it for the automatic ratio).
+        statistic: ``"mean"`` | ``"abs_mean"`` | ``"l2"``, the per-filter statistic.
+        mode: ``"band"`` (default) or ``"tail"``.
+        group_reduction: ``"mean"`` | ``"max"`` | ``"first"`` across coupled layers.
+
+    Example:
+        >>> import torch, torch_pruning as tp, torchvision
+        >>> from pfgdf_plugin import GaussianImportance
+        >>> model = torchvision.models.resnet18(num_classes=10)
+        >>> pruner = tp.pruner.MetaPruner(model, torch.randn(1, 3, 32, 32),
+        ...     importance=GaussianImportance(), pruning_ratio=0.5, ignored_layers=[model.fc])
+        >>> pruner.step()
+    """
+
+    def __init__(self, k: float = 1.0, statistic: str = "mean", mode: str = "band",
+                 group_reduction: str = "mean") -> None:
+        pfgdf.check_params(k, statistic, mode)
+        if group_reduction not in REDUCTIONS:
+            raise ValueError(f"group_reduction must be one of {', '.join(REDUCTIONS)}; got {group_reduction!r}")
+        self.k = float(k)
+        self.statistic = statistic
+        self.mode = mode
+        self.group_reduction = group_reduction
+        self.layer_names: Dict[nn.Module, str] = {}
+        self._warned_flat: set = set()
+
+    def _name(self, module: nn.Module) -> str:
+        return self.layer_names.get(module) or f"{type(module).__name__}@{id(module):x}"
+
+    @torch.no_grad()
+    def __call__(self, group) -> Optional[torch.Tensor]:
+        items = list(group_tensors(group))
+        tiers = {OUT: [], NORM: [], IN: []}
+        for it in items:
+            tiers[it.kind].append(it)
+        chosen = tiers[OUT] or tiers[NORM] or tiers[IN]
+        if not chosen:
+            return None
+        per_item = []
+        for it in chosen:
+            name = self._name(it.module)
+            full = pfgdf.importance(it.slices, self.k, self.statistic, self.mode, layer=name)
+            if float(full.abs().sum()) == 0.0 and it.slices.shape[0] > 1 and name not in self._warned_flat:
+                self._warned_flat.add(name)
+                warnings.warn(f"layer {name!r}: its filter statistic has zero variance; every filter "
+                              "scores 0 (PFGDFPruner prunes none of them)", stacklevel=2)
+            per_item.append((it.positions, full[it.idxs]))
+        return reduce_to_root(group, per_item, self.group_reduction)
+
+
+class PFGDFPruner(tp.pruner.BasePruner):
+    """Prune every layer's Gaussian-insignificant filters; the ratios come from the band.
+
+    A filter is removed when its importance from :class:`GaussianImportance` is inside the
+    band (``<= k`` for ``mode="band"``, ``<= tail_threshold`` for ``mode="tail"``). No pruning
+    ratio is given: each layer loses the share of its filters that the rule calls insignificant,
+    keeping at least ``min_channels`` and at most ``1 - max_pruning_ratio`` of them.
+
+    Args:
+        model: the network (pruned in place by :meth:`step`).
+        example_inputs: a batch for tracing.
+        k, statistic, mode: see :class:`GaussianImportance`.
+        min_channels: filters every layer keeps (>= 1).
+        tail_threshold: ``mode="tail"`` cut-off (default ``erfc(k / sqrt 2)``).
+        ignored_layers: layers left alone (typically the classifier).
+        **kwargs: other :class:`torch_pruning.pruner.BasePruner` arguments (``max_pruning_ratio``,
+            ``round_to``, ``root_module_types``, ``customized_pruners``, ...). ``pruning_ratio``
+            is refused: PFGDF chooses the ratios.
+
+    After :meth:`step`, ``pruner.report`` maps each group's root layer name to a dict with
+    ``channels``, ``pruned``, ``ratio``, ``mu``, ``sigma``, ``statistic`` (the per-filter
+    values) and ``pruned_idxs``.
+
+    Example:
+        >>> import torch
+        >>> from pfgdf_plugin import PFGDFPruner
+        >>> from pfgdf_plugin.models import build_model
+        >>> model = build_model("vgg16_bn", width=0.25)
+        >>> pruner = PFGDFPruner(model, torch.randn(1, 3, 32, 32), k=1.0,
+        ...                      ignored_layers=[model.classifier])
+        >>> pruner.step()
+    """
+
+    def __init__(self, model: nn.Module, example_inputs, k: float = 1.0, statistic: str = "mean",
+                 mode: str = "band", min_channels: int = 1, tail_threshold: Optional[float] = None,
+                 ignored_layers: Optional[List[nn.Module]] = None, group_reduction: str = "mean",
+                 **kwargs) -> None:
+        for key in ("pruning_ratio", "pruning_ratio_dict", "importance", "global_pruning"):
+            if key in kwargs:
+                raise TypeError(f"PFGDFPruner chooses per-layer ratios itself; {key!r} is not accepted "
+                                "(use tp.pruner.MetaPruner(importance=GaussianImportance(), ...) for a fixed ratio)")
+        max_ratio = kwargs.get("max_pruning_ratio", 1.0)
+        pfgdf.check_params(k, statistic, mode, min_channels, max_ratio, tail_threshold)
+        # Torch-Pruning's BasePruner mutates these dict defaults: always hand it fresh ones.
+        for key in ("in_channel_groups", "out_channel_groups", "num_heads"):
+            kwargs[key] = dict(kwargs.get(key) or {})
+        importance = GaussianImportance(k=k, statistic=statistic, mode=mode, group_reduction=group_reduction)
+        super().__init__(model, example_inputs, importance=importance, pruning_ratio=0.0,
+                         ignored_layers=ignored_layers, **kwargs)
+        importance.layer_names = {m: n for m, n in self.DG._module2name.items()}
+        self.k, self.statistic, self.mode = float(k), statistic, mode
+        self.min_channels, self.tail_threshold = int(min_channels), tail_threshold
+        self.report: Dict[str, dict] = {}
+
+    def _prune(self):
+        thr = pfgdf.threshold(self.k, self.mode, self.tail_threshold)
+        self.report = {}
+        groups = list(self.DG.get_all_groups(ignored_layers=self.ignored_layers,
+                                             root_module_types=self.root_module_types))
+        plan = []
+        for group in groups:  # score everything first: pruning one group changes its neighbours
+            root = group[0].dep.target.module
+            fn = group[0].dep.handler
+            name = self.DG._module2name.get(root, type(root).__name__)
+            imp = self.estimate_importance(group)
+            if imp is None:
+                continue
+            ch_groups = self._get_channel_groups(group)
+            dim_imp = imp.view(ch_groups, -1).mean(0) if ch_groups > 1 else imp
+            candidates = dim_imp <= thr
+            if float(dim_imp.abs().sum()) == 0.0:
+                candidates = torch.zeros_like(candidates)  # zero variance: nothing distinguishes
+            idxs = pfgdf.select(dim_imp, candidates, max(1, -(-self.min_channels // ch_groups)),
+                                self.max_pruning_ratio, self.round_to)
+            if ch_groups > 1:
+                size = dim_imp.numel()
+                idxs = torch.cat([idxs + g * size for g in range(ch_groups)])
+            entry = {"channels": int(imp.numel()), "pruned": int(idxs.numel()),
+                     "ratio": idxs.numel() / max(1, imp.numel()), "pruned_idxs": idxs.tolist()}
+            if isinstance(root, (nn.modules.conv._ConvNd, nn.Linear)) and self.DG.is_out_channel_pruning_fn(fn):
+                if self.mode == "band":
+                    stat = pfgdf.filter_statistic(root.weight, self.statistic, name)
+                    entry["mu"], entry["sigma"] = pfgdf.fit_gaussian(stat)
+                else:
+                    stat = pfgdf.tail_share(root.weight, self.k, name)[0]
+                    entry["mu"], entry["sigma"] = pfgdf.fit_gaussian(root.weight)
+                entry["statistic"] = stat.float().tolist()
+            self.report[name] = entry
+            if idxs.numel():
+                plan.append((root, fn, idxs.tolist()))
+        for root, fn, idxs in plan:
+            pruning_group = self.DG.get_pruning_group(root, fn, idxs)
+            if self.DG.check_pruning_group(pruning_group):
+                yield pruning_group
