@@ -230,11 +230,11 @@ def _find_idx_root(key: str, cls_name: str, root: Optional[PathLike], debian_nam
     """Find a root that torchvision's ``cls_name`` class can read, decompressing if needed.
 
     Looks for uncompressed IDX files under ``ROOT/cls_name/raw``; else for
-    gzipped ones there or directly in ``ROOT`` (Debian's layout), which are
-    decompressed once into ``ROOT/cls_name/raw`` (or the cache folder when
-    ROOT is not writable). With ``root`` None, ROOT is ``$PFGDF_DATA`` if set,
-    then the cache folder, and ``/usr/share/datasets/<debian_name>`` is a
-    source of gzipped files.
+    gzipped ones there, decompressed once beside them (into the cache folder
+    when that is not writable), or directly in ``ROOT`` (Debian's flat
+    layout), decompressed once into the cache folder. With ``root`` None,
+    ROOT is ``$PFGDF_DATA`` if set, then the cache folder, and
+    ``/usr/share/datasets/<debian_name>`` is a source of gzipped files.
     """
     gz = [n + ".gz" for n in _IDX_FILES]
     roots: List[Path] = []
@@ -250,7 +250,7 @@ def _find_idx_root(key: str, cls_name: str, root: Optional[PathLike], debian_nam
             return r
     sources: List[Tuple[Path, Path]] = []  # (folder with .gz files, root to fill)
     for r in roots:
-        sources += [(r / cls_name / "raw", r), (r, r)]
+        sources += [(r / cls_name / "raw", r), (r, cache_dir())]
     if root is None:
         sources.append((DEBIAN_DATASETS / debian_name, cache_dir()))
     for src, target in sources:

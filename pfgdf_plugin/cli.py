@@ -1,0 +1,78 @@
+"""Command line: ``pfgdf-plugin run|validate|bench|methods``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="pfgdf-plugin", description="CNN compression recipes for Torch-Pruning and NNI")
+    sub = ap.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a recipe: train -> prune -> fine-tune -> export -> report")
+    run.add_argument("recipe")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a recipe key, e.g. --set prune.params.k=1.5 (repeatable)")
+    run.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    val = sub.add_parser("validate", help="check a recipe and report every problem at once")
+    val.add_argument("recipe")
+    val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    bench = sub.add_parser("bench", help="methods side by side on one model, data set and budget")
+    bench.add_argument("--config", default=None, help="a bench YAML (default: the built-in PFGDF vs L1 bench)")
+    bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    bench.add_argument("--out", default="docs", help="folder for benchmarks.md and plots (default: docs)")
+    sub.add_parser("methods", help="list the registered methods, models and data sets")
+    return ap
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    from .config import ConfigError
+    from .data import DataNotFoundError
+    from .methods.pfgdf import PFGDFError
+    from .persist import PrunedFileError
+    from .registry import UnknownNameError
+    from .runner import RunError
+
+    try:
+        if args.command == "methods":
+            from .data import DATASETS
+            from .models import MODELS
+            from .pruning import METHODS
+
+            for name in METHODS.names():
+                m = METHODS.get(name)
+                print(f"{name:8s} [{', '.join(m.run)}] {m.summary}")
+            print(f"\nmodels: {', '.join(MODELS.names())} (and any torchvision classification model)")
+            print(f"data sets: {', '.join(DATASETS.names())}")
+            return 0
+        if args.command == "validate":
+            from .recipe import load_recipe
+
+            load_recipe(args.recipe, args.overrides)
+            print(f"{args.recipe}: ok")
+            return 0
+        if args.command == "run":
+            from .recipe import load_recipe
+            from .runner import run_recipe
+
+            run_recipe(load_recipe(args.recipe, args.overrides), quiet=args.quiet)
+            return 0
+        if args.command == "bench":
+            from .bench import run_bench
+
+            run_bench(args.config, args.overrides, args.out)
+            return 0
+    except (ConfigError, RunError, DataNotFoundError, PFGDFError, PrunedFileError, UnknownNameError,
+            ValueError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,418 @@
+"""Models to compress, built by name.
+
+Registered names: ``vgg16_bn``, ``resnet20``, ``resnet56`` (CIFAR-style, for
+32x32 inputs), ``lenet300`` and ``lenet5``. Any torchvision classification
+model also works by name (``"resnet18"`` or, to be explicit, ``"tv:resnet18"``),
+always without pretrained weights.
+
+Every model traces with ``torch.fx.symbolic_trace`` and builds a Torch-Pruning
+dependency graph: forward passes use modules and plain tensor arithmetic only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+from .registry import Registry, UnknownNameError
+
+__all__ = [
+    "MODELS",
+    "BasicBlock",
+    "CifarResNet",
+    "LeNet300",
+    "LeNet5",
+    "VGG",
+    "build_model",
+    "torchvision_model_names",
+]
+
+MODELS: Registry = Registry("model")
+
+VGG16_CFG: List[Union[int, str]] = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M",
+                                    512, 512, 512, "M", 512, 512, 512, "M"]
+
+
+def _scaled(channels: int, width: float) -> int:
+    return max(1, int(round(channels * width)))
+
+
+def _check_common(num_classes: object, in_channels: object, width: object) -> None:
+    for arg, value in (("num_classes", num_classes), ("in_channels", in_channels)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{arg} must be a positive int, got {value!r}")
+    if isinstance(width, bool) or not isinstance(width, (int, float)) or not width > 0:
+        raise ValueError(f"width must be a number > 0, got {width!r}")
+
+
+def _kaiming_init(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+# --------------------------------------------------------------------------- VGG
+
+
+class VGG(nn.Module):
+    """CIFAR-style VGG with BatchNorm: conv stack, global pooling, one Linear.
+
+    For 32x32 inputs the stack ends at 1x1, so the pooling is an identity
+    and the head is the usual ``Linear(c_last, num_classes)``; other input
+    sizes work too.
+
+    Example:
+        >>> VGG(VGG16_CFG, width=0.25)(torch.randn(2, 3, 32, 32)).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(
+        self,
+        cfg: Sequence[Union[int, str]],
+        num_classes: int = 10,
+        in_channels: int = 3,
+        width: float = 1.0,
+    ) -> None:
+        super().__init__()
+        layers: List[nn.Module] = []
+        c = in_channels
+        for v in cfg:
+            if v == "M":
+                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+            else:
+                out = _scaled(int(v), width)
+                layers += [nn.Conv2d(c, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU()]
+                c = out
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(c, num_classes)
+        _kaiming_init(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)
+        x = torch.flatten(self.pool(x), 1)
+        return self.classifier(x)
+
+
+@MODELS.register("vgg16_bn")
+def vgg16_bn(num_classes: int = 10, in_channels: int = 3, width: float = 1.0, image_size: int = 32) -> VGG:
+    """VGG-16 with BatchNorm for 32x32 inputs (about 15M parameters at width 1).
+
+    Example:
+        >>> vgg16_bn(width=0.25)(torch.randn(2, 3, 32, 32)).shape
+        torch.Size([2, 10])
+    """
+    return VGG(VGG16_CFG, num_classes=num_classes, in_channels=in_channels, width=width)
+
+
+# --------------------------------------------------------------------------- ResNet
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv+BN layers with a residual connection.
+
+    The shortcut is an identity (an empty ``nn.Sequential``) when shapes
+    match, else a 1x1 conv + BN projection (option B).
+
+    Example:
+        >>> BasicBlock(16, 32, stride=2)(torch.randn(1, 16, 8, 8)).shape
+        torch.Size([1, 32, 4, 4])
+    """
+
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu2 = nn.ReLU()
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(planes),
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out = out + self.shortcut(x)
+        return self.relu2(out)
+
+
+class CifarResNet(nn.Module):
+    """ResNet for 32x32 inputs (He et al. 2016): 3 stages of ``n`` BasicBlocks.
+
+    Depth is ``6 * n + 2``; stage widths are 16/32/64 times ``width``.
+
+    Example:
+        >>> CifarResNet(3, width=0.5)(torch.randn(2, 3, 32, 32)).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(self, n: int, num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> None:
+        super().__init__()
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive int, got {n!r}")
+        c1, c2, c3 = (_scaled(c, width) for c in (16, 32, 64))
+        self.conv1 = nn.Conv2d(in_channels, c1, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c1)
+        self.relu = nn.ReLU()
+        self._in = c1
+        self.layer1 = self._stage(c1, n, 1)
+        self.layer2 = self._stage(c2, n, 2)
+        self.layer3 = self._stage(c3, n, 2)
+        del self._in
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c3, num_classes)
+        _kaiming_init(self)
+
+    def _stage(self, planes: int, n: int, stride: int) -> nn.Sequential:
+        blocks = []
+        for s in [stride] + [1] * (n - 1):
+            blocks.append(BasicBlock(self._in, planes, s))
+            self._in = planes
+        return nn.Sequential(*blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        x = torch.flatten(self.avgpool(x), 1)
+        return self.fc(x)
+
+
+@MODELS.register("resnet20")
+def resnet20(num_classes: int = 10, in_channels: int = 3, width: float = 1.0, image_size: int = 32) -> CifarResNet:
+    """ResNet-20 for CIFAR (3 blocks per stage).
+
+    Example:
+        >>> resnet20()(torch.randn(1, 3, 32, 32)).shape
+        torch.Size([1, 10])
+    """
+    return CifarResNet(3, num_classes=num_classes, in_channels=in_channels, width=width)
+
+
+@MODELS.register("resnet56")
+def resnet56(num_classes: int = 10, in_channels: int = 3, width: float = 1.0, image_size: int = 32) -> CifarResNet:
+    """ResNet-56 for CIFAR (9 blocks per stage).
+
+    Example:
+        >>> resnet56(width=0.25)(torch.randn(1, 3, 32, 32)).shape
+        torch.Size([1, 10])
+    """
+    return CifarResNet(9, num_classes=num_classes, in_channels=in_channels, width=width)
+
+
+# --------------------------------------------------------------------------- LeNets
+
+
+class LeNet300(nn.Module):
+    """LeNet-300-100: a three-layer perceptron on flattened images.
+
+    Example:
+        >>> LeNet300(in_features=1 * 28 * 28)(torch.randn(2, 1, 28, 28)).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(self, in_features: int, num_classes: int = 10, width: float = 1.0) -> None:
+        super().__init__()
+        h1, h2 = _scaled(300, width), _scaled(100, width)
+        self.flatten = nn.Flatten()
+        self.fc1 = nn.Linear(in_features, h1)
+        self.relu1 = nn.ReLU()
+        self.fc2 = nn.Linear(h1, h2)
+        self.relu2 = nn.ReLU()
+        self.fc3 = nn.Linear(h2, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu1(self.fc1(self.flatten(x)))
+        x = self.relu2(self.fc2(x))
+        return self.fc3(x)
+
+
+class LeNet5(nn.Module):
+    """LeNet-5: two 5x5 conv + max-pool stages and three Linear layers.
+
+    Example:
+        >>> LeNet5(in_channels=1)(torch.randn(2, 1, 32, 32)).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: float = 1.0, image_size: int = 32) -> None:
+        super().__init__()
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 16:
+            raise ValueError(f"image_size must be an int >= 16 for lenet5, got {image_size!r}")
+        c1, c2 = _scaled(6, width), _scaled(16, width)
+        f1, f2 = _scaled(120, width), _scaled(84, width)
+        side = ((image_size - 4) // 2 - 4) // 2
+        self.conv1 = nn.Conv2d(in_channels, c1, 5)
+        self.relu1 = nn.ReLU()
+        self.pool1 = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(c1, c2, 5)
+        self.relu2 = nn.ReLU()
+        self.pool2 = nn.MaxPool2d(2)
+        self.flatten = nn.Flatten()
+        self.fc1 = nn.Linear(c2 * side * side, f1)
+        self.relu3 = nn.ReLU()
+        self.fc2 = nn.Linear(f1, f2)
+        self.relu4 = nn.ReLU()
+        self.fc3 = nn.Linear(f2, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool1(self.relu1(self.conv1(x)))
+        x = self.pool2(self.relu2(self.conv2(x)))
+        x = self.relu3(self.fc1(self.flatten(x)))
+        x = self.relu4(self.fc2(x))
+        return self.fc3(x)
+
+
+@MODELS.register("lenet300")
+def lenet300(num_classes: int = 10, in_channels: int = 3, width: float = 1.0, image_size: int = 32) -> LeNet300:
+    """LeNet-300-100 for ``in_channels`` x ``image_size`` x ``image_size`` inputs.
+
+    Example:
+        >>> lenet300(in_channels=1)(torch.randn(2, 1, 32, 32)).shape
+        torch.Size([2, 10])
+    """
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+    return LeNet300(in_channels * image_size * image_size, num_classes=num_classes, width=width)
+
+
+@MODELS.register("lenet5")
+def lenet5(num_classes: int = 10, in_channels: int = 3, width: float = 1.0, image_size: int = 32) -> LeNet5:
+    """LeNet-5 for 32x32 inputs (any side >= 16 works).
+
+    Example:
+        >>> lenet5(in_channels=1)(torch.randn(2, 1, 32, 32)).shape
+        torch.Size([2, 10])
+    """
+    return LeNet5(num_classes=num_classes, in_channels=in_channels, width=width, image_size=image_size)
+
+
+# --------------------------------------------------------------------------- torchvision
+
+
+def torchvision_model_names() -> List[str]:
+    """Names of torchvision's classification models.
+
+    Example:
+        >>> "resnet18" in torchvision_model_names()
+        True
+    """
+    import torchvision
+
+    return list(torchvision.models.list_models(module=torchvision.models))
+
+
+def _replace_first_conv(model: nn.Module, in_channels: int, name: str) -> None:
+    for path, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            if m.groups != 1:
+                break
+            new = nn.Conv2d(
+                in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
+                dilation=m.dilation, bias=m.bias is not None, padding_mode=m.padding_mode,
+            )
+            parent_path, _, attr = path.rpartition(".")
+            parent = model.get_submodule(parent_path) if parent_path else model
+            setattr(parent, attr, new)
+            return
+    raise ValueError(f"in_channels={in_channels} is not supported for torchvision model {name!r}: "
+                     f"no plain first Conv2d to replace")
+
+
+def _torchvision_model(name: str, num_classes: int, in_channels: int, width: float, **kwargs: Any) -> nn.Module:
+    import torchvision
+
+    if width != 1.0:
+        raise ValueError(f"width must be 1.0 for torchvision model {name!r}, got {width!r}")
+    if kwargs.get("weights") is not None:
+        raise ValueError(f"weights must be None for torchvision model {name!r} (nothing is downloaded), "
+                         f"got {kwargs['weights']!r}")
+    kwargs.pop("weights", None)
+    kwargs.pop("image_size", None)
+    if name in ("googlenet", "inception_v3"):
+        kwargs.setdefault("aux_logits", False)
+        kwargs.setdefault("init_weights", True)
+    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+    if in_channels != 3:
+        _replace_first_conv(model, in_channels, name)
+    return model
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def build_model(
+    name: str,
+    num_classes: int = 10,
+    in_channels: int = 3,
+    width: float = 1.0,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build a model by name.
+
+    Args:
+        name: A registered name (``MODELS.names()``), a torchvision
+            classification model name (``"resnet18"``), or ``"tv:NAME"`` to
+            pick torchvision's model even where a registered name matches.
+        num_classes: Output classes.
+        in_channels: Input channels; for torchvision models other than 3, the
+            first conv is replaced by one with ``in_channels`` inputs.
+        width: Channel multiplier of registered models (each layer keeps at
+            least one channel); must be 1.0 for torchvision models.
+        **kwargs: Extra arguments: ``image_size`` (default 32; sets the input
+            size of ``lenet300``/``lenet5``, ignored by the others); anything
+            else goes to the torchvision constructor (``weights`` must stay
+            None).
+
+    Returns:
+        The model, freshly initialised.
+
+    Raises:
+        UnknownNameError: The name is neither registered nor a torchvision
+            classification model; the message lists the registered names.
+        ValueError: An argument is out of range.
+        TypeError: An unexpected keyword argument for a registered model.
+
+    Example:
+        >>> m = build_model("resnet20", num_classes=10, width=0.5)
+        >>> m(torch.randn(2, 3, 32, 32)).shape
+        torch.Size([2, 10])
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__}")
+    _check_common(num_classes, in_channels, width)
+    if name.startswith("tv:"):
+        tv_name = name[3:]
+    elif name in MODELS:
+        builder = MODELS.get(name)
+        extra = set(kwargs) - {"image_size"}
+        if extra:
+            raise TypeError(f"unexpected keyword argument(s) for model {name!r}: {', '.join(sorted(extra))}")
+        return builder(num_classes=num_classes, in_channels=in_channels, width=float(width), **kwargs)
+    else:
+        tv_name = name
+    tv_names = torchvision_model_names()
+    if tv_name not in tv_names:
+        known = ", ".join(MODELS.names())
+        raise UnknownNameError(
+            f"unknown model {name!r}; known: {known}; any torchvision classification model name also "
+            f"works (e.g. resnet18 or tv:resnet18)"
+        )
+    return _torchvision_model(tv_name, num_classes, in_channels, width, **kwargs)

@@ -1,0 +1,294 @@
+"""The pruning stage of a recipe: one registry entry per method, one function per framework.
+
+Each entry validates the method's ``prune.params`` and calls the method's adapter. Built-in
+criteria of Torch-Pruning and NNI are registered too, so a recipe can compare against them
+on the same model and budget.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+
+from .methods import pfgdf as pfgdf_math
+from .registry import Registry
+
+FRAMEWORKS = ("torch_pruning", "nni")
+
+
+@dataclass
+class PruneResult:
+    """What a pruning stage hands back: the pruned model and what the report needs."""
+
+    model: nn.Module
+    layers: Dict[str, dict] = field(default_factory=dict)  # per root layer: channels, pruned, ...
+    method: str = ""
+    framework: str = ""
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Method:
+    """A registered pruning method.
+
+    ``params`` maps each accepted ``prune.params`` key to ``(type, default)``; ``check`` returns
+    error strings for bad values; ``run`` maps a framework name to its function
+    ``f(model, example_inputs, params, ratio, ignored_layers) -> PruneResult``.
+    """
+
+    name: str
+    summary: str
+    params: Dict[str, tuple]
+    run: Dict[str, Callable[..., PruneResult]]
+    needs_ratio: bool = False
+    check: Optional[Callable[[Dict[str, Any]], List[str]]] = None
+
+
+METHODS: Registry = Registry("method")
+
+
+def validate_params(method: Method, params: Dict[str, Any], ratio: Optional[float], framework: str,
+                    prefix: str = "prune") -> List[str]:
+    """Every problem with ``prune.params`` / ``prune.ratio`` / ``prune.framework`` for ``method``."""
+    errors = []
+    if framework not in method.run:
+        errors.append(f"{prefix}.method {method.name!r} is not available for framework {framework!r} "
+                      f"(available: {', '.join(method.run)})")
+    for key, value in params.items():
+        if key not in method.params:
+            errors.append(f"unknown key {prefix}.params.{key!r} for method {method.name!r} "
+                          f"(known: {', '.join(method.params) or 'none'})")
+            continue
+        tp_, _ = method.params[key]
+        ok = (value is None and _ is None) or (
+            isinstance(value, tp_) and not (isinstance(value, bool) and tp_ is not bool))
+        if tp_ is float and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        if not ok:
+            errors.append(f"{prefix}.params.{key} must be {tp_.__name__}, got {value!r}")
+    if method.needs_ratio:
+        if ratio is None:
+            errors.append(f"{prefix}.ratio is required for method {method.name!r}")
+        elif not 0.0 < ratio < 1.0:
+            errors.append(f"{prefix}.ratio must be in (0, 1), got {ratio!r}")
+    elif ratio is not None and not 0.0 < ratio < 1.0:
+        errors.append(f"{prefix}.ratio must be in (0, 1), got {ratio!r}")
+    if not errors and method.check is not None:
+        errors.extend(f"{prefix}.params: {e}" for e in method.check(resolved_params(method, params)))
+    return errors
+
+
+def resolved_params(method: Method, params: Dict[str, Any]) -> Dict[str, Any]:
+    out = {k: d for k, (_, d) in method.params.items()}
+    out.update(params)
+    return out
+
+
+def resolve_layers(model: nn.Module, names: Optional[List[str]]) -> List[nn.Module]:
+    """Module names -> modules; ``None`` means the output layer (the last conv/linear)."""
+    modules = dict(model.named_modules())
+    if names is None:
+        last = None
+        for m in model.modules():
+            if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
+                last = m
+        return [last] if last is not None else []
+    out = []
+    for n in names:
+        if n not in modules:
+            close = difflib.get_close_matches(n, [k for k in modules if k], n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ValueError(f"prune.ignored_layers: no layer named {n!r} in {type(model).__name__}{hint}")
+        out.append(modules[n])
+    return out
+
+
+def _names(model: nn.Module) -> Dict[nn.Module, str]:
+    return {m: n for n, m in model.named_modules()}
+
+
+def _channel_report(before: Dict[str, int], after: nn.Module) -> Dict[str, dict]:
+    now = {}
+    for n, m in after.named_modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            now[n] = m.out_channels
+        elif isinstance(m, nn.Linear):
+            now[n] = m.out_features
+    return {n: {"channels": c, "pruned": c - now.get(n, c), "ratio": (c - now.get(n, c)) / c}
+            for n, c in before.items()}
+
+
+def _widths(model: nn.Module) -> Dict[str, int]:
+    out = {}
+    for n, m in model.named_modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            out[n] = m.out_channels
+        elif isinstance(m, nn.Linear):
+            out[n] = m.out_features
+    return out
+
+
+# ----------------------------------------------------------------------------- Torch-Pruning
+def _tp_pfgdf(model, example_inputs, params, ratio, ignored):
+    from .torch_pruning import GaussianImportance, PFGDFPruner
+    import torch_pruning as tp
+
+    before = _widths(model)
+    p = dict(params)
+    if ratio is not None:  # fixed ratio, ranked by the Gaussian score
+        imp = GaussianImportance(k=p["k"], statistic=p["statistic"], mode=p["mode"],
+                                 group_reduction=p["group_reduction"])
+        tp.pruner.MetaPruner(model, example_inputs, importance=imp, pruning_ratio=ratio,
+                             ignored_layers=ignored).step()
+        return PruneResult(model, _channel_report(before, model))
+    pruner = PFGDFPruner(model, example_inputs, ignored_layers=ignored, **p)
+    pruner.step()
+    layers = _channel_report(before, model)
+    for name, entry in pruner.report.items():
+        if name in layers:
+            layers[name].update({k: v for k, v in entry.items() if k in ("mu", "sigma", "statistic")})
+    return PruneResult(model, layers, extra={"k": p["k"], "mode": p["mode"], "statistic": p["statistic"],
+                                             "pruning_history": pruner.pruning_history()})
+
+
+def _tp_builtin(importance_factory):
+    def run(model, example_inputs, params, ratio, ignored, ratio_dict=None):
+        import torch_pruning as tp
+
+        before = _widths(model)
+        tp.pruner.MetaPruner(model, example_inputs, importance=importance_factory(), pruning_ratio=ratio or 0.0,
+                             pruning_ratio_dict=ratio_dict, ignored_layers=ignored).step()
+        return PruneResult(model, _channel_report(before, model))
+
+    return run
+
+
+# ----------------------------------------------------------------------------- NNI
+def _nni_config(model: nn.Module, ignored: List[nn.Module], ratio: Optional[float]) -> List[dict]:
+    names = _names(model)
+    entry: Dict[str, Any] = {"op_types": ["Conv2d"]}
+    excl = [names[m] for m in ignored if isinstance(m, nn.Conv2d)]
+    if ratio is not None:
+        entry["sparse_ratio"] = float(ratio)
+    config = [entry]
+    if excl:
+        config.append({"op_names": excl, "exclude": True})
+    return config
+
+
+def _nni_finish(model, masks, example_inputs, config, before):
+    from .nni import speedup
+
+    model = speedup(model, masks, example_inputs, config_list=config)
+    return PruneResult(model, _channel_report(before, model))
+
+
+def _nni_pfgdf(model, example_inputs, params, ratio, ignored):
+    from .nni import PFGDFPruner
+
+    before = _widths(model)
+    p = dict(params)
+    p.pop("group_reduction", None)
+    config = _nni_config(model, ignored, ratio)
+    pruner = PFGDFPruner(model, config, **p)
+    _, masks = pruner.compress()
+    pruner.unwrap_model()
+    result = _nni_finish(model, masks, example_inputs, config, before)
+    for name, entry in getattr(pruner, "decisions", {}).items():
+        if name in result.layers:
+            result.layers[name].update({k: v for k, v in entry.items() if k in ("mu", "sigma", "statistic")})
+    result.extra.update({"k": p["k"], "mode": p["mode"], "statistic": p["statistic"]})
+    return result
+
+
+def _nni_builtin(cls_name: str):
+    def run(model, example_inputs, params, ratio, ignored):
+        import nni.compression.pruning as nni_pruning
+
+        before = _widths(model)
+        config = _nni_config(model, ignored, ratio)
+        pruner = getattr(nni_pruning, cls_name)(model, config)
+        _, masks = pruner.compress()
+        pruner.unwrap_model()
+        return _nni_finish(model, masks, example_inputs, config, before)
+
+    return run
+
+
+def _check_pfgdf(p: Dict[str, Any]) -> List[str]:
+    try:
+        pfgdf_math.check_params(p["k"], p["statistic"], p["mode"], p["min_channels"], 1.0, p["tail_threshold"])
+    except ValueError as e:
+        return [str(e)]
+    if p["group_reduction"] not in ("mean", "max", "first"):
+        return [f"group_reduction must be one of mean, max, first; got {p['group_reduction']!r}"]
+    return []
+
+
+def _magnitude(p: int):
+    def make():
+        import torch_pruning as tp
+
+        return tp.importance.MagnitudeImportance(p=p, group_reduction="first", normalizer=None)
+
+    return make
+
+
+def _random():
+    import torch_pruning as tp
+
+    return tp.importance.RandomImportance()
+
+
+METHODS.register("pfgdf")(Method(
+    "pfgdf", "Gaussian-distribution filter pruning; per-layer ratios from the k-sigma band",
+    params={"k": (float, 1.0), "statistic": (str, "mean"), "mode": (str, "band"), "min_channels": (int, 1),
+            "tail_threshold": (float, None), "group_reduction": (str, "mean")},
+    run={"torch_pruning": _tp_pfgdf, "nni": _nni_pfgdf}, check=_check_pfgdf))
+METHODS.register("l1")(Method(
+    "l1", "built-in L1-norm filter pruning (Torch-Pruning MagnitudeImportance(p=1) / NNI L1NormPruner)",
+    params={}, run={"torch_pruning": _tp_builtin(_magnitude(1)), "nni": _nni_builtin("L1NormPruner")},
+    needs_ratio=True))
+METHODS.register("l2")(Method(
+    "l2", "built-in L2-norm filter pruning (Torch-Pruning MagnitudeImportance(p=2) / NNI L2NormPruner)",
+    params={}, run={"torch_pruning": _tp_builtin(_magnitude(2)), "nni": _nni_builtin("L2NormPruner")},
+    needs_ratio=True))
+METHODS.register("fpgm")(Method(
+    "fpgm", "built-in geometric-median filter pruning (NNI FPGMPruner)",
+    params={}, run={"nni": _nni_builtin("FPGMPruner")}, needs_ratio=True))
+METHODS.register("random")(Method(
+    "random", "built-in random filter pruning (Torch-Pruning RandomImportance), a floor to beat",
+    params={}, run={"torch_pruning": _tp_builtin(_random)}, needs_ratio=True))
+
+
+def prune(model: nn.Module, example_inputs: torch.Tensor, method: str, framework: str = "torch_pruning",
+          params: Optional[Dict[str, Any]] = None, ratio: Optional[float] = None,
+          ignored_layers: Optional[List[str]] = None, inplace: bool = False) -> PruneResult:
+    """Prune ``model`` (a copy unless ``inplace``) with a registered method.
+
+    Example:
+        >>> import torch
+        >>> from pfgdf_plugin.models import build_model
+        >>> res = prune(build_model("lenet5"), torch.randn(1, 3, 32, 32), "pfgdf")
+        >>> sum(v["pruned"] for v in res.layers.values()) > 0
+        True
+    """
+    m = METHODS.get(method)
+    if framework not in FRAMEWORKS:
+        raise ValueError(f"prune.framework must be one of {', '.join(FRAMEWORKS)}; got {framework!r}")
+    params = dict(params or {})
+    errors = validate_params(m, params, ratio, framework)
+    if errors:
+        raise ValueError("; ".join(errors))
+    target = model if inplace else copy.deepcopy(model)
+    ignored = resolve_layers(target, ignored_layers)
+    target.eval()
+    result = m.run[framework](target, example_inputs, resolved_params(m, params), ratio, ignored)
+    result.method, result.framework = method, framework
+    result.model.eval()
+    return result

@@ -1,0 +1,153 @@
+"""The recipe schema: one typed dataclass per section, validated when loaded.
+
+Every key, its type, default and meaning is documented in ``docs/recipes.md``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from .config import ConfigError, from_dict, load_yaml, set_by_path, to_dict
+from .train import TrainConfig
+
+DEVICES = ("cpu", "cuda")
+
+
+@dataclass
+class ModelSection:
+    name: str = "vgg16_bn"
+    width: float = 1.0
+    checkpoint: Optional[str] = None
+
+
+@dataclass
+class DataSection:
+    name: str = "fashion_mnist"
+    root: Optional[str] = None
+    image_size: int = 32
+    in_channels: Optional[int] = None
+    batch_size: int = 128
+    limit_train: Optional[int] = None
+    limit_test: Optional[int] = None
+    workers: int = 0
+
+
+@dataclass
+class PruneSection:
+    framework: str = "torch_pruning"
+    method: str = "pfgdf"
+    ratio: Optional[float] = None
+    params: Dict[str, Any] = field(default_factory=dict)
+    ignored_layers: Optional[List[str]] = None
+
+
+@dataclass
+class ExportSection:
+    onnx: bool = True
+
+
+@dataclass
+class ReportSection:
+    latency: bool = True
+    batch_sizes: List[int] = field(default_factory=lambda: [1, 32])
+    warmup: int = 5
+    repeats: int = 30
+    threads: Optional[int] = None
+    plots: bool = True
+
+
+@dataclass
+class Recipe:
+    name: str = "run"
+    seed: int = 0
+    output_dir: str = "runs"
+    device: str = "cpu"
+    progress: bool = True
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=0.0))
+    prune: PruneSection = field(default_factory=PruneSection)
+    finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1.0, lr=0.01))
+    export: ExportSection = field(default_factory=ExportSection)
+    report: ReportSection = field(default_factory=ReportSection)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return to_dict(self)
+
+
+def _semantic_errors(r: Recipe) -> List[str]:
+    from .data import DATASETS
+    from .models import MODELS, torchvision_model_names
+    from .pruning import FRAMEWORKS, METHODS, validate_params
+
+    errors: List[str] = []
+    if not r.name or any(c in r.name for c in "/\\") or r.name.startswith("."):
+        errors.append(f"name must be a plain folder name, got {r.name!r}")
+    if r.device not in DEVICES:
+        errors.append(f"device must be one of {', '.join(DEVICES)}; got {r.device!r}")
+    m = r.model
+    bare = m.name[3:] if m.name.startswith("tv:") else m.name
+    if m.name not in MODELS and bare not in torchvision_model_names():
+        errors.append(f"model.name {m.name!r} is unknown; known: {', '.join(MODELS.names())} "
+                      "or any torchvision classification model")
+    if m.width <= 0:
+        errors.append(f"model.width must be > 0, got {m.width!r}")
+    d = r.data
+    if d.name not in DATASETS:
+        errors.append(f"data.name {d.name!r} is unknown; known: {', '.join(DATASETS.names())}")
+    for key in ("image_size", "batch_size"):
+        if getattr(d, key) < 1:
+            errors.append(f"data.{key} must be >= 1, got {getattr(d, key)!r}")
+    for key in ("limit_train", "limit_test"):
+        v = getattr(d, key)
+        if v is not None and v < 1:
+            errors.append(f"data.{key} must be >= 1 or null, got {v!r}")
+    if d.in_channels is not None and d.in_channels not in (1, 3):
+        errors.append(f"data.in_channels must be 1, 3 or null, got {d.in_channels!r}")
+    if d.workers < 0:
+        errors.append(f"data.workers must be >= 0, got {d.workers!r}")
+    errors += r.train.validate("train")
+    errors += r.finetune.validate("finetune")
+    p = r.prune
+    if p.framework not in FRAMEWORKS:
+        errors.append(f"prune.framework must be one of {', '.join(FRAMEWORKS)}; got {p.framework!r}")
+    if p.method not in METHODS:
+        errors.append(f"prune.method {p.method!r} is unknown; known: {', '.join(METHODS.names())}")
+    elif p.framework in FRAMEWORKS:
+        errors += validate_params(METHODS.get(p.method), p.params, p.ratio, p.framework)
+    rep = r.report
+    if any(b < 1 for b in rep.batch_sizes):
+        errors.append(f"report.batch_sizes must all be >= 1, got {rep.batch_sizes!r}")
+    if rep.repeats < 1:
+        errors.append(f"report.repeats must be >= 1, got {rep.repeats!r}")
+    if rep.warmup < 0:
+        errors.append(f"report.warmup must be >= 0, got {rep.warmup!r}")
+    if rep.threads is not None and rep.threads < 1:
+        errors.append(f"report.threads must be >= 1 or null, got {rep.threads!r}")
+    return errors
+
+
+def recipe_from_dict(data: Dict[str, Any], source: str = "recipe") -> Recipe:
+    """Build and validate a :class:`Recipe`; raise :class:`ConfigError` listing every problem."""
+    errors: List[str] = []
+    recipe = from_dict(Recipe, data, "", errors)
+    if not errors:
+        errors = _semantic_errors(recipe)
+    if errors:
+        raise ConfigError(errors, source)
+    return recipe
+
+
+def load_recipe(path: str, overrides: Optional[List[str]] = None) -> Recipe:
+    """Load ``path`` (safe YAML), apply ``--set key=value`` overrides, validate.
+
+    Example:
+        >>> r = load_recipe("recipes/pfgdf_vgg16.yaml", ["prune.params.k=1.5"])  # doctest: +SKIP
+        >>> r.prune.params["k"]  # doctest: +SKIP
+        1.5
+    """
+    data = load_yaml(path)
+    for item in overrides or []:
+        set_by_path(data, item)
+    return recipe_from_dict(data, path)

@@ -1,0 +1,126 @@
+"""Run reports: the before/after table, ``report.md`` and the plots."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Dict, List, Optional
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def fmt_count(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def comparison_rows(before: Dict, after: Dict, latency: Optional[Dict] = None) -> List[List[str]]:
+    """Rows of ``metric | before | after | change`` for the printed table and report.md."""
+    rows = [
+        ["accuracy (%)", f"{100 * before['accuracy']:.2f}", f"{100 * after['accuracy']:.2f}",
+         f"{100 * (after['accuracy'] - before['accuracy']):+.2f} pts"],
+        ["params", fmt_count(before["params"]), fmt_count(after["params"]),
+         f"-{100 * (1 - after['params'] / before['params']):.1f}%"],
+        ["MACs", fmt_count(before["macs"]), fmt_count(after["macs"]), f"{before['macs'] / after['macs']:.2f}x fewer"],
+        ["conv filters", str(before["filters"]), str(after["filters"]),
+         f"-{100 * (1 - after['filters'] / max(1, before['filters'])):.1f}%"],
+    ]
+    for bs, d in sorted((latency or {}).items(), key=lambda kv: int(kv[0])):
+        rows.append([f"latency b{bs} (ms, median)", f"{d['dense']:.2f}", f"{d['pruned']:.2f}",
+                     f"{d['dense'] / d['pruned']:.2f}x faster"])
+    return rows
+
+
+def markdown_table(header: List[str], rows: List[List[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def text_table(header: List[str], rows: List[List[str]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = lambda r: "  ".join(str(x).ljust(w) for x, w in zip(r, widths))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def plot_filters(before: Dict[str, int], after: Dict[str, int], path: str, title: str = "") -> str:
+    """Bar chart of filters (output channels) per layer before and after pruning."""
+    names = list(before)
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(names) + 2), 4))
+    xs = range(len(names))
+    ax.bar(xs, [before[n] for n in names], color="#c8d3e0", label="before")
+    ax.bar(xs, [after.get(n, 0) for n in names], color="#2f6db5", label="after")
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("filters / output features")
+    ax.set_title(title or "filters per layer")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_gaussians(layers: Dict[str, dict], k: float, path: str, mode: str = "band",
+                   statistic: str = "mean", max_layers: int = 16) -> Optional[str]:
+    """Per layer: histogram of the filter statistic, the fitted Gaussian, the pruned band shaded."""
+    items = [(n, d) for n, d in layers.items() if d.get("statistic") and d.get("sigma")]
+    if not items:
+        return None
+    items = items[:max_layers]
+    cols = 4
+    rows = math.ceil(len(items) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
+    for ax in axes.flat[len(items):]:
+        ax.axis("off")
+    for ax, (name, d) in zip(axes.flat, items):
+        s = d["statistic"]
+        if mode == "band":
+            mu, sigma = d["mu"], d["sigma"]
+            ax.hist(s, bins=30, density=True, color="#9db4d0")
+            lo, hi = min(min(s), mu - 3.5 * sigma), max(max(s), mu + 3.5 * sigma)
+            xs = [lo + (hi - lo) * i / 200 for i in range(201)]
+            pdf = [math.exp(-0.5 * ((x - mu) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi)) for x in xs]
+            ax.plot(xs, pdf, color="#1f3b63", lw=1.2)
+            ax.axvspan(mu - k * sigma, mu + k * sigma, color="#d9534f", alpha=0.2)
+            ax.set_xlabel(f"filter {statistic}", fontsize=7)
+        else:
+            ax.hist(s, bins=30, color="#9db4d0")
+            ax.set_xlabel("share of weights in the tails", fontsize=7)
+        ax.set_title(f"{name}\n{d.get('pruned', 0)}/{d.get('channels', len(s))} pruned", fontsize=8)
+        ax.tick_params(labelsize=6)
+    shade = f"red band: |s - mu| <= {k:g} sigma (pruned)" if mode == "band" else "tail mode"
+    fig.suptitle(f"PFGDF: per-layer Gaussian fit ({shade})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(out_dir: str, metrics: Dict, plots: List[str]) -> str:
+    """Write ``report.md`` beside the metrics and plots."""
+    b, a = metrics["before"], metrics["after"]
+    lines = [f"# {metrics['name']}", "",
+             f"Model `{metrics['model']}` on `{metrics['data']}`; method `{metrics['method']}` "
+             f"through {metrics['framework']}; fine-tune {metrics['finetune_epochs']} epoch(s).", "",
+             markdown_table(["metric", "before", "after", "change"],
+                            comparison_rows(b, a, metrics.get("latency"))), ""]
+    if "after_prune_accuracy" in metrics:
+        lines += [f"Accuracy right after pruning, before fine-tuning: "
+                  f"{100 * metrics['after_prune_accuracy']:.2f}%.", ""]
+    if metrics.get("onnx"):
+        o = metrics["onnx"]
+        lines += [f"ONNX export: `{o.get('file', '-')}` ({o.get('status')})"
+                  + (f", max |onnxruntime - torch| = {o['max_abs_diff']:.2e}" if "max_abs_diff" in o else ""), ""]
+    for p in plots:
+        lines += [f"![{os.path.basename(p)}]({os.path.basename(p)})", ""]
+    lines += ["Rerun with `pfgdf-plugin run recipe.yaml` (the resolved recipe saved beside this report).", ""]
+    path = os.path.join(out_dir, "report.md")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines))
+    return path

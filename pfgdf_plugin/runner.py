@@ -1,0 +1,207 @@
+"""Run a recipe: data -> model (train or load) -> prune -> fine-tune -> export -> report.
+
+Outputs go to a staging folder that is renamed to ``<output_dir>/<name>`` only when the run
+succeeds; an earlier run of the same name is never overwritten (the new one gets a time
+suffix), and the input checkpoint is only ever read.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import sys
+import time
+from typing import Any, Callable, Dict, Optional
+
+import torch
+import yaml
+
+from . import measure
+from .data import build_dataset, make_loaders
+from .models import build_model
+from .persist import save_pruned
+from .pruning import prune
+from .recipe import Recipe
+from .report import comparison_rows, plot_filters, plot_gaussians, text_table, write_report
+from .train import atomic_save, seed_everything, train
+
+
+class RunError(RuntimeError):
+    """A recipe stage failed; the message names the stage."""
+
+
+def _log(msg: str, quiet: bool) -> None:
+    if not quiet:
+        print(msg, flush=True)
+
+
+def _final_dir(output_dir: str, name: str) -> str:
+    path = os.path.join(output_dir, name)
+    if not os.path.exists(path):
+        return path
+    return f"{path}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def load_checkpoint(model: torch.nn.Module, path: str) -> None:
+    """Load a plain state dict (or a dict with ``state_dict``) with ``weights_only=True``."""
+    if not os.path.exists(path):
+        raise RunError(f"model.checkpoint: no such file {path}")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise RunError(f"model.checkpoint {path}: cannot be loaded safely ({type(e).__name__}: {e})") from None
+    state = blob.get("state_dict", blob) if isinstance(blob, dict) else None
+    if not isinstance(state, dict):
+        raise RunError(f"model.checkpoint {path}: expected a state dict")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        detail = " ".join(str(e).splitlines()[:2])
+        raise RunError(f"model.checkpoint {path} does not fit model {type(model).__name__}: {detail}") from None
+
+
+def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str) -> Dict[str, Any]:
+    """Export to ONNX; when onnxruntime is installed, check its output against torch."""
+    info: Dict[str, Any] = {"file": os.path.basename(path)}
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        return {"status": "skipped: onnx is not installed (pip install 'pfgdf-plugin[export]')"}
+    model = copy.deepcopy(model).eval()
+    try:
+        torch.onnx.export(model, (example,), path, input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+    except Exception as e:  # export is a report stage: record, never lose the run
+        return {"status": f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+    info["status"] = "ok"
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return info
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        ref = model(example).numpy()
+    got = sess.run(None, {"input": example.numpy()})[0]
+    info["max_abs_diff"] = float(abs(ref - got).max())
+    return info
+
+
+def run_recipe(recipe: Recipe, quiet: bool = False,
+               on_finetune_epoch: Optional[Callable[[int, float], None]] = None) -> Dict[str, Any]:
+    """Run every stage of ``recipe``; return the metrics (also written to ``metrics.json``).
+
+    Args:
+        recipe: a validated recipe (see :func:`pfgdf_plugin.recipe.load_recipe`).
+        quiet: print nothing but errors.
+        on_finetune_epoch: called with ``(epoch, test_accuracy)`` after each fine-tuning epoch
+            (NNI trials report intermediate results through it).
+    """
+    t0 = time.perf_counter()
+    timings: Dict[str, float] = {}
+    progress = recipe.progress and not quiet
+    seed_everything(recipe.seed)
+    os.makedirs(recipe.output_dir, exist_ok=True)
+    stage = os.path.join(recipe.output_dir, f".{recipe.name}.partial-{os.getpid()}")
+    if os.path.exists(stage):
+        shutil.rmtree(stage)
+    os.makedirs(stage)
+    with open(os.path.join(stage, "recipe.yaml"), "w", encoding="utf-8") as f:
+        yaml.safe_dump(recipe.to_dict(), f, sort_keys=False)
+
+    d = recipe.data
+    _log(f"[1/6] data: {d.name}", quiet)
+    spec = build_dataset(d.name, root=d.root, image_size=d.image_size, in_channels=d.in_channels,
+                         limit_train=d.limit_train, limit_test=d.limit_test, seed=recipe.seed)
+    train_loader, test_loader = make_loaders(spec, d.batch_size, workers=d.workers, seed=recipe.seed)
+    example = next(iter(test_loader))[0][:1]
+    input_shape = tuple(example.shape[1:])
+
+    m = recipe.model
+    _log(f"[2/6] model: {m.name} (width {m.width:g}), {len(spec.train)} training images", quiet)
+    model = build_model(m.name, num_classes=spec.num_classes, in_channels=spec.in_channels, width=m.width)
+    t = time.perf_counter()
+    if m.checkpoint:
+        load_checkpoint(model, m.checkpoint)
+    elif recipe.train.epochs > 0:
+        train(model, train_loader, recipe.train, device=recipe.device, desc="train", progress=progress)
+    timings["train_s"] = time.perf_counter() - t
+    model.cpu().eval()
+    atomic_save({"state_dict": model.state_dict()}, os.path.join(stage, "dense.pt"))
+    before = measure.summarize(model, example)
+    before.update(measure.evaluate(model, test_loader, recipe.device, "eval dense", progress))
+
+    p = recipe.prune
+    _log(f"[3/6] prune: {p.method} via {p.framework}", quiet)
+    t = time.perf_counter()
+    result = prune(model, example, p.method, p.framework, p.params, p.ratio, p.ignored_layers)
+    timings["prune_s"] = time.perf_counter() - t
+    pruned = result.model
+    after_prune = measure.evaluate(pruned, test_loader, recipe.device, "eval pruned", progress)
+
+    _log(f"[4/6] fine-tune: {recipe.finetune.epochs:g} epoch(s)", quiet)
+    t = time.perf_counter()
+    ft_log = []
+
+    def on_epoch(epoch: int) -> None:
+        acc = measure.evaluate(pruned, test_loader, recipe.device, "eval", False)["accuracy"]
+        ft_log.append({"epoch": epoch + 1, "accuracy": acc})
+        pruned.train()
+        if on_finetune_epoch is not None:
+            on_finetune_epoch(epoch, acc)
+
+    teacher = model if recipe.finetune.distill_weight > 0 else None
+    train(pruned, train_loader, recipe.finetune, device=recipe.device, desc="fine-tune", teacher=teacher,
+          progress=progress, on_epoch=on_epoch)
+    timings["finetune_s"] = time.perf_counter() - t
+    pruned.cpu().eval()
+    after = measure.summarize(pruned, example)
+    after.update(measure.evaluate(pruned, test_loader, recipe.device, "eval fine-tuned", progress))
+
+    _log("[5/6] save and export", quiet)
+    arch = {"name": m.name, "width": m.width, "num_classes": spec.num_classes, "in_channels": spec.in_channels}
+    save_pruned(pruned, os.path.join(stage, "pruned.pt"), arch=arch)
+    onnx_info = export_onnx(pruned, example, os.path.join(stage, "pruned.onnx")) if recipe.export.onnx else None
+
+    _log("[6/6] measure and report", quiet)
+    latency = None
+    if recipe.report.latency:
+        r = recipe.report
+        lat = measure.measure_latency({"dense": model, "pruned": pruned}, input_shape, r.batch_sizes,
+                                      warmup=r.warmup, repeats=r.repeats, threads=r.threads)
+        latency = {str(bs): {"dense": lat["dense"][bs]["median_ms"], "pruned": lat["pruned"][bs]["median_ms"]}
+                   for bs in r.batch_sizes}
+    metrics: Dict[str, Any] = {
+        "name": recipe.name, "model": f"{m.name} (width {m.width:g})",
+        "data": f"{d.name} ({len(spec.train)} train / {len(spec.test)} test, {input_shape})",
+        "method": p.method, "framework": p.framework, "finetune_epochs": recipe.finetune.epochs,
+        "before": before, "after": after, "after_prune_accuracy": after_prune["accuracy"],
+        "finetune_log": ft_log, "latency": latency, "onnx": onnx_info,
+        "layers": {n: {k: v for k, v in e.items() if k != "statistic"} for n, e in result.layers.items()},
+        "torch_threads": torch.get_num_threads(),
+    }
+    plots = []
+    if recipe.report.plots:
+        plots.append(plot_filters(before["filters_per_layer"], after["filters_per_layer"],
+                                  os.path.join(stage, "filters_per_layer.png"), f"{p.method}: filters per layer"))
+        if p.method == "pfgdf":
+            g = plot_gaussians(result.layers, float(result.extra.get("k", 1.0)),
+                               os.path.join(stage, "pfgdf_gaussian.png"), result.extra.get("mode", "band"),
+                               result.extra.get("statistic", "mean"))
+            if g:
+                plots.append(g)
+    timings["total_s"] = time.perf_counter() - t0
+    metrics["timings"] = timings
+    with open(os.path.join(stage, "metrics.json"), "w", encoding="utf-8") as f:
+        json.dump(metrics, f, indent=2, default=float)
+    write_report(stage, metrics, plots)
+    final = _final_dir(recipe.output_dir, recipe.name)
+    os.replace(stage, final)
+    metrics["run_dir"] = final
+    if not quiet:
+        print()
+        print(text_table(["metric", "before", "after", "change"], comparison_rows(before, after, latency)))
+        print(f"\nreport: {os.path.join(final, 'report.md')}  ({timings['total_s']:.0f} s)")
+        sys.stdout.flush()
+    return metrics
