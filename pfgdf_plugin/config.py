@@ -96,13 +96,22 @@ def from_dict(cls: Type[T], data: Any, path: str = "", errors: List[str] = None)
     for key in data:
         if key not in fields:
             known = ", ".join(fields)
-            errors.append(f"unknown key {prefix}{key!r} (known under {path or 'the top level'}: {known})")
+            errors.append(f"unknown key '{prefix}{key}' (known under {path or 'the top level'}: {known})")
     kwargs = {}
-    for name in fields:
-        if name in data:
-            kwargs[name] = _convert(data[name], hints[name], prefix + name, errors)
-            if kwargs[name] is None and data[name] is not None:
-                del kwargs[name]
+    for name, f in fields.items():
+        if name not in data:
+            continue
+        tp_ = hints[name]
+        if dataclasses.is_dataclass(tp_) and isinstance(data[name], dict):
+            # a partly given section keeps the other keys of *its own* default, not the class's
+            base = f.default_factory() if f.default_factory is not dataclasses.MISSING else tp_()
+            sub = from_dict(tp_, data[name], prefix + name, errors)
+            given = {k: getattr(sub, k) for k in data[name] if k in {x.name for x in dataclasses.fields(tp_)}}
+            kwargs[name] = dataclasses.replace(base, **given)
+            continue
+        kwargs[name] = _convert(data[name], tp_, prefix + name, errors)
+        if kwargs[name] is None and data[name] is not None:
+            del kwargs[name]
     obj = cls(**kwargs)
     if own and errors:
         raise ConfigError(errors)

@@ -55,13 +55,14 @@ METHODS: Registry = Registry("method")
 def validate_params(method: Method, params: Dict[str, Any], ratio: Optional[float], framework: str,
                     prefix: str = "prune") -> List[str]:
     """Every problem with ``prune.params`` / ``prune.ratio`` / ``prune.framework`` for ``method``."""
-    errors = []
+    errors: List[str] = []
     if framework not in method.run:
         errors.append(f"{prefix}.method {method.name!r} is not available for framework {framework!r} "
                       f"(available: {', '.join(method.run)})")
+    type_errors = False
     for key, value in params.items():
         if key not in method.params:
-            errors.append(f"unknown key {prefix}.params.{key!r} for method {method.name!r} "
+            errors.append(f"unknown key '{prefix}.params.{key}' for method {method.name!r} "
                           f"(known: {', '.join(method.params) or 'none'})")
             continue
         tp_, _ = method.params[key]
@@ -71,6 +72,7 @@ def validate_params(method: Method, params: Dict[str, Any], ratio: Optional[floa
             ok = True
         if not ok:
             errors.append(f"{prefix}.params.{key} must be {tp_.__name__}, got {value!r}")
+            type_errors = True
     if method.needs_ratio:
         if ratio is None:
             errors.append(f"{prefix}.ratio is required for method {method.name!r}")
@@ -78,8 +80,9 @@ def validate_params(method: Method, params: Dict[str, Any], ratio: Optional[floa
             errors.append(f"{prefix}.ratio must be in (0, 1), got {ratio!r}")
     elif ratio is not None and not 0.0 < ratio < 1.0:
         errors.append(f"{prefix}.ratio must be in (0, 1), got {ratio!r}")
-    if not errors and method.check is not None:
-        errors.extend(f"{prefix}.params: {e}" for e in method.check(resolved_params(method, params)))
+    if not type_errors and method.check is not None:
+        known = {k: v for k, v in params.items() if k in method.params}
+        errors.extend(f"{prefix}.params: {e}" for e in method.check(resolved_params(method, known)))
     return errors
 
 

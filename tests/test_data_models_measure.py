@@ -109,7 +109,8 @@ def test_missing_mnist_and_imagefolder(tmp_path):
 def test_unknown_dataset_lists_names():
     with pytest.raises(UnknownNameError) as info:
         build_dataset("no_such_set")
-    for name in ("digits", "fashion_mnist", "cifar10", "synthetic"):
+    assert {"digits", "fashion_mnist", "mnist", "cifar10", "imagefolder", "synthetic"} <= set(DATASETS.names())
+    for name in DATASETS.names():
         assert name in str(info.value)
     assert isinstance(info.value, KeyError)
 

@@ -1,0 +1,238 @@
+"""``pfgdf-plugin bench``: methods side by side on one model, one data set, one budget.
+
+One process trains (or reuses) the dense model, prunes a copy with every entry, fine-tunes
+each copy for the same number of epochs, and measures the latency of all of them interleaved
+(see :func:`pfgdf_plugin.measure.measure_latency`), then writes ``benchmarks.md``, a results
+JSON and plots. Entries that take their per-layer ratios from another entry (``ratios_from``)
+prune exactly as many filters per layer as that entry did, so criteria are compared at the
+same structure.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+
+from . import measure
+from .config import ConfigError, from_dict, load_yaml, set_by_path, to_dict
+from .data import build_dataset, make_loaders
+from .models import build_model
+from .pruning import METHODS, prune, resolve_layers
+from .recipe import DataSection, ModelSection
+from .report import fmt_count, markdown_table
+from .train import TrainConfig, atomic_save, seed_everything, train
+
+
+@dataclass
+class BenchEntry:
+    label: str = "pfgdf"
+    method: str = "pfgdf"
+    framework: str = "torch_pruning"
+    params: Dict[str, Any] = field(default_factory=dict)
+    ratio: Optional[float] = None
+    ratios_from: Optional[str] = None
+
+
+def _default_entries() -> List[BenchEntry]:
+    return [
+        BenchEntry("PFGDF (Torch-Pruning)", "pfgdf", "torch_pruning", {"k": 1.0, "min_channels": 4}),
+        BenchEntry("PFGDF (NNI)", "pfgdf", "nni", {"k": 1.0, "min_channels": 4}),
+        BenchEntry("L1, TP MagnitudeImportance(p=1), same per-layer ratios", "l1", "torch_pruning",
+                   ratios_from="PFGDF (Torch-Pruning)"),
+        BenchEntry("L1, NNI L1NormPruner, same per-layer ratios", "l1", "nni", ratios_from="PFGDF (Torch-Pruning)"),
+    ]
+
+
+@dataclass
+class BenchConfig:
+    name: str = "pfgdf_vgg16_fashion"
+    seed: int = 0
+    work_dir: str = "runs/bench"
+    model: ModelSection = field(default_factory=lambda: ModelSection(name="vgg16_bn", width=1.0))
+    data: DataSection = field(default_factory=lambda: DataSection(name="fashion_mnist", limit_train=30000))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2.0, lr=0.05))
+    finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2.0, lr=0.01))
+    ignored_layers: Optional[List[str]] = None
+    entries: List[BenchEntry] = field(default_factory=_default_entries)
+    batch_sizes: List[int] = field(default_factory=lambda: [1, 32])
+    repeats: int = 30
+    warmup: int = 5
+    progress: bool = True
+
+
+def load_bench_config(path: Optional[str], overrides: Optional[List[str]] = None) -> BenchConfig:
+    data = load_yaml(path) if path else {}
+    for item in overrides or []:
+        set_by_path(data, item)
+    cfg = from_dict(BenchConfig, data)
+    errors = cfg.train.validate("train") + cfg.finetune.validate("finetune")
+    labels = [e.label for e in cfg.entries]
+    for i, e in enumerate(cfg.entries):
+        if e.method not in METHODS:
+            errors.append(f"entries[{i}].method {e.method!r} is unknown; known: {', '.join(METHODS.names())}")
+        if e.ratios_from is not None and e.ratios_from not in labels[:i]:
+            errors.append(f"entries[{i}].ratios_from {e.ratios_from!r} must name an earlier entry's label")
+    if len(set(labels)) != len(labels):
+        errors.append("entries: labels must be unique")
+    if errors:
+        raise ConfigError(errors, path or "bench")
+    return cfg
+
+
+def _key(cfg: BenchConfig) -> str:
+    blob = json.dumps({"m": to_dict(cfg.model), "d": to_dict(cfg.data), "t": to_dict(cfg.train), "s": cfg.seed},
+                      sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()[:10]
+
+
+def _ratio_dict(model: nn.Module, layers: Dict[str, dict]) -> Dict[nn.Module, float]:
+    """Per-layer ratios that make Torch-Pruning remove exactly ``pruned`` of ``channels``."""
+    mods = dict(model.named_modules())
+    out = {}
+    for name, d in layers.items():
+        if d["pruned"] > 0 and name in mods:
+            out[mods[name]] = (d["pruned"] - 0.5) / d["channels"]
+    return out
+
+
+def _prune_same_ratios(model, example, entry: BenchEntry, layers, ignored_names):
+    """Prune ``model`` with ``entry``'s criterion at the per-layer counts in ``layers``."""
+    from .pruning import PruneResult, _channel_report, _widths
+
+    before = _widths(model)
+    ignored = resolve_layers(model, ignored_names)
+    if entry.framework == "torch_pruning":
+        import torch_pruning as tp
+
+        imp = tp.importance.MagnitudeImportance(p=1 if entry.method == "l1" else 2, group_reduction="first",
+                                                normalizer=None)
+        tp.pruner.MetaPruner(model, example, importance=imp, pruning_ratio=0.0,
+                             pruning_ratio_dict=_ratio_dict(model, layers), ignored_layers=ignored).step()
+        return PruneResult(model, _channel_report(before, model))
+    import nni.compression.pruning as nni_pruning
+
+    from .nni import speedup
+
+    cls = {"l1": "L1NormPruner", "l2": "L2NormPruner", "fpgm": "FPGMPruner"}[entry.method]
+    config = [{"op_names": [n], "sparse_ratio": float(d["pruned"] / d["channels"])}
+              for n, d in layers.items() if d["pruned"] > 0]
+    pruner = getattr(nni_pruning, cls)(model, config)
+    _, masks = pruner.compress()
+    pruner.unwrap_model()
+    model = speedup(model, masks, example, config_list=config)
+    return PruneResult(model, _channel_report(before, model))
+
+
+def run_bench(config_path: Optional[str] = None, overrides: Optional[List[str]] = None,
+              out_dir: str = "docs") -> Dict[str, Any]:
+    """Run the benchmark and write ``benchmarks.md``, ``bench/<name>.json`` and plots under ``out_dir``."""
+    cfg = load_bench_config(config_path, overrides)
+    t0 = time.perf_counter()
+    seed_everything(cfg.seed)
+    d, m = cfg.data, cfg.model
+    spec = build_dataset(d.name, root=d.root, image_size=d.image_size, in_channels=d.in_channels,
+                         limit_train=d.limit_train, limit_test=d.limit_test, seed=cfg.seed)
+    train_loader, test_loader = make_loaders(spec, d.batch_size, workers=d.workers, seed=cfg.seed)
+    example = next(iter(test_loader))[0][:1]
+    model = build_model(m.name, num_classes=spec.num_classes, in_channels=spec.in_channels, width=m.width)
+    ckpt = os.path.join(cfg.work_dir, f"dense-{_key(cfg)}.pt")
+    if os.path.exists(ckpt):
+        print(f"reusing the dense model {ckpt}", flush=True)
+        model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
+    else:
+        print(f"training the dense model: {m.name} width {m.width:g}, {len(spec.train)} images, "
+              f"{cfg.train.epochs:g} epochs", flush=True)
+        train(model, train_loader, cfg.train, desc="train dense", progress=cfg.progress)
+        atomic_save(model.state_dict(), ckpt)
+    model.eval()
+    dense = measure.summarize(model, example)
+    dense.update(measure.evaluate(model, test_loader, progress=cfg.progress, desc="eval dense"))
+    rows: Dict[str, Dict[str, Any]] = {}
+    models = {"dense": model}
+    for entry in cfg.entries:
+        print(f"== {entry.label}", flush=True)
+        seed_everything(cfg.seed)
+        t = time.perf_counter()
+        if entry.ratios_from:
+            res = _prune_same_ratios(copy.deepcopy(model).eval(), example, entry,
+                                     rows[entry.ratios_from]["layers"], cfg.ignored_layers)
+        else:
+            res = prune(model, example, entry.method, entry.framework, entry.params, entry.ratio, cfg.ignored_layers)
+        prune_s = time.perf_counter() - t
+        pm = res.model
+        acc_pruned = measure.evaluate(pm, test_loader, progress=cfg.progress, desc="eval pruned")["accuracy"]
+        train(pm, train_loader, cfg.finetune, desc=f"fine-tune {entry.method}", progress=cfg.progress)
+        pm.eval()
+        s = measure.summarize(pm, example)
+        s.update(measure.evaluate(pm, test_loader, progress=cfg.progress, desc="eval fine-tuned"))
+        rows[entry.label] = {"entry": to_dict(entry), "summary": s, "accuracy_after_prune": acc_pruned,
+                             "prune_s": prune_s, "layers": res.layers}
+        models[entry.label] = pm
+    print("measuring latency (all models interleaved)", flush=True)
+    lat = measure.measure_latency(models, tuple(example.shape[1:]), cfg.batch_sizes, warmup=cfg.warmup,
+                                  repeats=cfg.repeats)
+    results = {"config": to_dict(cfg), "command": "pfgdf-plugin bench " + " ".join(sys.argv[2:]),
+               "dense": dense, "rows": rows, "latency": lat, "threads": torch.get_num_threads(),
+               "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+               "data_sizes": [len(spec.train), len(spec.test)], "minutes": (time.perf_counter() - t0) / 60}
+    _write(results, out_dir, cfg)
+    return results
+
+
+def _write(results: Dict[str, Any], out_dir: str, cfg: BenchConfig) -> None:
+    from .report import plot_filters
+
+    bench_dir = os.path.join(out_dir, "bench")
+    os.makedirs(bench_dir, exist_ok=True)
+    with open(os.path.join(bench_dir, f"{cfg.name}.json"), "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=1, default=float)
+    dense, lat = results["dense"], results["latency"]
+    header = ["method", "filters pruned", "params removed", "MACs", "acc. dense", "acc. pruned",
+              "acc. fine-tuned", "change"] + [f"latency b{b} (speedup)" for b in cfg.batch_sizes]
+    table = []
+    for label, r in results["rows"].items():
+        s = r["summary"]
+        row = [label, f"{100 * (1 - s['filters'] / dense['filters']):.1f}%",
+               f"{100 * (1 - s['params'] / dense['params']):.1f}%",
+               f"{fmt_count(s['macs'])} ({dense['macs'] / s['macs']:.1f}x fewer)",
+               f"{100 * dense['accuracy']:.2f}", f"{100 * r['accuracy_after_prune']:.2f}",
+               f"{100 * s['accuracy']:.2f}", f"{100 * (s['accuracy'] - dense['accuracy']):+.2f} pts"]
+        for b in cfg.batch_sizes:
+            dl, pl = lat["dense"][b]["median_ms"], lat[label][b]["median_ms"]
+            row.append(f"{pl:.2f} ms ({dl / pl:.2f}x)")
+        table.append(row)
+    first = next(iter(results["rows"].values()))
+    plot = plot_filters(dense["filters_per_layer"], first["summary"]["filters_per_layer"],
+                        os.path.join(bench_dir, f"{cfg.name}_filters.png"), f"{next(iter(results['rows']))}")
+    m, d = cfg.model, cfg.data
+    lines = [
+        "# Benchmarks", "",
+        "Made by `pfgdf-plugin bench` (this file is rewritten by it; the raw numbers are in "
+        f"`docs/bench/{cfg.name}.json`).", "",
+        f"## {cfg.name}", "",
+        f"- Model: `{m.name}`, width {m.width:g}, {fmt_count(dense['params'])} parameters, "
+        f"{fmt_count(dense['macs'])} MACs.",
+        f"- Data: `{d.name}` at {d.image_size}x{d.image_size}, {results['data_sizes'][0]} training / "
+        f"{results['data_sizes'][1]} test images.",
+        f"- Dense training: {cfg.train.epochs:g} epochs ({cfg.train.optimizer}, lr {cfg.train.lr:g}, "
+        f"{cfg.train.schedule}). Every pruned model: {cfg.finetune.epochs:g} fine-tuning epochs "
+        f"(lr {cfg.finetune.lr:g}).",
+        f"- Latency: median of {cfg.repeats} runs after {cfg.warmup} warm-up runs, CPU, "
+        f"{results['threads']} threads, all models interleaved in one process; {results['machine']}.",
+        f"- Command: `{results['command'].strip()}` ({results['minutes']:.0f} minutes).", "",
+        markdown_table(header, table), "",
+        f"![filters per layer](bench/{os.path.basename(plot)})", "",
+    ]
+    with open(os.path.join(out_dir, "benchmarks.md"), "w", encoding="utf-8") as f:
+        f.write("\n".join(lines))
+    print("\n".join(lines[6:]), flush=True)
