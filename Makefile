@@ -1,0 +1,37 @@
+# One venv, one install step shared by every target.
+# `make demo` runs the default recipe; `make test` runs the test suite. Both install what they need.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.pfgdf-installed
+
+.PHONY: install data demo test bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,export]'
+	touch $(STAMP)
+
+install: $(STAMP) data
+
+# Fashion-MNIST from Debian's package (real data, no download from the data set's site).
+data:
+	@if [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  ($$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
+	  || echo "warning: could not install dataset-fashion-mnist; Fashion-MNIST tests will be skipped"; \
+	else echo "warning: no apt-get; put Fashion-MNIST under \$$PFGDF_DATA/FashionMNIST/raw/ (see docs/recipes.md)"; fi
+
+demo: install
+	$(VENV)/bin/pfgdf-plugin run recipes/pfgdf_vgg16.yaml
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(VENV)/bin/pfgdf-plugin bench
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
