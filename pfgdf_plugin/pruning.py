@@ -172,16 +172,18 @@ def _tp_builtin(importance_factory):
 
 
 # ----------------------------------------------------------------------------- NNI
-def _nni_config(model: nn.Module, ignored: List[nn.Module], ratio: Optional[float]) -> List[dict]:
+def _nni_config(model: nn.Module, example_inputs, ignored: List[nn.Module], ratio: Optional[float]) -> List[dict]:
+    """Conv layers minus the ignored ones, with NNI dependency groups for coupled layers."""
+    from .nni import dependency_config_list
+
     names = _names(model)
     entry: Dict[str, Any] = {"op_types": ["Conv2d"]}
     excl = [names[m] for m in ignored if isinstance(m, nn.Conv2d)]
+    if excl:
+        entry["exclude_op_names"] = excl
     if ratio is not None:
         entry["sparse_ratio"] = float(ratio)
-    config = [entry]
-    if excl:
-        config.append({"op_names": excl, "exclude": True})
-    return config
+    return dependency_config_list(model, example_inputs, [entry])
 
 
 def _nni_finish(model, masks, example_inputs, config, before):
@@ -197,7 +199,7 @@ def _nni_pfgdf(model, example_inputs, params, ratio, ignored):
     before = _widths(model)
     p = dict(params)
     p.pop("group_reduction", None)
-    config = _nni_config(model, ignored, ratio)
+    config = _nni_config(model, example_inputs, ignored, ratio)
     pruner = PFGDFPruner(model, config, **p)
     _, masks = pruner.compress()
     pruner.unwrap_model()
@@ -214,7 +216,7 @@ def _nni_builtin(cls_name: str):
         import nni.compression.pruning as nni_pruning
 
         before = _widths(model)
-        config = _nni_config(model, ignored, ratio)
+        config = _nni_config(model, example_inputs, ignored, ratio)
         pruner = getattr(nni_pruning, cls_name)(model, config)
         _, masks = pruner.compress()
         pruner.unwrap_model()

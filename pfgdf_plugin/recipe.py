@@ -132,8 +132,7 @@ def recipe_from_dict(data: Dict[str, Any], source: str = "recipe") -> Recipe:
     """Build and validate a :class:`Recipe`; raise :class:`ConfigError` listing every problem."""
     errors: List[str] = []
     recipe = from_dict(Recipe, data, "", errors)
-    if not errors:
-        errors = _semantic_errors(recipe)
+    errors += _semantic_errors(recipe)  # keys with a wrong type fell back to defaults
     if errors:
         raise ConfigError(errors, source)
     return recipe

@@ -245,10 +245,12 @@ class PFGDFPruner(Pruner):
                 scores = pfgdf.importance(weight, self.k, self.statistic, self.pfgdf_mode, layer=module_name)
                 metrics[module_name][target_name] = scores.to(weight.device).reshape(shape)
                 if self.pfgdf_mode == "band":
-                    fit = pfgdf.fit_gaussian(pfgdf.filter_statistic(weight, self.statistic, module_name))
+                    stat = pfgdf.filter_statistic(weight, self.statistic, module_name)
+                    fit = pfgdf.fit_gaussian(stat)
                 else:
+                    stat = scores
                     fit = pfgdf.fit_gaussian(weight)
-                self._fits[(module_name, target_name)] = fit
+                self._fits[(module_name, target_name)] = (*fit, stat.float().tolist())
         return metrics
 
     def _generate_sparsity(self, metrics: _DATA) -> _DATA:
@@ -321,14 +323,16 @@ class PFGDFPruner(Pruner):
 
     def _record(self, masks: _DATA, rules: Dict[Tuple[str, str], str]) -> None:
         self.decisions = {}
-        for (module_name, target_name), rule in rules.items():
+        order = {name: i for i, (name, _) in enumerate(self.bound_model.named_modules())}
+        for (module_name, target_name), rule in sorted(rules.items(), key=lambda kv: (order.get(kv[0][0], -1), kv[0])):
             mask = masks[module_name][target_name]
             n = mask.shape[0]
             pruned = (mask.reshape(n, -1).abs().sum(1) == 0).nonzero().flatten().tolist()
-            mu, sigma = self._fits.get((module_name, target_name), (float("nan"), float("nan")))
+            mu, sigma, stat = self._fits.get((module_name, target_name), (float("nan"), float("nan"), []))
             key = module_name if target_name == "weight" else f"{module_name}.{target_name}"
             self.decisions[key] = {"channels": n, "pruned": len(pruned), "ratio": len(pruned) / n if n else 0.0,
-                                   "mu": mu, "sigma": sigma, "pruned_idxs": pruned, "rule": rule}
+                                   "mu": mu, "sigma": sigma, "pruned_idxs": pruned, "rule": rule,
+                                   "statistic": stat}
 
     # ------------------------------------------------------------------ compression loop (as _NormPruner)
 

@@ -131,8 +131,9 @@ def _check_coupled(gm: torch.fx.GraphModule, masks: _MASKS, config_list: List[Di
         ref_name, ref = next(iter(keeps.items()))
         differ = [n for n, k in keeps.items() if k.shape != ref.shape or not torch.equal(k, ref)]
         if differ:
-            warnings.warn(f"layers {sorted(keeps)} feed one residual addition but their masks keep different "
-                          f"channels ({ref_name!r} vs {differ[0]!r}); NNI's speedup keeps the union with the "
+            warnings.warn(f"layers {sorted(keeps)} are coupled (their outputs meet, e.g. in a residual "
+                          f"addition) but their masks keep different channels ({ref_name!r} vs "
+                          f"{differ[0]!r}); NNI's speedup keeps the union with the "
                           "original weights, so the result will differ from the masked model. Build the "
                           "pruner's config with pfgdf_plugin.nni.dependency_config_list(...)",
                           RuntimeWarning, stacklevel=3)
@@ -140,7 +141,7 @@ def _check_coupled(gm: torch.fx.GraphModule, masks: _MASKS, config_list: List[Di
 
 @contextlib.contextmanager
 def _quiet(verbose: bool):
-    """Silence NNI's INFO logging and a stray ``print`` in its mask-conflict code."""
+    """Silence NNI's INFO/WARNING logging and a stray ``print`` in its mask-conflict code."""
     if verbose:
         yield None
         return
@@ -153,7 +154,7 @@ def _quiet(verbose: bool):
     levels.append(quiet.level)
     try:
         for lg in loggers:
-            lg.setLevel(logging.WARNING)
+            lg.setLevel(logging.ERROR)
         with contextlib.redirect_stdout(io.StringIO()):
             yield quiet
     finally:
@@ -177,7 +178,7 @@ def speedup(model: nn.Module, masks: _MASKS, dummy_input: Any, config_list: Opti
             batch of several samples is safer (NNI detects constant channels over the batch).
         config_list: the config used for pruning, for the coupled-layer check; by default one
             entry naming every masked module.
-        verbose: keep NNI's INFO log and prints.
+        verbose: keep NNI's INFO/WARNING log and its prints (silenced by default).
 
     Raises:
         RuntimeError: the model is still wrapped, or torch.fx cannot trace it.

@@ -1,0 +1,153 @@
+"""Recipes: every shipped recipe runs on a tiny budget; bad recipes fail with named errors."""
+
+import glob
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from pfgdf_plugin.config import ConfigError
+from pfgdf_plugin.persist import PrunedFileError, load_pruned, read_pruned
+from pfgdf_plugin.recipe import load_recipe, recipe_from_dict
+from pfgdf_plugin.runner import RunError, run_recipe
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPES = sorted(glob.glob(os.path.join(ROOT, "recipes", "*.yaml")))
+TINY = ["data.name=digits", "data.limit_train=256", "data.limit_test=128", "data.batch_size=64",
+        "train.epochs=1", "finetune.epochs=1", "report.repeats=2", "report.warmup=1", "progress=false"]
+
+
+def tiny(path, tmp_path, extra=()):
+    return load_recipe(path, TINY + [f"output_dir={tmp_path}"] + list(extra))
+
+
+def test_recipes_are_found():
+    names = {os.path.basename(p) for p in RECIPES}
+    assert {"pfgdf_vgg16.yaml", "pfgdf_vgg16_nni.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=os.path.basename)
+def test_recipe_validates_and_states_its_command(path):
+    load_recipe(path)
+    with open(path) as f:
+        first = f.readline()
+    assert first.startswith("# pfgdf-plugin run recipes/" + os.path.basename(path))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=os.path.basename)
+def test_recipe_runs_end_to_end(path, tmp_path):
+    recipe = tiny(path, tmp_path)
+    metrics = run_recipe(recipe, quiet=True)
+    out = metrics["run_dir"]
+    for f in ("metrics.json", "report.md", "recipe.yaml", "dense.pt", "pruned.pt", "filters_per_layer.png"):
+        assert os.path.exists(os.path.join(out, f)), f
+    assert metrics["after"]["params"] < metrics["before"]["params"]
+    assert metrics["after"]["filters"] < metrics["before"]["filters"]
+    assert set(metrics["latency"]) == {"1", "32"}
+    if recipe.prune.method == "pfgdf":
+        assert os.path.exists(os.path.join(out, "pfgdf_gaussian.png"))
+    # the pruned model reloads without unpickling code and computes the same outputs
+    blob = torch.load(os.path.join(out, "pruned.pt"), weights_only=True)
+    assert "state_dict" in blob
+    model, meta = load_pruned(os.path.join(out, "pruned.pt"))
+    x = torch.randn(2, *meta_input(metrics))
+    model2, _ = load_pruned(os.path.join(out, "pruned.pt"))
+    assert torch.equal(model(x), model2(x))
+    assert metrics["onnx"]["status"] == "ok" and metrics["onnx"]["max_abs_diff"] < 1e-3
+    # the saved recipe reruns
+    again = yaml.safe_load(open(os.path.join(out, "recipe.yaml")))
+    assert recipe_from_dict(again).to_dict() == recipe.to_dict()
+
+
+def meta_input(metrics):
+    shape = metrics["data"].rsplit("(", 1)[1].rstrip(")")
+    return tuple(int(v) for v in shape.strip("()").split(",") if v.strip())
+
+
+def test_pruned_outputs_match_between_run_and_reload(tmp_path):
+    recipe = tiny(RECIPES[0], tmp_path, ["model.name=resnet20", "model.width=0.5", "name=r20",
+                                          "prune.ignored_layers=[fc]", "export.onnx=false", "report.latency=false"])
+    metrics = run_recipe(recipe, quiet=True)
+    path = os.path.join(metrics["run_dir"], "pruned.pt")
+    model, _ = load_pruned(path)
+    assert metrics["after"]["params"] == sum(p.numel() for p in model.parameters())
+    # tampering: a mismatched structure is refused with a clear error
+    blob = torch.load(path, weights_only=True)
+    meta = json.loads(blob["meta"])
+    meta["structure"]["conv1"]["out_channels"] += 1
+    blob["meta"] = json.dumps(meta)
+    torch.save(blob, tmp_path / "bad.pt")
+    with pytest.raises(PrunedFileError, match="do not fit"):
+        load_pruned(str(tmp_path / "bad.pt"))
+    torch.save({"x": 1}, tmp_path / "other.pt")
+    with pytest.raises(PrunedFileError, match="not a pfgdf-plugin"):
+        read_pruned(str(tmp_path / "other.pt"))
+
+
+@pytest.mark.parametrize("data,match", [
+    ({"prune": {"methd": "pfgdf"}}, r"unknown key 'prune.methd'"),
+    ({"prune": {"method": "pfdgf"}}, r"prune.method 'pfdgf' is unknown; known: .*pfgdf"),
+    ({"prune": {"params": {"k": -1}}}, r"prune.params: k must be > 0, got -1"),
+    ({"prune": {"params": {"k": "big"}}}, r"prune.params.k must be float, got 'big'"),
+    ({"prune": {"method": "l1"}}, r"prune.ratio is required"),
+    ({"prune": {"method": "l1", "ratio": 1.5}}, r"prune.ratio must be in \(0, 1\), got 1.5"),
+    ({"prune": {"framework": "keras"}}, r"prune.framework must be one of"),
+    ({"data": {"name": "imagenet21k"}}, r"data.name 'imagenet21k' is unknown"),
+    ({"model": {"width": "wide"}}, r"model.width must be float"),
+    ({"finetune": {"epochs": -1}}, r"finetune.epochs must be >= 0"),
+    ({"report": {"batch_sizes": [0]}}, r"report.batch_sizes"),
+])
+def test_bad_recipes_name_the_key(data, match):
+    with pytest.raises(ConfigError, match=match):
+        recipe_from_dict(data)
+
+
+def test_every_problem_is_reported_at_once():
+    with pytest.raises(ConfigError) as e:
+        recipe_from_dict({"prune": {"params": {"k": 0}}, "data": {"batch_size": 0}, "bogus": 1})
+    assert len(e.value.errors) == 3
+
+
+def _cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "pfgdf_plugin", *args], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, "PYTHONPATH": ROOT})
+
+
+def test_cli_errors_are_one_clear_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("prune:\n  params:\n    k: 0\n")
+    r = _cli("validate", str(bad))
+    assert r.returncode == 2 and "k must be > 0" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("run", RECIPES[0], "--set", "data.name=cifar10", "--set", f"data.root={tmp_path}",
+             "--set", f"output_dir={tmp_path}", "--quiet")
+    assert r.returncode == 2 and "cifar-10-batches-py" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("validate", str(tmp_path / "missing.yaml"))
+    assert r.returncode == 2 and "no such recipe file" in r.stderr
+    r = _cli("validate", RECIPES[0], "--set", "prune.params.k=2.0")
+    assert r.returncode == 0, r.stderr
+
+
+def _digest(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_failed_run_keeps_earlier_results_and_input_model(tmp_path):
+    recipe = tiny(RECIPES[0], tmp_path, ["export.onnx=false", "report.latency=false", "report.plots=false"])
+    first = run_recipe(recipe, quiet=True)
+    ckpt = os.path.join(first["run_dir"], "dense.pt")
+    before = {f: _digest(os.path.join(first["run_dir"], f)) for f in os.listdir(first["run_dir"])}
+    # a checkpoint that does not fit the model: the run fails, nothing earlier changes
+    bad = tiny(RECIPES[0], tmp_path, [f"model.checkpoint={ckpt}", "model.width=0.25"])
+    with pytest.raises(RunError, match="does not fit model"):
+        run_recipe(bad, quiet=True)
+    after = {f: _digest(os.path.join(first["run_dir"], f)) for f in os.listdir(first["run_dir"])}
+    assert before == after
+    # a second successful run goes beside the first one, never over it
+    ok = tiny(RECIPES[0], tmp_path, [f"model.checkpoint={ckpt}", "export.onnx=false", "report.latency=false"])
+    second = run_recipe(ok, quiet=True)
+    assert second["run_dir"] != first["run_dir"] and _digest(ckpt) == before["dense.pt"]
