@@ -11,8 +11,17 @@ Example:
 """
 
 from .methods.pfgdf import PFGDFError
-from .torch_pruning import GaussianImportance, PFGDFPruner
+from .persist import load_pruned, save_pruned
+from .torch_pruning import GaussianImportance, PFGDFPruner, auto_k_prune
 
 __version__ = "0.1.0"
 
-__all__ = ["GaussianImportance", "PFGDFPruner", "PFGDFError", "__version__"]
+__all__ = [
+    "GaussianImportance",
+    "PFGDFError",
+    "PFGDFPruner",
+    "auto_k_prune",
+    "load_pruned",
+    "save_pruned",
+    "__version__",
+]

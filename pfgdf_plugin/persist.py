@@ -61,7 +61,7 @@ def save_pruned(model: nn.Module, path: str, arch: Optional[Dict[str, Any]] = No
         >>> p = os.path.join(tempfile.mkdtemp(), "m.pt")
         >>> save_pruned(m, p)
         >>> m2 = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
-        >>> load_pruned(p, m2)[0].out_channels
+        >>> load_pruned(p, m2)[0][0].out_channels
         4
     """
     meta = {"format": FORMAT, "arch": arch or {}, "structure": describe_structure(model)}

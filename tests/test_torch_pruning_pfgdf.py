@@ -166,3 +166,21 @@ def test_min_channels_is_kept():
     pruner.step()
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert min(c.out_channels for c in convs) == 6
+
+
+def test_auto_k_widens_until_the_evaluation_breaks_and_leaves_the_input_alone():
+    from pfgdf_plugin import auto_k_prune
+
+    model = _vgg(width=0.25)
+    x = torch.randn(1, 3, 32, 32)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    tuned = []
+    # a stand-in evaluation: the more parameters survive, the better (breaks past ~90% removed)
+    full = count_params(model)
+    best, k, hist = auto_k_prune(model, x, finetune=lambda m: tuned.append(m),
+                                 evaluate=lambda m: count_params(m) / full, baseline=0.13, tolerance=0.0,
+                                 k_values=(0.25, 0.5, 1.0, 2.0), ignored_layers=[model.classifier])
+    assert [h.k for h in hist][: len(tuned)] == [0.25, 0.5, 1.0, 2.0][: len(tuned)]
+    assert k is not None and hist[-1].accepted is False and all(h.accepted for h in hist[:-1])
+    assert count_params(best) == hist[-2].info["params"]
+    assert all(torch.equal(state[n], v) for n, v in model.state_dict().items())

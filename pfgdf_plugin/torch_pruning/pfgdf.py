@@ -7,7 +7,7 @@ dependency group into filter tensors and back.
 from __future__ import annotations
 
 import warnings
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -175,3 +175,55 @@ class PFGDFPruner(tp.pruner.BasePruner):
             pruning_group = self.DG.get_pruning_group(root, fn, idxs)
             if self.DG.check_pruning_group(pruning_group):
                 yield pruning_group
+
+
+def auto_k_prune(model: nn.Module, example_inputs, finetune: Callable[[nn.Module], None],
+                 evaluate: Callable[[nn.Module], float], baseline: Optional[float] = None,
+                 tolerance: float = 0.003, k_values=(0.5, 0.75, 1.0, 1.25, 1.5, 2.0),
+                 ignored_layers: Optional[List[nn.Module]] = None, **pruner_kwargs):
+    """PFGDF's automatic loop: widen ``k`` while the pruned, fine-tuned model recovers.
+
+    For each ``k`` (increasing), a copy of ``model`` is pruned with :class:`PFGDFPruner`,
+    passed to ``finetune`` (which trains it in place) and scored by ``evaluate`` (higher is
+    better, e.g. accuracy). The loop stops at the first ``k`` whose score falls below
+    ``baseline - tolerance`` (``baseline`` defaults to ``evaluate(model)``). ``model`` itself is
+    never modified. The loop is :func:`pfgdf_plugin.methods.pfgdf.auto_k`.
+
+    Returns:
+        ``(best_model, best_k, history)``: the pruned, fine-tuned copy of the widest accepted
+        ``k`` (``None`` if none was accepted) and one :class:`~pfgdf_plugin.methods.pfgdf.AutoKStep`
+        per tried ``k`` (``info`` holds the number of parameters).
+
+    Example:
+        >>> import torch
+        >>> from pfgdf_plugin.models import build_model
+        >>> m = build_model("lenet5")
+        >>> best, k, hist = auto_k_prune(m, torch.randn(1, 3, 32, 32), finetune=lambda net: None,
+        ...                              evaluate=lambda net: 1.0, k_values=(0.5, 1.0))
+        >>> k
+        1.0
+    """
+    import copy
+
+    names = {m: n for n, m in model.named_modules()}
+    ignored_names = None if ignored_layers is None else [names[m] for m in ignored_layers]
+    if baseline is None:
+        baseline = float(evaluate(model))
+    candidates: Dict[float, nn.Module] = {}
+
+    def trial(k: float):
+        candidate = copy.deepcopy(model)
+        mods = dict(candidate.named_modules())
+        ignored = _last_layer(candidate) if ignored_names is None else [mods[n] for n in ignored_names]
+        PFGDFPruner(candidate, example_inputs, k=k, ignored_layers=ignored, **pruner_kwargs).step()
+        finetune(candidate)
+        candidates[k] = candidate
+        return float(evaluate(candidate)), {"params": sum(p.numel() for p in candidate.parameters())}
+
+    best_k, history = pfgdf.auto_k(trial, baseline, tolerance, k_values)
+    return candidates.get(best_k), best_k, history
+
+
+def _last_layer(model: nn.Module) -> List[nn.Module]:
+    last = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+    return last[-1:]
