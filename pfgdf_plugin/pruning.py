@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 import torch.nn as nn
 
+from .measure import filters_per_layer
 from .methods import pfgdf as pfgdf_math
 from .registry import Registry
 
@@ -116,24 +117,12 @@ def _names(model: nn.Module) -> Dict[nn.Module, str]:
 
 
 def _channel_report(before: Dict[str, int], after: nn.Module) -> Dict[str, dict]:
-    now = {}
-    for n, m in after.named_modules():
-        if isinstance(m, nn.modules.conv._ConvNd):
-            now[n] = m.out_channels
-        elif isinstance(m, nn.Linear):
-            now[n] = m.out_features
+    now = _widths(after)
     return {n: {"channels": c, "pruned": c - now.get(n, c), "ratio": (c - now.get(n, c)) / c}
             for n, c in before.items()}
 
 
-def _widths(model: nn.Module) -> Dict[str, int]:
-    out = {}
-    for n, m in model.named_modules():
-        if isinstance(m, nn.modules.conv._ConvNd):
-            out[n] = m.out_channels
-        elif isinstance(m, nn.Linear):
-            out[n] = m.out_features
-    return out
+_widths = filters_per_layer
 
 
 # ----------------------------------------------------------------------------- Torch-Pruning

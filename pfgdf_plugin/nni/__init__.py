@@ -2,15 +2,7 @@
 
 Importing this subpackage imports NNI; ``import pfgdf_plugin`` alone does not.
 
-Example:
-    >>> import torch
-    >>> from pfgdf_plugin.models import build_model
-    >>> from pfgdf_plugin.nni import PFGDFPruner, speedup
-    >>> model = build_model("vgg16_bn", width=0.25)
-    >>> pruner = PFGDFPruner(model, [{"op_types": ["Conv2d"]}], k=1.0)
-    >>> _, masks = pruner.compress()
-    >>> pruner.unwrap_model()
-    >>> model = speedup(model, masks, torch.randn(4, 3, 32, 32))
+See :class:`PFGDFPruner` for an example of pruning and speedup.
 """
 
 from .pfgdf import PFGDFPruner
