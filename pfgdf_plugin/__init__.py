@@ -12,7 +12,7 @@ Example:
 
 from .methods.pfgdf import PFGDFError
 from .persist import load_pruned, save_pruned
-from .torch_pruning import GaussianImportance, PFGDFPruner, auto_k_prune
+from .torch_pruning import GaussianImportance, PFGDFPruner, SPPImportance, SPPPruner, auto_k_prune
 
 __version__ = "0.1.0"
 
@@ -20,6 +20,8 @@ __all__ = [
     "GaussianImportance",
     "PFGDFError",
     "PFGDFPruner",
+    "SPPImportance",
+    "SPPPruner",
     "auto_k_prune",
     "load_pruned",
     "save_pruned",

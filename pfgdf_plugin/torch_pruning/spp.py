@@ -1,0 +1,546 @@
+"""SPP inside Torch-Pruning: :class:`SPPImportance` and :class:`SPPPruner`.
+
+The probability rule lives in :mod:`pfgdf_plugin.methods.spp`; this module turns the
+dependency graph's channel groups into norm vectors, applies SPP's random keep-masks to the
+network while it trains, and removes the pruned channels at the end.
+
+One SPP group here is one channel of a Torch-Pruning dependency group: channels coupled by
+residual additions or concatenations share one pruning probability, and a dependency group is
+SPP's "layer" (it has its own target count and schedule). The official code prunes im2col
+columns of single convolutions instead; this is this project's reading for channel pruning.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+from ..methods import spp
+from ._group import _NORM_TYPES, IN, NORM, OUT, group_tensors, reduce_to_root
+
+_LAYER_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
+
+
+def group_l1(group) -> Optional[torch.Tensor]:
+    """L1 norm per root channel of a dependency group, or ``None`` if nothing can be scored.
+
+    Each channel's score is the mean, over the group's coupled producers, of the L1 norm of
+    its filter (out-channel slices of convolutions and linears). A group without filters is
+    scored on its normalisation layers' scales, then on its input slices.
+
+    Example:
+        >>> import torch, torch.nn as nn, torch_pruning as tp
+        >>> net = nn.Sequential(nn.Conv2d(1, 2, 1, bias=False), nn.Conv2d(2, 1, 1))
+        >>> with torch.no_grad():
+        ...     _ = net[0].weight.copy_(torch.tensor([1., -3.]).view(2, 1, 1, 1))
+        >>> DG = tp.DependencyGraph().build_dependency(net, example_inputs=torch.randn(1, 1, 4, 4))
+        >>> group_l1(DG.get_pruning_group(net[0], tp.prune_conv_out_channels, [0, 1]))
+        tensor([1., 3.])
+    """
+    tiers: Dict[str, list] = {OUT: [], NORM: [], IN: []}
+    for it in group_tensors(group):
+        tiers[it.kind].append(it)
+    chosen = tiers[OUT] or tiers[NORM] or tiers[IN]
+    if not chosen:
+        return None
+    per_item = [(it.positions, it.slices.abs().sum(1)[it.idxs].double()) for it in chosen]
+    return reduce_to_root(group, per_item, "mean")
+
+
+def _normalised_ranks(scores: torch.Tensor) -> torch.Tensor:
+    """Ranks of ``scores`` scaled to ``[0, 1]`` (0 = smallest; ties broken by position)."""
+    n = scores.numel()
+    if n <= 1:
+        return torch.ones(n)
+    ranks = torch.empty(n)
+    ranks[torch.argsort(scores, stable=True)] = torch.arange(n, dtype=torch.float32)
+    return ranks / (n - 1)
+
+
+class SPPImportance(tp.importance.Importance):
+    """SPP's survival probability as a Torch-Pruning importance (higher = keep).
+
+    Attached to an :class:`SPPPruner` (it is the pruner's own ``importance``), a group the
+    pruner tracks scores ``1 - p`` per root channel: 1 for channels SPP keeps for good, 0 for
+    removed ones. Channels with equal probabilities tie. Before it is attached, after the
+    pruner has removed its channels, and for groups the pruner does not track, the score is
+    the channel's normalised L1 rank (``rank / (n - 1)``, from :func:`group_l1`), also in
+    ``[0, 1]``.
+
+    Args:
+        pruner: the :class:`SPPPruner` whose probabilities to report, or ``None``.
+
+    Example:
+        >>> import torch, torch_pruning as tp
+        >>> from pfgdf_plugin.models import build_model
+        >>> model = build_model("resnet20")
+        >>> tp.pruner.MetaPruner(model, torch.randn(1, 3, 32, 32), importance=SPPImportance(),
+        ...                      pruning_ratio=0.5, ignored_layers=[model.fc]).step()
+        >>> model.conv1.out_channels
+        8
+    """
+
+    def __init__(self, pruner: Optional["SPPPruner"] = None) -> None:
+        self.pruner = pruner
+
+    @torch.no_grad()
+    def __call__(self, group) -> Optional[torch.Tensor]:
+        n = len(group[0].idxs)
+        pruner = self.pruner
+        if pruner is not None and not pruner.pruned:
+            tracked = pruner._tracked_for(group)
+            if tracked is not None:
+                idxs = torch.tensor([int(i) for i in group[0].idxs], dtype=torch.long)
+                scores = (1.0 - tracked.state.probabilities[idxs % tracked.size]).float()
+                return _check_length(scores, n)
+        norms = group_l1(group)
+        if norms is None:
+            return None
+        return _check_length(_normalised_ranks(norms), n)
+
+
+def _check_length(scores: torch.Tensor, n: int) -> torch.Tensor:
+    if scores.numel() != n:  # the contract Torch-Pruning does not check
+        raise RuntimeError(f"importance has {scores.numel()} scores for a group of {n} channels")
+    return scores
+
+
+@dataclass
+class _Tracked:
+    """One dependency group under SPP."""
+
+    name: str
+    root: nn.Module
+    handler: Callable
+    group: Any
+    ch_groups: int
+    size: int  # SPP groups: channels // ch_groups
+    state: spp.SPPState
+    # (module, channel indices of the module, SPP group of each) for maskable out-channel items
+    items: List[Tuple[nn.Module, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    scaled: List[nn.Module] = field(default_factory=list)  # outputs rescaled on finishing
+
+
+def _out_dim(module: nn.Module, output: torch.Tensor) -> int:
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return output.dim() - len(module.kernel_size) - 1
+    if isinstance(module, (nn.Linear, nn.LayerNorm)):
+        return -1
+    return 1
+
+
+def _param_dims(module: nn.Module) -> List[Tuple[str, int]]:
+    """``(parameter name, out-channel dim)`` of a layer's own parameters."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        if module.transposed and module.groups != 1:
+            return [("bias", 0)]
+        return [("weight", 1 if module.transposed else 0), ("bias", 0)]
+    if isinstance(module, nn.Linear):
+        return [("weight", 0), ("bias", 0)]
+    return [("weight", -1), ("bias", -1)]
+
+
+def _along(vec: torch.Tensor, like: torch.Tensor, dim: int) -> torch.Tensor:
+    shape = [1] * like.dim()
+    shape[dim] = -1
+    return vec.to(like.device, like.dtype).view(shape)
+
+
+class SPPPruner(tp.pruner.BasePruner):
+    """Structured probabilistic pruning during training, then structural removal.
+
+    Every dependency group (channels coupled through residual additions and concatenations)
+    gets one :class:`~pfgdf_plugin.methods.spp.SPPState`: a pruning probability per channel
+    and a target count ``ceil(R * channels)`` (at least one channel stays). In the training
+    loop, call :meth:`update` once per iteration after ``optimizer.step()``: every
+    ``interval`` iterations it ranks each group's surviving channels by L1 norm
+    (:func:`group_l1`: the mean over the group's coupled filters) and updates the
+    probabilities; every iteration it draws the next keep-masks. A channel at ``p = 1`` is
+    zeroed for good (its filters, biases and normalisation scales). When every group has
+    reached its target (:attr:`finished`), :meth:`step` removes the zeroed channels through the
+    dependency graph; build a new optimizer and retrain.
+
+    Masks act on outputs: forward hooks multiply the last output of each channel (the
+    normalisation layer after a convolution, else the convolution or linear itself) by the
+    mask, so a dropped channel is exactly 0 downstream, and its producers get zero gradients;
+    gradient hooks on the group's own parameters zero them as well. Random drops happen in
+    training mode only; in eval mode only the removed channels are masked.
+
+    When a group reaches its target, its survivors are kept for good; with
+    ``rescale_survivors`` their outputs are scaled by the keep probability ``1 - p`` they had,
+    as the official code scales its surviving weights (most survivors have ``p = 0``).
+
+    The hooks live until :meth:`step`: until then, pickling the whole model fails, and a
+    ``copy.deepcopy`` of it carries inert hooks (no random drops; channels at ``p = 1`` are
+    zero through their weights only). Under DistributedDataParallel,
+    give the pruner the wrapped module itself (``ddp.module``) and call :meth:`update` on every
+    rank. Tuple keys of ``pruning_ratio_dict`` give each layer the ratio; SPP never ranks
+    across groups.
+
+    Args:
+        model: the network (pruned in place by :meth:`step`).
+        example_inputs: a batch for tracing.
+        pruning_ratio: the target ratio ``R`` of every group, in (0, 1).
+        interval: iterations between probability updates (the paper uses 180; 1 updates
+            every iteration, the official code's default).
+        A: probability increment of the weakest channel per update (> 0).
+        u: ``delta(N_c) = u * A``, in (0, 1).
+        ignored_layers: layers left alone (typically the classifier).
+        seed: seed of the generator that draws every mask. Use the same seed on every rank
+            of a distributed run: probabilities and masks then agree everywhere.
+        rounding: ``"ceil"`` | ``"floor"`` | ``"round"``, how ``R * channels`` becomes a count.
+        rescale_survivors: scale surviving channels by their keep probability on finishing.
+        **kwargs: other :class:`torch_pruning.pruner.BasePruner` arguments (``pruning_ratio_dict``
+            for per-layer ratios keyed by a group's root layer, ``max_pruning_ratio``,
+            ``round_to``, ``root_module_types``, ``customized_pruners``, ...).
+            ``importance``, ``global_pruning``, ``isomorphic``, ``iterative_steps`` and
+            ``prune_num_heads`` are refused: SPP ranks within each group, in one pass.
+
+    Attributes:
+        steps: :meth:`update` calls so far.
+        pruned: ``True`` after :meth:`step`.
+
+    Example:
+        >>> import torch
+        >>> from pfgdf_plugin.models import build_model
+        >>> model = build_model("lenet5")
+        >>> x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+        >>> pruner = SPPPruner(model, x[:1], pruning_ratio=0.5, A=0.5, ignored_layers=[model.fc3])
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        >>> _ = model.train()
+        >>> while not pruner.finished:
+        ...     opt.zero_grad()
+        ...     torch.nn.functional.cross_entropy(model(x), y).backward()
+        ...     opt.step()
+        ...     pruner.update()
+        >>> pruner.step()                     # now build a new optimizer and retrain
+        >>> model.conv2.out_channels, model.fc1.out_features
+        (8, 60)
+    """
+
+    def __init__(self, model: nn.Module, example_inputs, pruning_ratio: float = 0.5, interval: int = 1,
+                 A: float = 0.05, u: float = 0.25, ignored_layers: Optional[List[nn.Module]] = None,
+                 seed: int = 0, rounding: str = "ceil", rescale_survivors: bool = True, **kwargs) -> None:
+        for key in ("importance", "iterative_steps", "iterative_pruning_ratio_scheduler"):
+            if key in kwargs:
+                raise TypeError(f"SPPPruner does not accept {key!r}: SPP's probabilities decide what "
+                                "is pruned, in one pass (use tp.pruner.MetaPruner(importance="
+                                "SPPImportance(), ...) for Torch-Pruning's own schedule)")
+        for key in ("global_pruning", "isomorphic", "prune_num_heads"):
+            if kwargs.get(key):
+                raise TypeError(f"SPPPruner does not support {key}=True: SPP ranks channels within "
+                                "each dependency group")
+        spp.check_params(pruning_ratio, interval, A, u)
+        if rounding not in spp.ROUNDINGS:
+            raise ValueError(f"rounding must be one of {', '.join(spp.ROUNDINGS)}; got {rounding!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        for module, ratio in (kwargs.get("pruning_ratio_dict") or {}).items():
+            if not spp._is_number(ratio) or not 0.0 <= ratio < 1.0:
+                raise ValueError(f"pruning_ratio_dict values must be in [0, 1), got {ratio!r} for "
+                                 f"{type(module).__name__}")
+        # Torch-Pruning's BasePruner mutates these dict defaults: always hand it fresh ones.
+        for key in ("in_channel_groups", "out_channel_groups", "num_heads"):
+            kwargs[key] = dict(kwargs.get(key) or {})
+        modes = {m: m.training for m in model.modules()}
+        super().__init__(model, example_inputs, importance=SPPImportance(), pruning_ratio=float(pruning_ratio),
+                         ignored_layers=ignored_layers, iterative_steps=1, **kwargs)
+        for m, mode in modes.items():  # tracing left the model in eval mode
+            m.training = mode
+        self.interval, self.A, self.u = int(interval), float(A), float(u)
+        self.rounding, self.rescale_survivors, self.seed = rounding, bool(rescale_survivors), seed
+        self.generator = torch.Generator().manual_seed(seed)
+        self.steps = 0
+        self.pruned = False
+        self._tracked: List[_Tracked] = []
+        self._by_root: Dict[nn.Module, _Tracked] = {}
+        self._handles: list = []
+        self._train_masks: Dict[nn.Module, torch.Tensor] = {}
+        self._alive_masks: Dict[nn.Module, torch.Tensor] = {}
+        self._build()
+        self.importance.pruner = self
+        self._install_hooks()
+        self._refresh_masks()
+
+    # ------------------------------------------------------------------ set-up
+    def _build(self) -> None:
+        names = self.DG._module2name
+        for group in self.DG.get_all_groups(ignored_layers=self.ignored_layers,
+                                            root_module_types=self.root_module_types):
+            root, handler = group[0].dep.target.module, group[0].dep.handler
+            name = names.get(root, type(root).__name__)
+            if self._is_atten_group(group)[0]:
+                warnings.warn(f"{name}: attention heads are not handled by SPPPruner; group left as is",
+                              stacklevel=3)
+                continue
+            n = len(group[0].idxs)
+            ch_groups = self._get_channel_groups(group)
+            if n % ch_groups:
+                continue
+            size = n // ch_groups
+            items = []
+            for item in group:
+                module = item.dep.target.module
+                if not isinstance(module, _LAYER_TYPES + _NORM_TYPES):
+                    continue
+                if not (isinstance(module, _NORM_TYPES) or self.DG.is_out_channel_pruning_fn(item.dep.handler)):
+                    continue
+                if any(r is None for r in item.root_idxs):
+                    continue
+                idxs = torch.tensor([int(i) for i in item.idxs], dtype=torch.long)
+                entries = torch.tensor([int(r) % size for r in item.root_idxs], dtype=torch.long)
+                items.append((module, idxs, entries))
+            if not items:
+                warnings.warn(f"{name}: no layer of this group has an output SPP can mask; group left "
+                              "as is", stacklevel=3)
+                continue
+            ratio = float(self.get_target_pruning_ratio(root, step=self.iterative_steps))
+            target = spp.target_count(size, min(max(ratio, 0.0), 1.0 - 1e-12), self.rounding)
+            if self.round_to and target > 0:
+                target = min(size - 1, self._round_to(target, size, self.round_to))
+            state = spp.SPPState(size, ratio=min(max(ratio, 0.0), 1.0 - 1e-12), A=self.A, u=self.u,
+                                 target=target)
+            tracked = _Tracked(name, root, handler, group, ch_groups, size, state, items)
+            norm_modules = {m for m, _, _ in items if isinstance(m, _NORM_TYPES)}
+            for module, _, _ in items:
+                if isinstance(module, _NORM_TYPES):
+                    tracked.scaled.append(module)
+                    continue
+                consumers = [o.module for o in self.DG.module2node[module].outputs]
+                if not any(c in norm_modules for c in consumers):
+                    tracked.scaled.append(module)
+            self._tracked.append(tracked)
+            self._by_root[root] = tracked
+
+    def _hooked(self) -> List[nn.Module]:
+        """Layers whose outputs carry the masks: every normalisation layer, and convolutions /
+        linears unless all they feed is a BatchNorm of the same group (masking before a
+        BatchNorm would corrupt its running statistics)."""
+        out: Dict[nn.Module, None] = {}
+        for t in self._tracked:
+            mods = {m for m, _, _ in t.items}
+            for module, _, _ in t.items:
+                if not isinstance(module, _NORM_TYPES):
+                    consumers = [o.module for o in self.DG.module2node[module].outputs]
+                    if consumers and all(isinstance(c, nn.modules.batchnorm._BatchNorm) and c in mods
+                                         for c in consumers):
+                        continue
+                out[module] = None
+        return list(out)
+
+    def _install_hooks(self) -> None:
+        train_masks, alive_masks = self._train_masks, self._alive_masks
+
+        def forward_hook(module, inputs, output):
+            mask = (train_masks if module.training else alive_masks).get(module)
+            if mask is None or not isinstance(output, torch.Tensor):
+                return None
+            return output * _along(mask, output, _out_dim(module, output))
+
+        for module in self._hooked():
+            self._handles.append(module.register_forward_hook(forward_hook))
+        seen: set = set()
+        for t in self._tracked:
+            for module, _, _ in t.items:
+                if module in seen:
+                    continue
+                seen.add(module)
+                for pname, dim in _param_dims(module):
+                    param = getattr(module, pname, None)
+                    if isinstance(param, nn.Parameter) and param.requires_grad:
+                        self._handles.append(param.register_hook(self._grad_hook(module, dim)))
+
+    def _grad_hook(self, module: nn.Module, dim: int) -> Callable:
+        train_masks, alive_masks = self._train_masks, self._alive_masks
+
+        def hook(grad):
+            mask = (train_masks if module.training else alive_masks).get(module)
+            if mask is None or mask.numel() != grad.shape[dim]:
+                return None
+            return grad * _along(mask, grad, dim)
+
+        return hook
+
+    # ------------------------------------------------------------------ masks
+    def _module_masks(self, alive_only: bool) -> Dict[nn.Module, torch.Tensor]:
+        masks: Dict[nn.Module, torch.Tensor] = {}
+        for t in self._tracked:
+            vec = ~t.state.removed if alive_only else t.state.keep
+            if bool(vec.all()):
+                continue
+            for module, idxs, entries in t.items:
+                if module not in masks:
+                    masks[module] = torch.ones(self.DG.get_out_channels(module), dtype=torch.bool)
+                masks[module][idxs] &= vec[entries]
+        out = {}
+        for module, mask in masks.items():
+            param = next(module.parameters(recurse=False), None)
+            device = param.device if param is not None else torch.device("cpu")
+            out[module] = mask.to(device=device, dtype=torch.float32)
+        return out
+
+    def _refresh_masks(self) -> None:
+        self._train_masks.clear()
+        self._train_masks.update(self._module_masks(alive_only=False))
+        self._alive_masks.clear()
+        self._alive_masks.update(self._module_masks(alive_only=True))
+
+    @torch.no_grad()
+    def _scale(self, t: _Tracked, factors: torch.Tensor, modules) -> None:
+        """Multiply the channels of ``modules`` (in group ``t``) by per-SPP-group ``factors``."""
+        for module, idxs, entries in t.items:
+            if module not in modules:
+                continue
+            vec = torch.ones(self.DG.get_out_channels(module), dtype=torch.float64)
+            vec[idxs] = factors[entries]
+            if bool((vec == 1).all()):
+                continue
+            for pname, dim in _param_dims(module):
+                param = getattr(module, pname, None)
+                if isinstance(param, torch.Tensor) and param.shape[dim] == vec.numel():
+                    param.mul_(_along(vec, param, dim))
+
+    def _zero_removed(self) -> None:
+        for t in self._tracked:
+            if t.state.n_removed:
+                alive = (~t.state.removed).double()
+                self._scale(t, alive, {m for m, _, _ in t.items})
+
+    def _norms(self, t: _Tracked) -> torch.Tensor:
+        norms = group_l1(t.group)
+        if norms is None:  # nothing scorable: keep the ranking by index
+            return torch.zeros(t.size, dtype=torch.float64)
+        norms = norms.double()
+        return norms.view(t.ch_groups, t.size).mean(0) if t.ch_groups > 1 else norms
+
+    def _tracked_for(self, group) -> Optional[_Tracked]:
+        t = self._by_root.get(group[0].dep.target.module)
+        if t is None or not self.DG.is_out_channel_pruning_fn(group[0].dep.handler):
+            return None
+        if any(int(i) >= t.size * t.ch_groups for i in group[0].idxs):
+            return None
+        return t
+
+    # ------------------------------------------------------------------ training-loop API
+    @property
+    def finished(self) -> bool:
+        """``True`` when every tracked group has its target count of channels at ``p = 1``."""
+        return all(t.state.finished for t in self._tracked)
+
+    def update(self) -> None:
+        """Advance one training iteration; call it after every ``optimizer.step()``.
+
+        Every ``interval`` calls the probabilities of unfinished groups are updated from the
+        current L1 norms; channels reaching ``p = 1`` are zeroed for good (and stay zero: the
+        optimizer's momentum or weight decay cannot revive them). Then the next iteration's
+        keep-masks are drawn.
+        """
+        if self.pruned:
+            raise RuntimeError("SPPPruner.update() was called after step(): the channels are already "
+                               "removed; build a new SPPPruner to prune again")
+        self.steps += 1
+        if self.steps % self.interval == 0:
+            with torch.no_grad():
+                for t in self._tracked:
+                    if t.state.closed:
+                        continue
+                    result = t.state.update(self._norms(t))
+                    if result.finished and self.rescale_survivors:
+                        self._scale(t, result.survivor_keep, set(t.scaled))
+        for t in self._tracked:
+            t.state.sample_keep_mask(self.generator)
+        self._zero_removed()
+        self._refresh_masks()
+
+    def probabilities(self) -> Dict[str, torch.Tensor]:
+        """``{root layer name: pruning probability per channel group}`` (float64 copies)."""
+        return {t.name: t.state.probabilities.clone() for t in self._tracked}
+
+    def summary(self) -> Dict[str, dict]:
+        """Per tracked group: ``channels``, ``target``, ``removed``, ``finished_at`` (update number)."""
+        return {t.name: {"channels": t.size * t.ch_groups, "target": t.state.target * t.ch_groups,
+                         "removed": t.state.n_removed * t.ch_groups, "finished_at": t.state.finished_at}
+                for t in self._tracked}
+
+    # ------------------------------------------------------------------ pruning
+    def step(self, interactive: bool = False):
+        """Remove every channel at ``p = 1`` through the dependency graph and drop the hooks.
+
+        Called before :attr:`finished`, it warns and removes only the channels already at
+        ``p = 1``; the other channels stay, unscaled. The pruned model computes what the masked
+        model computed in eval mode. Parameters are replaced by Torch-Pruning: build a new
+        optimizer afterwards.
+        """
+        if self.pruned:
+            warnings.warn("SPPPruner.step() was already called; nothing left to prune", stacklevel=2)
+            return iter(()) if interactive else None
+        if not self.finished:
+            done = sum(t.state.finished for t in self._tracked)
+            warnings.warn(f"SPPPruner.step() before every group reached its target ({done} of "
+                          f"{len(self._tracked)} groups done); pruning only the channels already at "
+                          "p = 1 (keep calling update() after optimizer.step() until pruner.finished)",
+                          stacklevel=2)
+        return super().step(interactive=interactive)
+
+    def _close(self) -> None:
+        for t in self._tracked:
+            if not t.state.closed:
+                t.state.finish()  # an early stop keeps the survivors as they are
+        self._zero_removed()
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._train_masks.clear()
+        self._alive_masks.clear()
+        self.pruned = True
+
+    def _prune(self):
+        if self.pruned:
+            return
+        plan = []
+        for t in self._tracked:
+            dead = t.state.removed.nonzero().flatten().tolist()
+            if dead:
+                idxs = sorted(e + g * t.size for g in range(t.ch_groups) for e in dead)
+                plan.append((t, idxs))
+        self._close()
+        for t, idxs in plan:
+            pruning_group = self.DG.get_pruning_group(t.root, t.handler, idxs)
+            if self.DG.check_pruning_group(pruning_group):
+                yield pruning_group
+            else:
+                warnings.warn(f"{t.name}: Torch-Pruning refuses to remove {len(idxs)} channels (a "
+                              "coupled layer would be emptied); they stay, zeroed", stacklevel=2)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> Dict[str, Any]:
+        """Probabilities, removed flags, current masks, counters and the generator state."""
+        return {"steps": self.steps, "pruned": self.pruned, "generator": self.generator.get_state(),
+                "config": {"interval": self.interval, "A": self.A, "u": self.u, "seed": self.seed},
+                "groups": {t.name: t.state.state_dict() for t in self._tracked}}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict`: the next masks and updates are the ones the saved
+        run would have produced (load the model's own ``state_dict`` as well)."""
+        if self.pruned:
+            raise RuntimeError("SPPPruner.load_state_dict() after step(): build a new SPPPruner")
+        if state.get("pruned"):
+            raise ValueError("this SPPPruner state was saved after step(): its channels are removed; "
+                             "load the pruned model instead")
+        groups = state["groups"]
+        mine = {t.name for t in self._tracked}
+        if set(groups) != mine:
+            missing, extra = sorted(mine - set(groups)), sorted(set(groups) - mine)
+            raise ValueError(f"SPPPruner state does not match this model's groups (missing: {missing}, "
+                             f"unexpected: {extra})")
+        for t in self._tracked:
+            t.state.load_state_dict(groups[t.name])
+        self.steps = int(state["steps"])
+        self.generator.set_state(state["generator"])
+        self._zero_removed()
+        self._refresh_masks()
