@@ -6,6 +6,7 @@ See :class:`PFGDFPruner` for an example of pruning and speedup.
 """
 
 from .pfgdf import PFGDFPruner
+from .spp import SPPPruner
 from .speedup import apply_masks, dependency_config_list, speedup
 
-__all__ = ["PFGDFPruner", "apply_masks", "dependency_config_list", "speedup"]
+__all__ = ["PFGDFPruner", "SPPPruner", "apply_masks", "dependency_config_list", "speedup"]
