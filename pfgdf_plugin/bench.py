@@ -60,11 +60,13 @@ class BenchConfig:
     work_dir: str = "runs/bench"
     model: ModelSection = field(default_factory=lambda: ModelSection(name="vgg16_bn", width=1.0))
     data: DataSection = field(default_factory=lambda: DataSection(name="fashion_mnist", limit_train=30000))
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2.0, lr=0.05))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3.0, lr=0.02))
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2.0, lr=0.01))
     ignored_layers: Optional[List[str]] = None
     entries: List[BenchEntry] = field(default_factory=_default_entries)
     batch_sizes: List[int] = field(default_factory=lambda: [1, 32])
+    threads: List[int] = field(default_factory=lambda: [2, 1])
+    onnxruntime: bool = True
     repeats: int = 30
     warmup: int = 5
     progress: bool = True
@@ -178,15 +180,43 @@ def run_bench(config_path: Optional[str] = None, overrides: Optional[List[str]] 
         rows[entry.label] = {"entry": to_dict(entry), "summary": s, "accuracy_after_prune": acc_pruned,
                              "prune_s": prune_s, "layers": res.layers}
         models[entry.label] = pm
-    print("measuring latency (all models interleaved)", flush=True)
-    lat = measure.measure_latency(models, tuple(example.shape[1:]), cfg.batch_sizes, warmup=cfg.warmup,
-                                  repeats=cfg.repeats)
+    lat = _latencies(models, example, cfg)
     results = {"config": to_dict(cfg), "command": "pfgdf-plugin bench " + " ".join(sys.argv[2:]),
                "dense": dense, "rows": rows, "latency": lat, "threads": torch.get_num_threads(),
                "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
                "data_sizes": [len(spec.train), len(spec.test)], "minutes": (time.perf_counter() - t0) / 60}
     _write(results, out_dir, cfg)
     return results
+
+
+def _latencies(models: Dict[str, nn.Module], example: torch.Tensor, cfg: BenchConfig) -> Dict[str, Any]:
+    """``{engine/threads: measure_latency(...)}`` for PyTorch and, when installed, ONNX Runtime."""
+    engines: Dict[str, Dict[str, nn.Module]] = {}
+    onnx_dir = os.path.join(cfg.work_dir, "onnx")
+    ort_ok = cfg.onnxruntime
+    if ort_ok:
+        try:
+            import onnxruntime  # noqa: F401
+
+            os.makedirs(onnx_dir, exist_ok=True)
+            paths = {}
+            for i, (label, mdl) in enumerate(models.items()):
+                paths[label] = os.path.join(onnx_dir, f"model{i}.onnx")
+                measure.export_onnx(mdl, example, paths[label])
+        except Exception as e:  # a missing or failing exporter costs the ORT rows only
+            print(f"ONNX Runtime latency skipped: {type(e).__name__}: {e}", flush=True)
+            ort_ok = False
+    out = {}
+    shape = tuple(example.shape[1:])
+    for th in cfg.threads:
+        engines = {f"PyTorch, {th} thread(s)": models}
+        if ort_ok:
+            engines[f"ONNX Runtime, {th} thread(s)"] = {k: measure.OnnxRuntimeModel(p, th) for k, p in paths.items()}
+        for engine, mods in engines.items():
+            print(f"measuring latency: {engine} (all models interleaved)", flush=True)
+            out[engine] = measure.measure_latency(mods, shape, cfg.batch_sizes, warmup=cfg.warmup,
+                                                  repeats=cfg.repeats, threads=th)
+    return out
 
 
 def _write(results: Dict[str, Any], out_dir: str, cfg: BenchConfig) -> None:
@@ -198,19 +228,23 @@ def _write(results: Dict[str, Any], out_dir: str, cfg: BenchConfig) -> None:
         json.dump(results, f, indent=1, default=float)
     dense, lat = results["dense"], results["latency"]
     header = ["method", "filters pruned", "params removed", "MACs", "acc. dense", "acc. pruned",
-              "acc. fine-tuned", "change"] + [f"latency b{b} (speedup)" for b in cfg.batch_sizes]
+              "acc. fine-tuned", "change"]
     table = []
     for label, r in results["rows"].items():
         s = r["summary"]
-        row = [label, f"{100 * (1 - s['filters'] / dense['filters']):.1f}%",
-               f"{100 * (1 - s['params'] / dense['params']):.1f}%",
-               f"{fmt_count(s['macs'])} ({dense['macs'] / s['macs']:.1f}x fewer)",
-               f"{100 * dense['accuracy']:.2f}", f"{100 * r['accuracy_after_prune']:.2f}",
-               f"{100 * s['accuracy']:.2f}", f"{100 * (s['accuracy'] - dense['accuracy']):+.2f} pts"]
+        table.append([label, f"{100 * (1 - s['filters'] / dense['filters']):.1f}%",
+                      f"{100 * (1 - s['params'] / dense['params']):.1f}%",
+                      f"{fmt_count(s['macs'])} ({dense['macs'] / s['macs']:.1f}x fewer)",
+                      f"{100 * dense['accuracy']:.2f}", f"{100 * r['accuracy_after_prune']:.2f}",
+                      f"{100 * s['accuracy']:.2f}", f"{100 * (s['accuracy'] - dense['accuracy']):+.2f} pts"])
+    lat_header = ["engine", "batch", "dense (ms)"] + list(results["rows"])
+    lat_rows = []
+    for engine, res in lat.items():
         for b in cfg.batch_sizes:
-            dl, pl = lat["dense"][b]["median_ms"], lat[label][b]["median_ms"]
-            row.append(f"{pl:.2f} ms ({dl / pl:.2f}x)")
-        table.append(row)
+            dl = res["dense"][b]["median_ms"]
+            lat_rows.append([engine, str(b), f"{dl:.2f}"] + [
+                f"{res[label][b]['median_ms']:.2f} ({dl / res[label][b]['median_ms']:.2f}x)"
+                for label in results["rows"]])
     first = next(iter(results["rows"].values()))
     plot = plot_filters(dense["filters_per_layer"], first["summary"]["filters_per_layer"],
                         os.path.join(bench_dir, f"{cfg.name}_filters.png"), f"{next(iter(results['rows']))}")
@@ -227,10 +261,12 @@ def _write(results: Dict[str, Any], out_dir: str, cfg: BenchConfig) -> None:
         f"- Dense training: {cfg.train.epochs:g} epochs ({cfg.train.optimizer}, lr {cfg.train.lr:g}, "
         f"{cfg.train.schedule}). Every pruned model: {cfg.finetune.epochs:g} fine-tuning epochs "
         f"(lr {cfg.finetune.lr:g}).",
-        f"- Latency: median of {cfg.repeats} runs after {cfg.warmup} warm-up runs, CPU, "
-        f"{results['threads']} threads, all models interleaved in one process; {results['machine']}.",
+        f"- Latency: median of {cfg.repeats} runs after {cfg.warmup} warm-up runs on the CPU, every model "
+        f"interleaved in one process, per engine and thread count; {results['machine']}.",
         f"- Command: `{results['command'].strip()}` ({results['minutes']:.0f} minutes).", "",
         markdown_table(header, table), "",
+        "CPU latency, median ms (speedup over dense):", "",
+        markdown_table(lat_header, lat_rows), "",
         f"![filters per layer](bench/{os.path.basename(plot)})", "",
     ]
     with open(os.path.join(out_dir, "benchmarks.md"), "w", encoding="utf-8") as f:

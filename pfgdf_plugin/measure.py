@@ -304,3 +304,36 @@ def summarize(model: nn.Module, example_inputs: Any) -> Dict[str, Any]:
         "filters": conv_filters,
         "filters_per_layer": filters_per_layer(model),
     }
+
+
+class OnnxRuntimeModel(nn.Module):
+    """An ONNX Runtime CPU session behind the ``nn.Module`` call interface.
+
+    Lets :func:`measure_latency` time ONNX Runtime and PyTorch models side by side.
+
+    Args:
+        path: the ``.onnx`` file (input named ``input``).
+        threads: ONNX Runtime intra-op threads (None: its default).
+    """
+
+    def __init__(self, path: str, threads: Optional[int] = None) -> None:
+        super().__init__()
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if threads is not None:
+            opts.intra_op_num_threads = int(threads)
+        self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {self.input_name: x.numpy()})[0])
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, path: str) -> None:
+    """Export ``model`` (a copy, in eval mode) with a dynamic batch dimension."""
+    import copy
+
+    net = copy.deepcopy(model).eval()
+    torch.onnx.export(net, (example,), path, input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)

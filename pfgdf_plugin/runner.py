@@ -7,7 +7,6 @@ suffix), and the input checkpoint is only ever read.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
@@ -69,22 +68,17 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str) -> Dic
         import onnx  # noqa: F401
     except ImportError:
         return {"status": "skipped: onnx is not installed (pip install 'pfgdf-plugin[export]')"}
-    model = copy.deepcopy(model).eval()
     try:
-        torch.onnx.export(model, (example,), path, input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+        measure.export_onnx(model, example, path)
     except Exception as e:  # export is a report stage: record, never lose the run
         return {"status": f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
     info["status"] = "ok"
     try:
-        import onnxruntime as ort
+        ort_model = measure.OnnxRuntimeModel(path)
     except ImportError:
         return info
-    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     with torch.no_grad():
-        ref = model(example).numpy()
-    got = sess.run(None, {"input": example.numpy()})[0]
-    info["max_abs_diff"] = float(abs(ref - got).max())
+        info["max_abs_diff"] = float((model.eval()(example) - ort_model(example)).abs().max())
     return info
 
 

@@ -26,7 +26,7 @@ import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from functools import reduce
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 from nni.compression.base.compressor import Compressor, Pruner
@@ -380,8 +380,6 @@ class SPPPruner(Pruner):
         evaluator.patch_optimizer_step(before_step_tasks=[], after_step_tasks=[self._spp_step])
 
     def _single_compress(self, max_steps: int | None, max_epochs: int | None) -> None:
-        if max_steps is None and max_epochs is None:
-            max_steps = self.training_steps
         self._fusion_compress(max_steps, max_epochs)
 
     def _fuse_preprocess(self, evaluator: Evaluator) -> None:
@@ -397,6 +395,8 @@ class SPPPruner(Pruner):
         The masks are the final ones, ``{module_name: {target_name: mask}}``. The model stays
         wrapped; call :meth:`unwrap_model` before :func:`pfgdf_plugin.nni.speedup`.
         """
+        if max_steps is None and max_epochs is None:
+            max_steps = self.training_steps
         return super().compress(max_steps, max_epochs)
 
     # ------------------------------------------------------------------ queries
