@@ -34,12 +34,22 @@ class PruneResult:
 
 
 @dataclass
+class PruneContext:
+    """What training-aware methods need beyond the model: data and optimiser settings."""
+
+    train_loader: Any = None
+    train_cfg: Any = None  # a pfgdf_plugin.train.TrainConfig for the pruning-phase training
+    device: str = "cpu"
+    progress: bool = False
+
+
+@dataclass
 class Method:
     """A registered pruning method.
 
     ``params`` maps each accepted ``prune.params`` key to ``(type, default)``; ``check`` returns
     error strings for bad values; ``run`` maps a framework name to its function
-    ``f(model, example_inputs, params, ratio, ignored_layers) -> PruneResult``.
+    ``f(model, example_inputs, params, ratio, ignored_layers, ctx) -> PruneResult``.
     """
 
     name: str
@@ -126,7 +136,7 @@ _widths = filters_per_layer
 
 
 # ----------------------------------------------------------------------------- Torch-Pruning
-def _tp_pfgdf(model, example_inputs, params, ratio, ignored):
+def _tp_pfgdf(model, example_inputs, params, ratio, ignored, ctx):
     from .torch_pruning import GaussianImportance, PFGDFPruner
     import torch_pruning as tp
 
@@ -149,15 +159,60 @@ def _tp_pfgdf(model, example_inputs, params, ratio, ignored):
 
 
 def _tp_builtin(importance_factory):
-    def run(model, example_inputs, params, ratio, ignored, ratio_dict=None):
+    def run(model, example_inputs, params, ratio, ignored, ctx):
         import torch_pruning as tp
 
         before = _widths(model)
-        tp.pruner.MetaPruner(model, example_inputs, importance=importance_factory(), pruning_ratio=ratio or 0.0,
-                             pruning_ratio_dict=ratio_dict, ignored_layers=ignored).step()
+        tp.pruner.MetaPruner(model, example_inputs, importance=importance_factory(), pruning_ratio=ratio,
+                             ignored_layers=ignored).step()
         return PruneResult(model, _channel_report(before, model))
 
     return run
+
+
+def _spp_history(probabilities: Dict[str, torch.Tensor], history: Dict[str, list], every: int, step: int) -> None:
+    if step % every == 0:
+        for name, p in probabilities.items():
+            history.setdefault(name, []).append(p.detach().float().cpu().tolist())
+
+
+def _tp_spp(model, example_inputs, params, ratio, ignored, ctx):
+    """SPP through Torch-Pruning: train with probabilistic masks until every group reaches its
+    target (or ``max_epochs`` runs out), then remove the zeroed channels."""
+    import dataclasses
+    import warnings
+
+    from .torch_pruning import SPPPruner
+    from .train import TrainConfig, train
+
+    if ctx.train_loader is None:
+        raise ValueError("method 'spp' prunes while training: it needs training data")
+    before = _widths(model)
+    pruner = SPPPruner(model, example_inputs, pruning_ratio=ratio, interval=params["interval"], A=params["A"],
+                       u=params["u"], seed=params["seed"], ignored_layers=ignored)
+    budget = params["max_epochs"] * len(ctx.train_loader)
+    every = max(1, int(budget) // 200)  # at most ~200 snapshots for the heat map
+    history: Dict[str, list] = {}
+
+    def on_step(step: int, loss: float) -> bool:
+        pruner.update()
+        _spp_history(pruner.probabilities(), history, every, step)
+        return pruner.finished
+
+    cfg = dataclasses.replace(ctx.train_cfg or TrainConfig(lr=0.01), epochs=params["max_epochs"])
+    stats = train(model, ctx.train_loader, cfg, device=ctx.device, desc="spp (pruning)", progress=ctx.progress,
+                  on_step=on_step)
+    finished = pruner.finished
+    if not finished:
+        warnings.warn(f"SPP did not reach its targets within prune.params.max_epochs={params['max_epochs']}: "
+                      "only channels at p = 1 are removed (raise max_epochs or A, or lower interval)", stacklevel=2)
+    model.cpu().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner.step()
+    return PruneResult(model, _channel_report(before, model),
+                       extra={"spp_history": history, "spp_history_every": every, "spp_steps": stats["steps"],
+                              "spp_finished": finished})
 
 
 # ----------------------------------------------------------------------------- NNI
@@ -182,7 +237,7 @@ def _nni_finish(model, masks, example_inputs, config, before):
     return PruneResult(model, _channel_report(before, model))
 
 
-def _nni_pfgdf(model, example_inputs, params, ratio, ignored):
+def _nni_pfgdf(model, example_inputs, params, ratio, ignored, ctx):
     from .nni import PFGDFPruner
 
     before = _widths(model)
@@ -201,7 +256,7 @@ def _nni_pfgdf(model, example_inputs, params, ratio, ignored):
 
 
 def _nni_builtin(cls_name: str):
-    def run(model, example_inputs, params, ratio, ignored):
+    def run(model, example_inputs, params, ratio, ignored, ctx):
         import nni.compression.pruning as nni_pruning
 
         before = _widths(model)
@@ -244,6 +299,24 @@ METHODS.register("pfgdf")(Method(
     params={"k": (float, 1.0), "statistic": (str, "mean"), "mode": (str, "band"), "min_channels": (int, 1),
             "tail_threshold": (float, None), "group_reduction": (str, "mean")},
     run={"torch_pruning": _tp_pfgdf, "nni": _nni_pfgdf}, check=_check_pfgdf))
+def _check_spp(p: Dict[str, Any]) -> List[str]:
+    from .methods import spp
+
+    errors = []
+    try:
+        spp.check_params(0.5, p["interval"], p["A"], p["u"])
+    except ValueError as e:
+        errors.append(str(e))
+    if p["max_epochs"] <= 0:
+        errors.append(f"max_epochs must be > 0, got {p['max_epochs']!r}")
+    return errors
+
+
+METHODS.register("spp")(Method(
+    "spp", "structured probabilistic pruning: channel probabilities rise or fall with their rank during training",
+    params={"interval": (int, 10), "A": (float, 0.05), "u": (float, 0.25), "seed": (int, 0),
+            "max_epochs": (float, 2.0)},
+    run={"torch_pruning": _tp_spp}, needs_ratio=True, check=_check_spp))
 METHODS.register("l1")(Method(
     "l1", "built-in L1-norm filter pruning (Torch-Pruning MagnitudeImportance(p=1) / NNI L1NormPruner)",
     params={}, run={"torch_pruning": _tp_builtin(_magnitude(1)), "nni": _nni_builtin("L1NormPruner")},
@@ -262,7 +335,8 @@ METHODS.register("random")(Method(
 
 def prune(model: nn.Module, example_inputs: torch.Tensor, method: str, framework: str = "torch_pruning",
           params: Optional[Dict[str, Any]] = None, ratio: Optional[float] = None,
-          ignored_layers: Optional[List[str]] = None, inplace: bool = False) -> PruneResult:
+          ignored_layers: Optional[List[str]] = None, inplace: bool = False,
+          ctx: Optional[PruneContext] = None) -> PruneResult:
     """Prune ``model`` (a copy unless ``inplace``) with a registered method.
 
     Example:
@@ -282,7 +356,8 @@ def prune(model: nn.Module, example_inputs: torch.Tensor, method: str, framework
     target = model if inplace else copy.deepcopy(model)
     ignored = resolve_layers(target, ignored_layers)
     target.eval()
-    result = m.run[framework](target, example_inputs, resolved_params(m, params), ratio, ignored)
+    result = m.run[framework](target, example_inputs, resolved_params(m, params), ratio, ignored,
+                              ctx or PruneContext())
     result.method, result.framework = method, framework
     result.model.eval()
     return result

@@ -102,6 +102,34 @@ def plot_gaussians(layers: Dict[str, dict], k: float, path: str, mode: str = "ba
     return path
 
 
+def plot_probabilities(history: Dict[str, list], every: int, path: str, max_layers: int = 16) -> str:
+    """SPP: per layer, a heat map of every channel group's pruning probability over training."""
+    items = list(history.items())[:max_layers]
+    cols = min(4, len(items))
+    rows = math.ceil(len(items) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    for ax in axes.flat[len(items):]:
+        ax.axis("off")
+    image = None
+    for ax, (name, snaps) in zip(axes.flat, items):
+        # channels on the y axis, sorted by their final probability so the pruned ones gather on top
+        final = snaps[-1]
+        order = sorted(range(len(final)), key=lambda i: -final[i])
+        grid = [[snap[i] for snap in snaps] for i in order]
+        image = ax.imshow(grid, aspect="auto", cmap="magma", vmin=0.0, vmax=1.0, interpolation="nearest",
+                          extent=(0, len(snaps) * every, len(final), 0))
+        ax.set_title(name, fontsize=8)
+        ax.set_xlabel("iteration", fontsize=7)
+        ax.set_ylabel("channel (by final p)", fontsize=7)
+        ax.tick_params(labelsize=6)
+    if image is not None:
+        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="pruning probability p")
+    fig.suptitle("SPP: pruning probability of every channel group during training", fontsize=10)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_report(out_dir: str, metrics: Dict, plots: List[str]) -> str:
     """Write ``report.md`` beside the metrics and plots."""
     b, a = metrics["before"], metrics["after"]

@@ -21,9 +21,9 @@ from . import measure
 from .data import build_dataset, make_loaders
 from .models import build_model
 from .persist import save_pruned
-from .pruning import prune
+from .pruning import PruneContext, prune
 from .recipe import Recipe
-from .report import comparison_rows, plot_filters, plot_gaussians, text_table, write_report
+from .report import comparison_rows, plot_filters, plot_gaussians, plot_probabilities, text_table, write_report
 from .train import atomic_save, seed_everything, train
 
 
@@ -129,7 +129,8 @@ def run_recipe(recipe: Recipe, quiet: bool = False,
     p = recipe.prune
     _log(f"[3/6] prune: {p.method} via {p.framework}", quiet)
     t = time.perf_counter()
-    result = prune(model, example, p.method, p.framework, p.params, p.ratio, p.ignored_layers)
+    ctx = PruneContext(train_loader=train_loader, train_cfg=recipe.finetune, device=recipe.device, progress=progress)
+    result = prune(model, example, p.method, p.framework, p.params, p.ratio, p.ignored_layers, ctx=ctx)
     timings["prune_s"] = time.perf_counter() - t
     pruned = result.model
     after_prune = measure.evaluate(pruned, test_loader, recipe.device, "eval pruned", progress)
@@ -185,6 +186,11 @@ def run_recipe(recipe: Recipe, quiet: bool = False,
                                result.extra.get("statistic", "mean"))
             if g:
                 plots.append(g)
+        if result.extra.get("spp_history"):
+            plots.append(plot_probabilities(result.extra["spp_history"], result.extra["spp_history_every"],
+                                            os.path.join(stage, "spp_probabilities.png")))
+    if "spp_steps" in result.extra:
+        metrics["spp"] = {"steps": result.extra["spp_steps"], "finished": result.extra["spp_finished"]}
     timings["total_s"] = time.perf_counter() - t0
     metrics["timings"] = timings
     with open(os.path.join(stage, "metrics.json"), "w", encoding="utf-8") as f:

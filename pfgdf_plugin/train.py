@@ -105,7 +105,8 @@ def train(model: nn.Module, loader, cfg: TrainConfig, device: str = "cpu", desc:
         loader: training batches ``(x, y)``.
         cfg: optimiser, schedule and distillation settings.
         teacher: optional model distilled from (``cfg.distill_weight`` > 0).
-        on_step: called as ``on_step(step, loss)`` after every optimiser step.
+        on_step: called as ``on_step(step, loss)`` after every optimiser step; a true return
+            value ends training there.
         on_epoch: called with the epoch index after each full epoch.
 
     Example:
@@ -154,9 +155,9 @@ def train(model: nn.Module, loader, cfg: TrainConfig, device: str = "cpu", desc:
             running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
             bar.set_postfix(loss=f"{running:.3f}")
             bar.update(1)
-            if on_step is not None:
-                on_step(step, loss.item())
-            if step >= total:
+            stop = on_step(step, loss.item()) if on_step is not None else False
+            if step >= total or stop:
+                total = step
                 break
         else:
             if on_epoch is not None:
