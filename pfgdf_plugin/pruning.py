@@ -255,6 +255,56 @@ def _nni_pfgdf(model, example_inputs, params, ratio, ignored, ctx):
     return result
 
 
+def _nni_spp(model, example_inputs, params, ratio, ignored, ctx):
+    """SPP through NNI: a training-aware pruner driven by a TorchEvaluator over the recipe's data."""
+    import dataclasses
+
+    import nni
+    import torch.nn.functional as F
+    from nni.compression.utils import TorchEvaluator
+
+    from .nni import SPPPruner
+    from .train import TrainConfig, train
+
+    if ctx.train_loader is None:
+        raise ValueError("method 'spp' prunes while training: it needs training data")
+    before = _widths(model)
+    cfg = dataclasses.replace(ctx.train_cfg or TrainConfig(lr=0.01), epochs=params["max_epochs"])
+    steps = max(1, int(round(cfg.epochs * len(ctx.train_loader))))
+    every = max(1, steps // 200)
+    history: Dict[str, list] = {}
+    holder: Dict[str, Any] = {}
+
+    def training_step(batch, net):
+        x, y = batch
+        return F.cross_entropy(net(x.to(ctx.device)), y.to(ctx.device))
+
+    def training_func(net, optimizers, training_step, lr_schedulers=None, max_steps=None, max_epochs=None):
+        pruner = holder["pruner"]
+
+        def on_step(step: int, loss: float) -> bool:
+            _spp_history(pruner.probabilities(), history, every, step)
+            return pruner.stopped or (max_steps is not None and step >= max_steps)
+
+        train(net, ctx.train_loader, cfg, device=ctx.device, desc="spp (pruning, NNI)", progress=ctx.progress,
+              on_step=on_step, optimizer=optimizers)
+
+    optimizer = nni.trace(torch.optim.SGD)(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                           weight_decay=cfg.weight_decay)
+    evaluator = TorchEvaluator(training_func, optimizer, training_step)
+    config = _nni_config(model, example_inputs, ignored, ratio)
+    pruner = SPPPruner(model, config, evaluator, training_steps=steps, interval=params["interval"], A=params["A"],
+                       u=params["u"], seed=params["seed"])
+    holder["pruner"] = pruner
+    _, masks = pruner.compress()
+    finished = pruner.finished
+    pruner.unwrap_model()
+    result = _nni_finish(model.cpu(), masks, example_inputs, config, before)
+    result.extra.update({"spp_history": history, "spp_history_every": every, "spp_steps": pruner.steps,
+                         "spp_finished": finished})
+    return result
+
+
 def _nni_builtin(cls_name: str):
     def run(model, example_inputs, params, ratio, ignored, ctx):
         import nni.compression.pruning as nni_pruning
@@ -316,7 +366,7 @@ METHODS.register("spp")(Method(
     "spp", "structured probabilistic pruning: channel probabilities rise or fall with their rank during training",
     params={"interval": (int, 10), "A": (float, 0.05), "u": (float, 0.25), "seed": (int, 0),
             "max_epochs": (float, 2.0)},
-    run={"torch_pruning": _tp_spp}, needs_ratio=True, check=_check_spp))
+    run={"torch_pruning": _tp_spp, "nni": _nni_spp}, needs_ratio=True, check=_check_spp))
 METHODS.register("l1")(Method(
     "l1", "built-in L1-norm filter pruning (Torch-Pruning MagnitudeImportance(p=1) / NNI L1NormPruner)",
     params={}, run={"torch_pruning": _tp_builtin(_magnitude(1)), "nni": _nni_builtin("L1NormPruner")},

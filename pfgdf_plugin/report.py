@@ -107,7 +107,7 @@ def plot_probabilities(history: Dict[str, list], every: int, path: str, max_laye
     items = list(history.items())[:max_layers]
     cols = min(4, len(items))
     rows = math.ceil(len(items) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.8 * rows), squeeze=False, layout="constrained")
     for ax in axes.flat[len(items):]:
         ax.axis("off")
     image = None

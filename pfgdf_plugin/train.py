@@ -97,7 +97,8 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: in
 def train(model: nn.Module, loader, cfg: TrainConfig, device: str = "cpu", desc: str = "train",
           teacher: Optional[nn.Module] = None, progress: bool = True,
           on_step: Optional[Callable[[int, float], None]] = None,
-          on_epoch: Optional[Callable[[int], None]] = None) -> Dict[str, float]:
+          on_epoch: Optional[Callable[[int], None]] = None,
+          optimizer: Optional[torch.optim.Optimizer] = None) -> Dict[str, float]:
     """Train ``model`` in place for ``cfg.epochs`` epochs (fractions allowed) and return stats.
 
     Args:
@@ -108,6 +109,8 @@ def train(model: nn.Module, loader, cfg: TrainConfig, device: str = "cpu", desc:
         on_step: called as ``on_step(step, loss)`` after every optimiser step; a true return
             value ends training there.
         on_epoch: called with the epoch index after each full epoch.
+        optimizer: use this optimiser (e.g. one an NNI evaluator patched) instead of building one
+            from ``cfg``; the schedule still follows ``cfg``.
 
     Example:
         >>> import torch
@@ -129,7 +132,7 @@ def train(model: nn.Module, loader, cfg: TrainConfig, device: str = "cpu", desc:
     model.to(device).train()
     if teacher is not None:
         teacher.to(device).eval()
-    opt = make_optimizer(model, cfg)
+    opt = optimizer if optimizer is not None else make_optimizer(model, cfg)
     sched = make_scheduler(opt, cfg, total)
     step, running = 0, None
     bar = tqdm(total=total, desc=desc, leave=False, disable=not progress, unit="step")
