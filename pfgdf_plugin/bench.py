@@ -27,7 +27,7 @@ from . import measure
 from .config import ConfigError, from_dict, load_yaml, set_by_path, to_dict
 from .data import build_dataset, make_loaders
 from .models import build_model
-from .pruning import METHODS, prune, resolve_layers
+from .pruning import METHODS, PruneContext, prune, resolve_layers
 from .recipe import DataSection, ModelSection
 from .report import fmt_count, markdown_table
 from .train import TrainConfig, atomic_save, seed_everything, train
@@ -169,7 +169,9 @@ def run_bench(config_path: Optional[str] = None, overrides: Optional[List[str]] 
             res = _prune_same_ratios(copy.deepcopy(model).eval(), example, entry,
                                      rows[entry.ratios_from]["layers"], cfg.ignored_layers)
         else:
-            res = prune(model, example, entry.method, entry.framework, entry.params, entry.ratio, cfg.ignored_layers)
+            ctx = PruneContext(train_loader=train_loader, train_cfg=cfg.finetune, progress=cfg.progress)
+            res = prune(model, example, entry.method, entry.framework, entry.params, entry.ratio, cfg.ignored_layers,
+                        ctx=ctx)
         prune_s = time.perf_counter() - t
         pm = res.model
         acc_pruned = measure.evaluate(pm, test_loader, progress=cfg.progress, desc="eval pruned")["accuracy"]
@@ -269,6 +271,22 @@ def _write(results: Dict[str, Any], out_dir: str, cfg: BenchConfig) -> None:
         markdown_table(lat_header, lat_rows), "",
         f"![filters per layer](bench/{os.path.basename(plot)})", "",
     ]
-    with open(os.path.join(out_dir, "benchmarks.md"), "w", encoding="utf-8") as f:
-        f.write("\n".join(lines))
+    with open(os.path.join(bench_dir, f"{cfg.name}.md"), "w", encoding="utf-8") as f:
+        f.write("\n".join(lines[4:]))
+    _assemble(out_dir)
     print("\n".join(lines[6:]), flush=True)
+
+
+def _assemble(out_dir: str) -> None:
+    """``benchmarks.md`` = the header plus every bench's section (``bench/<name>.md``), by name."""
+    bench_dir = os.path.join(out_dir, "bench")
+    parts = ["# Benchmarks", "",
+             "Made by `pfgdf-plugin bench [--config FILE]`; each run rewrites its own section "
+             "(`bench/<name>.md`, raw numbers in `bench/<name>.json`) and this page is assembled from them.",
+             ""]
+    for fname in sorted(os.listdir(bench_dir)):
+        if fname.endswith(".md"):
+            with open(os.path.join(bench_dir, fname), encoding="utf-8") as f:
+                parts += [f.read().rstrip(), ""]
+    with open(os.path.join(out_dir, "benchmarks.md"), "w", encoding="utf-8") as f:
+        f.write("\n".join(parts))

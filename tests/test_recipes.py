@@ -22,13 +22,18 @@ TINY = ["data.name=digits", "data.limit_train=256", "data.limit_test=128", "data
         "train.epochs=1", "finetune.epochs=1", "report.repeats=2", "report.warmup=1", "progress=false"]
 
 
+# training-aware methods get a schedule that finishes within the tiny budget
+TINY_METHOD = {"spp": ["prune.params.A=0.5", "prune.params.interval=1", "prune.params.max_epochs=5"]}
+
+
 def tiny(path, tmp_path, extra=()):
-    return load_recipe(path, TINY + [f"output_dir={tmp_path}"] + list(extra))
+    method = load_recipe(path).prune.method
+    return load_recipe(path, TINY + TINY_METHOD.get(method, []) + [f"output_dir={tmp_path}"] + list(extra))
 
 
 def test_recipes_are_found():
     names = {os.path.basename(p) for p in RECIPES}
-    assert {"pfgdf_vgg16.yaml", "pfgdf_vgg16_nni.yaml"} <= names
+    assert {"pfgdf_vgg16.yaml", "pfgdf_vgg16_nni.yaml", "spp_resnet56.yaml", "spp_resnet56_nni.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=os.path.basename)
@@ -51,6 +56,8 @@ def test_recipe_runs_end_to_end(path, tmp_path):
     assert set(metrics["latency"]) == {"1", "32"}
     if recipe.prune.method == "pfgdf":
         assert os.path.exists(os.path.join(out, "pfgdf_gaussian.png"))
+    if recipe.prune.method == "spp":
+        assert metrics["spp"]["finished"] and os.path.exists(os.path.join(out, "spp_probabilities.png"))
     # the pruned model reloads without unpickling code and computes the same outputs
     blob = torch.load(os.path.join(out, "pruned.pt"), weights_only=True)
     assert "state_dict" in blob

@@ -1,0 +1,41 @@
+"""The bench command on a tiny budget: every entry kind, and the same-ratio comparison."""
+
+import json
+import os
+
+import yaml
+
+from pfgdf_plugin.bench import run_bench
+
+
+def test_bench_compares_at_the_same_per_layer_ratios(tmp_path):
+    cfg = {
+        "name": "tiny", "work_dir": str(tmp_path / "work"), "threads": [1], "repeats": 2, "warmup": 1,
+        "progress": False,
+        "model": {"name": "vgg16_bn", "width": 0.25}, "data": {"name": "digits", "limit_train": 128, "limit_test": 64},
+        "train": {"epochs": 1}, "finetune": {"epochs": 1},
+        "entries": [
+            {"label": "pfgdf", "method": "pfgdf", "params": {"k": 1.0}},
+            {"label": "l1 tp", "method": "l1", "ratios_from": "pfgdf"},
+            {"label": "l1 nni", "method": "l1", "framework": "nni", "ratios_from": "pfgdf"},
+            {"label": "spp", "method": "spp", "ratio": 0.5, "params": {"A": 0.5, "interval": 1, "max_epochs": 5}},
+        ],
+    }
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "docs"
+    res = run_bench(str(path), out_dir=str(out))
+    rows = res["rows"]
+    fpl = {k: r["summary"]["filters_per_layer"] for k, r in rows.items()}
+    assert fpl["pfgdf"] == fpl["l1 tp"] == fpl["l1 nni"]
+    assert rows["spp"]["summary"]["params"] < res["dense"]["params"]
+    md = (out / "benchmarks.md").read_text()
+    assert "## tiny" in md and "| l1 nni |" in md and "ONNX Runtime, 1 thread(s)" in md
+    assert json.load(open(out / "bench" / "tiny.json"))["rows"].keys() == rows.keys()
+    # a second bench adds its own section and keeps the first
+    cfg2 = dict(cfg, name="other", entries=cfg["entries"][:1])
+    path.write_text(yaml.safe_dump(cfg2))
+    run_bench(str(path), out_dir=str(out))
+    md = (out / "benchmarks.md").read_text()
+    assert "## tiny" in md and "## other" in md
+    assert os.path.exists(out / "bench" / "other_filters.png")
