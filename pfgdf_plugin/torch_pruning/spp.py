@@ -151,6 +151,17 @@ def _along(vec: torch.Tensor, like: torch.Tensor, dim: int) -> torch.Tensor:
     return vec.to(like.device, like.dtype).view(shape)
 
 
+def _share_generator_state(generator: torch.Generator) -> None:
+    """Under torch.distributed, every rank takes rank 0's generator state: one mask everywhere,
+    even if the ranks were given different seeds."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        state = [generator.get_state()]
+        dist.broadcast_object_list(state, src=0)
+        generator.set_state(state[0])
+
+
 class SPPPruner(tp.pruner.BasePruner):
     """Structured probabilistic pruning during training, then structural removal.
 
@@ -255,6 +266,7 @@ class SPPPruner(tp.pruner.BasePruner):
         self.interval, self.A, self.u = int(interval), float(A), float(u)
         self.rounding, self.rescale_survivors, self.seed = rounding, bool(rescale_survivors), seed
         self.generator = torch.Generator().manual_seed(seed)
+        _share_generator_state(self.generator)
         self.steps = 0
         self.pruned = False
         self._tracked: List[_Tracked] = []
