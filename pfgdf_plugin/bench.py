@@ -109,9 +109,9 @@ def _ratio_dict(model: nn.Module, layers: Dict[str, dict]) -> Dict[nn.Module, fl
 
 def _prune_same_ratios(model, example, entry: BenchEntry, layers, ignored_names):
     """Prune ``model`` with ``entry``'s criterion at the per-layer counts in ``layers``."""
-    from .pruning import PruneResult, _channel_report, _widths
+    from .pruning import PruneResult, _channel_report
 
-    before = _widths(model)
+    before = measure.filters_per_layer(model)
     ignored = resolve_layers(model, ignored_names)
     if entry.framework == "torch_pruning":
         import torch_pruning as tp

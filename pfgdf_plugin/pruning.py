@@ -127,12 +127,10 @@ def _names(model: nn.Module) -> Dict[nn.Module, str]:
 
 
 def _channel_report(before: Dict[str, int], after: nn.Module) -> Dict[str, dict]:
-    now = _widths(after)
+    now = filters_per_layer(after)
     return {n: {"channels": c, "pruned": c - now.get(n, c), "ratio": (c - now.get(n, c)) / c}
             for n, c in before.items()}
 
-
-_widths = filters_per_layer
 
 
 # ----------------------------------------------------------------------------- Torch-Pruning
@@ -140,7 +138,7 @@ def _tp_pfgdf(model, example_inputs, params, ratio, ignored, ctx):
     from .torch_pruning import GaussianImportance, PFGDFPruner
     import torch_pruning as tp
 
-    before = _widths(model)
+    before = filters_per_layer(model)
     p = dict(params)
     if ratio is not None:  # fixed ratio, ranked by the Gaussian score
         imp = GaussianImportance(k=p["k"], statistic=p["statistic"], mode=p["mode"],
@@ -162,7 +160,7 @@ def _tp_builtin(importance_factory):
     def run(model, example_inputs, params, ratio, ignored, ctx):
         import torch_pruning as tp
 
-        before = _widths(model)
+        before = filters_per_layer(model)
         tp.pruner.MetaPruner(model, example_inputs, importance=importance_factory(), pruning_ratio=ratio,
                              ignored_layers=ignored).step()
         return PruneResult(model, _channel_report(before, model))
@@ -187,7 +185,7 @@ def _tp_spp(model, example_inputs, params, ratio, ignored, ctx):
 
     if ctx.train_loader is None:
         raise ValueError("method 'spp' prunes while training: it needs training data")
-    before = _widths(model)
+    before = filters_per_layer(model)
     pruner = SPPPruner(model, example_inputs, pruning_ratio=ratio, interval=params["interval"], A=params["A"],
                        u=params["u"], seed=params["seed"], ignored_layers=ignored)
     budget = params["max_epochs"] * len(ctx.train_loader)
@@ -240,7 +238,7 @@ def _nni_finish(model, masks, example_inputs, config, before):
 def _nni_pfgdf(model, example_inputs, params, ratio, ignored, ctx):
     from .nni import PFGDFPruner
 
-    before = _widths(model)
+    before = filters_per_layer(model)
     p = dict(params)
     p.pop("group_reduction", None)
     config = _nni_config(model, example_inputs, ignored, ratio)
@@ -268,7 +266,7 @@ def _nni_spp(model, example_inputs, params, ratio, ignored, ctx):
 
     if ctx.train_loader is None:
         raise ValueError("method 'spp' prunes while training: it needs training data")
-    before = _widths(model)
+    before = filters_per_layer(model)
     cfg = dataclasses.replace(ctx.train_cfg or TrainConfig(lr=0.01), epochs=params["max_epochs"])
     steps = max(1, int(round(cfg.epochs * len(ctx.train_loader))))
     every = max(1, steps // 200)
@@ -309,7 +307,7 @@ def _nni_builtin(cls_name: str):
     def run(model, example_inputs, params, ratio, ignored, ctx):
         import nni.compression.pruning as nni_pruning
 
-        before = _widths(model)
+        before = filters_per_layer(model)
         config = _nni_config(model, example_inputs, ignored, ratio)
         pruner = getattr(nni_pruning, cls_name)(model, config)
         _, masks = pruner.compress()
