@@ -26,7 +26,6 @@ layers lose the same channels and :func:`pfgdf_plugin.nni.speedup` can remove th
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 from collections import defaultdict
@@ -42,40 +41,17 @@ from nni.compression.pruning.tools.sparse_gen import _expand_masks, _generate_al
 from nni.compression.utils.evaluator import Evaluator
 
 from ..methods import pfgdf
+from ._config import copy_config
 
 _DATA = Dict[str, Dict[str, torch.Tensor]]
 
 # PFGDF's own knobs: NNI's config schema rejects unknown keys, so they are constructor arguments.
 _KNOBS = ("k", "statistic", "mode", "min_channels", "tail_threshold")
-# Ratio-like config values NNI's schema wants as float (it rejects the int 1 for ``sparse_ratio``).
-_FLOAT_KEYS = ("sparse_ratio", "sparse_threshold", "max_sparse_ratio", "min_sparse_ratio",
-               "sparsity", "sparsity_per_layer", "total_sparsity", "max_sparsity_per_layer")
 
 
 def _float_ratios(config_list: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """A deep copy of ``config_list`` with int ratios cast to float; PFGDF knobs refused."""
-    if not isinstance(config_list, (list, tuple)):
-        raise TypeError(f"config_list must be a list of dicts, got {type(config_list).__name__}")
-    out = copy.deepcopy(list(config_list))
-
-    def cast(d: Dict[str, Any]) -> None:
-        for key in _FLOAT_KEYS:
-            if isinstance(d.get(key), int) and not isinstance(d.get(key), bool):
-                d[key] = float(d[key])
-
-    for i, entry in enumerate(out):
-        if not isinstance(entry, dict):
-            raise TypeError(f"config_list[{i}] must be a dict, got {type(entry).__name__}")
-        knobs = [key for key in _KNOBS if key in entry]
-        if knobs:
-            raise ValueError(f"config_list[{i}] has {', '.join(map(repr, knobs))}: NNI's config schema "
-                             "rejects unknown keys, so PFGDF's knobs are constructor arguments, e.g. "
-                             "PFGDFPruner(model, config_list, k=1.0, statistic='mean')")
-        cast(entry)
-        for setting in (entry.get("target_settings") or {}).values():
-            if isinstance(setting, dict):
-                cast(setting)
-    return out
+    return copy_config(config_list, _KNOBS, "PFGDFPruner(model, config_list, k=1.0, statistic='mean')")
 
 
 def _is_ratio_target(ts: PruningTargetSpace) -> bool:

@@ -20,7 +20,6 @@ unmasked weights.
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 from collections import defaultdict
@@ -38,34 +37,17 @@ from nni.compression.pruning.tools.sparse_gen import _expand_masks, _generate_al
 from nni.compression.utils.evaluator import Evaluator
 
 from ..methods import spp
+from ._config import copy_config, settings
 
 _DATA = Dict[str, Dict[str, torch.Tensor]]
 
-# Ratio-like config values NNI's schema wants as float (it rejects the int 1 for ``sparse_ratio``).
-_FLOAT_KEYS = ("sparse_ratio", "max_sparse_ratio", "min_sparse_ratio", "sparsity", "sparsity_per_layer",
-               "total_sparsity", "max_sparsity_per_layer")
 _KNOBS = ("interval", "A", "u", "seed", "training_steps")
 
 
 def _checked_config(config_list: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """A copy of ``config_list`` in NNI's current format, ratios cast to float and checked for SPP."""
-    if not isinstance(config_list, (list, tuple)):
-        raise TypeError(f"config_list must be a list of dicts, got {type(config_list).__name__}")
-    for i, entry in enumerate(config_list):
-        if not isinstance(entry, dict):
-            raise TypeError(f"config_list[{i}] must be a dict, got {type(entry).__name__}")
-    out = copy.deepcopy(list(config_list))
-
-    def cast(d: Dict[str, Any]) -> None:
-        for key in _FLOAT_KEYS:
-            if isinstance(d.get(key), int) and not isinstance(d.get(key), bool):
-                d[key] = float(d[key])
-
-    for entry in out:
-        cast(entry)
-        for setting in (entry.get("target_settings") or {}).values():
-            if isinstance(setting, dict):
-                cast(setting)
+    out = copy_config(config_list, _KNOBS,
+                      "SPPPruner(model, config_list, evaluator, training_steps, interval=1, A=0.05)")
     excluded = {i for i, entry in enumerate(out) if entry.get("exclude")}
     if any("total_sparsity" in entry for entry in out):
         raise ValueError("config_list has 'total_sparsity': SPP prunes each layer (or dependency group) to its "
@@ -74,14 +56,8 @@ def _checked_config(config_list: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     for i, entry in enumerate(out):
         if i in excluded:
             continue
-        knobs = [key for key in _KNOBS if key in entry]
-        if knobs:
-            raise ValueError(f"config_list[{i}] has {', '.join(map(repr, knobs))}: NNI's config schema rejects "
-                             "unknown keys, so SPP's knobs are constructor arguments, e.g. "
-                             "SPPPruner(model, config_list, evaluator, training_steps, interval=1, A=0.05)")
         for key in ("sparse_threshold", "global_group_id"):
-            settings = [entry] + [s for s in (entry.get("target_settings") or {}).values() if isinstance(s, dict)]
-            if any(key in s for s in settings):
+            if any(key in s for s in settings(entry)):
                 raise ValueError(f"config_list[{i}] has {key!r}: SPP prunes each layer (or dependency group) "
                                  "to its own 'sparse_ratio'; give 'sparse_ratio' instead")
         ratios = [entry["sparse_ratio"]] if "sparse_ratio" in entry else []

@@ -1,0 +1,42 @@
+"""Config-list handling shared by the NNI adapters."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Dict, Iterator, List, Sequence
+
+# Ratio-like values NNI's schema wants as float (it rejects the int 1 for ``sparse_ratio``).
+FLOAT_KEYS = ("sparse_ratio", "sparse_threshold", "max_sparse_ratio", "min_sparse_ratio", "sparsity",
+              "sparsity_per_layer", "total_sparsity", "max_sparsity_per_layer")
+
+
+def settings(entry: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
+    """The entry itself and each dict of its ``target_settings``."""
+    yield entry
+    for setting in (entry.get("target_settings") or {}).values():
+        if isinstance(setting, dict):
+            yield setting
+
+
+def copy_config(config_list: Sequence[Dict[str, Any]], knobs: Sequence[str], usage: str) -> List[Dict[str, Any]]:
+    """A deep copy of ``config_list`` with int ratios cast to float.
+
+    NNI's config schema rejects unknown keys, so a method's own knobs are constructor
+    arguments: an entry holding one of ``knobs`` gets a ``ValueError`` that shows ``usage``.
+    """
+    if not isinstance(config_list, (list, tuple)):
+        raise TypeError(f"config_list must be a list of dicts, got {type(config_list).__name__}")
+    for i, entry in enumerate(config_list):
+        if not isinstance(entry, dict):
+            raise TypeError(f"config_list[{i}] must be a dict, got {type(entry).__name__}")
+        found = [key for key in knobs if key in entry]
+        if found:
+            raise ValueError(f"config_list[{i}] has {', '.join(map(repr, found))}: NNI's config schema "
+                             f"rejects unknown keys, so these are constructor arguments, e.g. {usage}")
+    out = copy.deepcopy(list(config_list))
+    for entry in out:
+        for d in settings(entry):
+            for key in FLOAT_KEYS:
+                if isinstance(d.get(key), int) and not isinstance(d.get(key), bool):
+                    d[key] = float(d[key])
+    return out
