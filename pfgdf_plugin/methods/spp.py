@@ -330,3 +330,13 @@ class SPPState:
             if self.generator is None:
                 self.generator = torch.Generator()
             self.generator.set_state(state["generator"])
+
+
+def load_states(states: Dict[str, "SPPState"], saved: Dict[str, Dict[str, Any]], owner: str = "SPPPruner") -> None:
+    """Load ``saved`` (name -> :meth:`SPPState.state_dict`) into ``states``; names must match."""
+    if set(saved) != set(states):
+        missing, extra = sorted(set(states) - set(saved)), sorted(set(saved) - set(states))
+        raise ValueError(f"{owner} state does not match this pruner's groups (missing: {missing}, "
+                         f"unexpected: {extra})")
+    for name, state in states.items():
+        state.load_state_dict(saved[name])

@@ -37,11 +37,11 @@ from nni.compression.base.compressor import Compressor, Pruner
 from nni.compression.base.target_space import PruningTargetSpace, TargetType
 from nni.compression.base.wrapper import ModuleWrapper
 from nni.compression.pruning.tools import active_sparse_targets_filter, generate_sparsity
-from nni.compression.pruning.tools.sparse_gen import _expand_masks, _generate_align_sparsity
+from nni.compression.pruning.tools.sparse_gen import _expand_masks
 from nni.compression.utils.evaluator import Evaluator
 
 from ..methods import pfgdf
-from ._config import copy_config
+from ._common import copy_config, follow_aligned
 
 _DATA = Dict[str, Dict[str, torch.Tensor]]
 
@@ -258,18 +258,7 @@ class PFGDFPruner(Pruner):
                 masks[module_name][target_name] = expanded[module_name][target_name]
                 rules[(module_name, target_name)] = "band"
 
-        # biases and other aligned targets follow the mask they point to, as in NNI
-        align_ts: Dict[str, Dict[str, PruningTargetSpace]] = defaultdict(dict)
-        for module_name, target_name, ts in self._iter_targets():
-            if ts.align is None or ts.target is None or target_name in masks.get(module_name, {}):
-                continue
-            src = ts.align["module_name"] or module_name
-            if ts.align["target_name"] in masks.get(src, {}):
-                align_ts[module_name][target_name] = ts
-        if align_ts:
-            aligned = _expand_masks(_generate_align_sparsity(masks, align_ts), align_ts)
-            for module_name, module_masks in aligned.items():
-                masks[module_name].update(module_masks)
+        follow_aligned(masks, self._target_spaces)  # biases follow their weights, as in NNI
 
         self._record(masks, rules)
         return masks

@@ -33,11 +33,11 @@ from nni.compression.base.config import trans_legacy_config_list
 from nni.compression.base.target_space import PruningTargetSpace, TargetType
 from nni.compression.base.wrapper import ModuleWrapper
 from nni.compression.pruning.tools import active_sparse_targets_filter, norm_metrics
-from nni.compression.pruning.tools.sparse_gen import _expand_masks, _generate_align_sparsity
+from nni.compression.pruning.tools.sparse_gen import _expand_masks
 from nni.compression.utils.evaluator import Evaluator
 
 from ..methods import spp
-from ._config import copy_config, settings
+from ._common import copy_config, follow_aligned, settings
 
 _DATA = Dict[str, Dict[str, torch.Tensor]]
 
@@ -297,18 +297,7 @@ class SPPPruner(Pruner):
                 masks[module_name][target_name] = keep.to(torch.float32).reshape(shape)
                 spaces[module_name][target_name] = ts
         masks = _expand_masks(masks, spaces)
-        # biases (and any target with ``align``) follow the mask they point to, as in NNI
-        align_ts: Dict[str, Dict[str, PruningTargetSpace]] = defaultdict(dict)
-        for module_name, ts_dict in self._target_spaces.items():
-            for target_name, ts in ts_dict.items():
-                if ts.align is None or ts.target is None or target_name in masks.get(module_name, {}):
-                    continue
-                src = ts.align["module_name"] or module_name
-                if ts.align["target_name"] in masks.get(src, {}):
-                    align_ts[module_name][target_name] = ts
-        if align_ts:
-            for module_name, module_masks in _expand_masks(_generate_align_sparsity(masks, align_ts), align_ts).items():
-                masks[module_name].update(module_masks)
+        follow_aligned(masks, self._target_spaces)  # biases follow their weights, as in NNI
         return masks
 
     def _norms(self, metrics: _DATA, group: _Group) -> torch.Tensor:
@@ -409,14 +398,7 @@ class SPPPruner(Pruner):
 
         Load the model's weights as well; the next draws are the ones the saved run would have made.
         """
-        groups = state["groups"]
-        mine = {g.key for g in self._groups}
-        if set(groups) != mine:
-            missing, extra = sorted(mine - set(groups)), sorted(set(groups) - mine)
-            raise ValueError(f"SPPPruner state does not match this pruner's layers (missing: {missing}, "
-                             f"unexpected: {extra})")
-        for g in self._groups:
-            g.state.load_state_dict(groups[g.key])
+        spp.load_states({g.key: g.state for g in self._groups}, state["groups"])
         self.steps = int(state["steps"])
         self.stopped = bool(state["stopped"])
         self.generator.set_state(state["generator"])

@@ -544,14 +544,7 @@ class SPPPruner(tp.pruner.BasePruner):
         if state.get("pruned"):
             raise ValueError("this SPPPruner state was saved after step(): its channels are removed; "
                              "load the pruned model instead")
-        groups = state["groups"]
-        mine = {t.name for t in self._tracked}
-        if set(groups) != mine:
-            missing, extra = sorted(mine - set(groups)), sorted(set(groups) - mine)
-            raise ValueError(f"SPPPruner state does not match this model's groups (missing: {missing}, "
-                             f"unexpected: {extra})")
-        for t in self._tracked:
-            t.state.load_state_dict(groups[t.name])
+        spp.load_states({t.name: t.state for t in self._tracked}, state["groups"])
         self.steps = int(state["steps"])
         self.generator.set_state(state["generator"])
         self._zero_removed()

@@ -1,4 +1,4 @@
-"""Config-list handling shared by the NNI adapters."""
+"""Config-list and mask helpers shared by the NNI adapters."""
 
 from __future__ import annotations
 
@@ -40,3 +40,22 @@ def copy_config(config_list: Sequence[Dict[str, Any]], knobs: Sequence[str], usa
                 if isinstance(d.get(key), int) and not isinstance(d.get(key), bool):
                     d[key] = float(d[key])
     return out
+
+
+def follow_aligned(masks, target_spaces) -> None:
+    """Give every target with ``align`` (biases, usually) the mask of the target it points to, in place."""
+    from collections import defaultdict
+
+    from nni.compression.pruning.tools.sparse_gen import _expand_masks, _generate_align_sparsity
+
+    align_ts: Dict[str, Dict[str, Any]] = defaultdict(dict)
+    for module_name, ts_dict in target_spaces.items():
+        for target_name, ts in ts_dict.items():
+            if ts.align is None or ts.target is None or target_name in masks.get(module_name, {}):
+                continue
+            src = ts.align["module_name"] or module_name
+            if ts.align["target_name"] in masks.get(src, {}):
+                align_ts[module_name][target_name] = ts
+    if align_ts:
+        for module_name, module_masks in _expand_masks(_generate_align_sparsity(masks, align_ts), align_ts).items():
+            masks[module_name].update(module_masks)
