@@ -191,6 +191,17 @@ def run_bench(config_path: Optional[str] = None, overrides: Optional[List[str]] 
     return results
 
 
+def render(json_path: str, out_dir: str = "docs") -> None:
+    """Rewrite a bench's section of ``benchmarks.md`` from its saved results, measuring nothing."""
+    with open(json_path, encoding="utf-8") as f:
+        results = json.load(f)
+    cfg = from_dict(BenchConfig, results["config"])
+    for engine in results["latency"].values():  # JSON turned the batch-size keys into strings
+        for label in engine:
+            engine[label] = {int(b): v for b, v in engine[label].items()}
+    _write(results, out_dir, cfg)
+
+
 def _latencies(models: Dict[str, nn.Module], example: torch.Tensor, cfg: BenchConfig) -> Dict[str, Any]:
     """``{engine/threads: measure_latency(...)}`` for PyTorch and, when installed, ONNX Runtime."""
     engines: Dict[str, Dict[str, nn.Module]] = {}
@@ -234,8 +245,8 @@ def _write(results: Dict[str, Any], out_dir: str, cfg: BenchConfig) -> None:
     table = []
     for label, r in results["rows"].items():
         s = r["summary"]
-        table.append([label, f"{100 * (1 - s['filters'] / dense['filters']):.1f}%",
-                      f"{100 * (1 - s['params'] / dense['params']):.1f}%",
+        table.append([label, f"{100 * (1 - s['filters'] / dense['filters']):.2f}%",
+                      f"{100 * (1 - s['params'] / dense['params']):.2f}%",
                       f"{fmt_count(s['macs'])} ({dense['macs'] / s['macs']:.1f}x fewer)",
                       f"{100 * dense['accuracy']:.2f}", f"{100 * r['accuracy_after_prune']:.2f}",
                       f"{100 * s['accuracy']:.2f}", f"{100 * (s['accuracy'] - dense['accuracy']):+.2f} pts"])

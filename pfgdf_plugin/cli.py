@@ -22,6 +22,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--config", default=None, help="a bench YAML (default: the built-in PFGDF vs L1 bench)")
     bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     bench.add_argument("--out", default="docs", help="folder for benchmarks.md and plots (default: docs)")
+    bench.add_argument("--render", default=None, metavar="JSON",
+                       help="only rewrite the section of a finished bench from its results JSON")
     sub.add_parser("methods", help="list the registered methods, models and data sets")
     return ap
 
@@ -60,9 +62,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             run_recipe(load_recipe(args.recipe, args.overrides), quiet=args.quiet)
             return 0
         if args.command == "bench":
-            from .bench import run_bench
+            from .bench import render, run_bench
 
-            run_bench(args.config, args.overrides, args.out)
+            if args.render:
+                render(args.render, args.out)
+            else:
+                run_bench(args.config, args.overrides, args.out)
             return 0
     except (ConfigError, RunError, DataNotFoundError, PFGDFError, PrunedFileError, UnknownNameError,
             ValueError, TypeError) as e:
