@@ -18,7 +18,7 @@ from pfgdf_plugin.runner import RunError, run_recipe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = sorted(glob.glob(os.path.join(ROOT, "recipes", "*.yaml")))
-TINY = ["data.name=digits", "data.limit_train=256", "data.limit_test=128", "data.batch_size=64",
+TINY = ["data.name=digits", "model.width=0.25", "data.limit_train=256", "data.limit_test=128", "data.batch_size=64",
         "train.epochs=1", "finetune.epochs=1", "report.repeats=2", "report.warmup=1", "progress=false"]
 
 
@@ -149,7 +149,7 @@ def test_failed_run_keeps_earlier_results_and_input_model(tmp_path):
     ckpt = os.path.join(first["run_dir"], "dense.pt")
     before = {f: _digest(os.path.join(first["run_dir"], f)) for f in os.listdir(first["run_dir"])}
     # a checkpoint that does not fit the model: the run fails, nothing earlier changes
-    bad = tiny(RECIPES[0], tmp_path, [f"model.checkpoint={ckpt}", "model.width=0.25"])
+    bad = tiny(RECIPES[0], tmp_path, [f"model.checkpoint={ckpt}", "model.width=0.5"])
     with pytest.raises(RunError, match="does not fit model"):
         run_recipe(bad, quiet=True)
     after = {f: _digest(os.path.join(first["run_dir"], f)) for f in os.listdir(first["run_dir"])}
