@@ -27,7 +27,7 @@ from . import measure
 from .config import ConfigError, from_dict, load_yaml, set_by_path, to_dict
 from .data import build_dataset, make_loaders
 from .models import build_model
-from .pruning import METHODS, PruneContext, prune, resolve_layers
+from .pruning import METHODS, PruneContext, prune, prune_like
 from .recipe import DataSection, ModelSection
 from .report import fmt_count, markdown_table
 from .train import TrainConfig, atomic_save, seed_everything, train
@@ -97,44 +97,6 @@ def _key(cfg: BenchConfig) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
 
-def _ratio_dict(model: nn.Module, layers: Dict[str, dict]) -> Dict[nn.Module, float]:
-    """Per-layer ratios that make Torch-Pruning remove exactly ``pruned`` of ``channels``."""
-    mods = dict(model.named_modules())
-    out = {}
-    for name, d in layers.items():
-        if d["pruned"] > 0 and name in mods:
-            out[mods[name]] = (d["pruned"] - 0.5) / d["channels"]
-    return out
-
-
-def _prune_same_ratios(model, example, entry: BenchEntry, layers, ignored_names):
-    """Prune ``model`` with ``entry``'s criterion at the per-layer counts in ``layers``."""
-    from .pruning import PruneResult, _channel_report
-
-    before = measure.filters_per_layer(model)
-    ignored = resolve_layers(model, ignored_names)
-    if entry.framework == "torch_pruning":
-        import torch_pruning as tp
-
-        imp = tp.importance.MagnitudeImportance(p=1 if entry.method == "l1" else 2, group_reduction="first",
-                                                normalizer=None)
-        tp.pruner.MetaPruner(model, example, importance=imp, pruning_ratio=0.0,
-                             pruning_ratio_dict=_ratio_dict(model, layers), ignored_layers=ignored).step()
-        return PruneResult(model, _channel_report(before, model))
-    import nni.compression.pruning as nni_pruning
-
-    from .nni import speedup
-
-    cls = {"l1": "L1NormPruner", "l2": "L2NormPruner", "fpgm": "FPGMPruner"}[entry.method]
-    config = [{"op_names": [n], "sparse_ratio": float(d["pruned"] / d["channels"])}
-              for n, d in layers.items() if d["pruned"] > 0]
-    pruner = getattr(nni_pruning, cls)(model, config)
-    _, masks = pruner.compress()
-    pruner.unwrap_model()
-    model = speedup(model, masks, example, config_list=config)
-    return PruneResult(model, _channel_report(before, model))
-
-
 def run_bench(config_path: Optional[str] = None, overrides: Optional[List[str]] = None,
               out_dir: str = "docs") -> Dict[str, Any]:
     """Run the benchmark and write ``benchmarks.md``, ``bench/<name>.json`` and plots under ``out_dir``."""
@@ -166,8 +128,8 @@ def run_bench(config_path: Optional[str] = None, overrides: Optional[List[str]] 
         seed_everything(cfg.seed)
         t = time.perf_counter()
         if entry.ratios_from:
-            res = _prune_same_ratios(copy.deepcopy(model).eval(), example, entry,
-                                     rows[entry.ratios_from]["layers"], cfg.ignored_layers)
+            res = prune_like(copy.deepcopy(model).eval(), example, entry.method, entry.framework,
+                             rows[entry.ratios_from]["layers"], cfg.ignored_layers)
         else:
             ctx = PruneContext(train_loader=train_loader, train_cfg=cfg.finetune, progress=cfg.progress)
             res = prune(model, example, entry.method, entry.framework, entry.params, entry.ratio, cfg.ignored_layers,

@@ -157,12 +157,12 @@ def _tp_pfgdf(model, example_inputs, params, ratio, ignored, ctx):
 
 
 def _tp_builtin(importance_factory):
-    def run(model, example_inputs, params, ratio, ignored, ctx):
+    def run(model, example_inputs, params, ratio, ignored, ctx, ratio_dict=None):
         import torch_pruning as tp
 
         before = filters_per_layer(model)
-        tp.pruner.MetaPruner(model, example_inputs, importance=importance_factory(), pruning_ratio=ratio,
-                             ignored_layers=ignored).step()
+        tp.pruner.MetaPruner(model, example_inputs, importance=importance_factory(), pruning_ratio=ratio or 0.0,
+                             pruning_ratio_dict=ratio_dict, ignored_layers=ignored).step()
         return PruneResult(model, _channel_report(before, model))
 
     return run
@@ -304,11 +304,11 @@ def _nni_spp(model, example_inputs, params, ratio, ignored, ctx):
 
 
 def _nni_builtin(cls_name: str):
-    def run(model, example_inputs, params, ratio, ignored, ctx):
+    def run(model, example_inputs, params, ratio, ignored, ctx, config=None):
         import nni.compression.pruning as nni_pruning
 
         before = filters_per_layer(model)
-        config = _nni_config(model, example_inputs, ignored, ratio)
+        config = config or _nni_config(model, example_inputs, ignored, ratio)
         pruner = getattr(nni_pruning, cls_name)(model, config)
         _, masks = pruner.compress()
         pruner.unwrap_model()
@@ -379,6 +379,25 @@ METHODS.register("fpgm")(Method(
 METHODS.register("random")(Method(
     "random", "built-in random filter pruning (Torch-Pruning RandomImportance), a floor to beat",
     params={}, run={"torch_pruning": _tp_builtin(_random)}, needs_ratio=True))
+
+
+def prune_like(model: nn.Module, example_inputs: torch.Tensor, method: str, framework: str,
+               layers: Dict[str, dict], ignored_layers: Optional[List[str]] = None) -> PruneResult:
+    """Prune ``model`` in place with a built-in criterion, removing exactly ``layers[name]["pruned"]``
+    of ``layers[name]["channels"]`` per layer (the counts another method chose), so criteria are
+    compared at one structure."""
+    if method not in ("l1", "l2", "fpgm", "random"):
+        raise ValueError(f"prune_like compares built-in criteria; got method {method!r}")
+    run = METHODS.get(method).run[framework]
+    ignored = resolve_layers(model, ignored_layers)
+    pruned = {n: d for n, d in layers.items() if d["pruned"] > 0}
+    if framework == "torch_pruning":
+        mods = dict(model.named_modules())
+        # Torch-Pruning removes n - int(n * (1 - r)) channels: half a channel below the count hits it exactly
+        ratio_dict = {mods[n]: (d["pruned"] - 0.5) / d["channels"] for n, d in pruned.items() if n in mods}
+        return run(model, example_inputs, {}, None, ignored, PruneContext(), ratio_dict=ratio_dict)
+    config = [{"op_names": [n], "sparse_ratio": float(d["pruned"] / d["channels"])} for n, d in pruned.items()]
+    return run(model, example_inputs, {}, None, ignored, PruneContext(), config=config)
 
 
 def prune(model: nn.Module, example_inputs: torch.Tensor, method: str, framework: str = "torch_pruning",
