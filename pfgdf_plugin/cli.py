@@ -1,4 +1,4 @@
-"""Command line: ``pfgdf-plugin run|validate|bench|methods``."""
+"""Command line: ``pfgdf-plugin run|validate|trial|search|bench|methods``."""
 
 from __future__ import annotations
 
@@ -18,6 +18,16 @@ def _parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", help="check a recipe and report every problem at once")
     val.add_argument("recipe")
     val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    trial = sub.add_parser("trial", help="one NNI trial: apply nni.get_next_parameter() to a recipe, run, report")
+    trial.add_argument("recipe")
+    trial.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    search = sub.add_parser("search", help="run an NNI experiment YAML to completion, print the trials, stop NNI")
+    search.add_argument("experiment", help="an experiment YAML, e.g. recipes/nni/pfgdf_search.yml")
+    search.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a key of the trials' recipe")
+    search.add_argument("--max-trials", type=int, default=None, help="replace maxTrialNumber")
+    search.add_argument("--port", type=int, default=None, help="NNI manager port (default: a free one)")
+    search.add_argument("--work-dir", default=None, help="experiment working directory (default: the YAML's)")
     bench = sub.add_parser("bench", help="methods side by side on one model, data set and budget")
     bench.add_argument("--config", default=None, help="a bench YAML (default: the built-in PFGDF vs L1 bench)")
     bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -60,6 +70,20 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .runner import run_recipe
 
             run_recipe(load_recipe(args.recipe, args.overrides), quiet=args.quiet)
+            return 0
+        if args.command == "trial":
+            from .search import run_trial
+
+            print(run_trial(args.recipe, args.overrides))
+            return 0
+        if args.command == "search":
+            from .search import run_search
+
+            out = run_search(args.experiment, args.overrides, args.max_trials, args.work_dir, args.port)
+            for t in out["trials"]:
+                print(f"{t['trial']}  {t['result']}  {t['parameters']}")
+            print(f"experiment {out['id']}: {out['status']}, {len(out['trials'])} trial(s) reported"
+                  + (f", {len(out['failed_trials'])} failed" if out["failed_trials"] else ""))
             return 0
         if args.command == "bench":
             from .bench import render, run_bench

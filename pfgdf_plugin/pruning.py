@@ -41,6 +41,7 @@ class PruneContext:
     train_cfg: Any = None  # a pfgdf_plugin.train.TrainConfig for the pruning-phase training
     device: str = "cpu"
     progress: bool = False
+    quantize: Any = None  # a pfgdf_plugin.quantize.QuantizeConfig; fused=True runs it inside the pruner's loop
 
 
 @dataclass
@@ -58,6 +59,7 @@ class Method:
     run: Dict[str, Callable[..., PruneResult]]
     needs_ratio: bool = False
     check: Optional[Callable[[Dict[str, Any]], List[str]]] = None
+    fusable: tuple = ()  # frameworks whose pruner can share its training loop with a quantizer
 
 
 METHODS: Registry = Registry("method")
@@ -254,15 +256,13 @@ def _nni_pfgdf(model, example_inputs, params, ratio, ignored, ctx):
 
 
 def _nni_spp(model, example_inputs, params, ratio, ignored, ctx):
-    """SPP through NNI: a training-aware pruner driven by a TorchEvaluator over the recipe's data."""
+    """SPP through NNI: a training-aware pruner driven by a TorchEvaluator over the recipe's data;
+    with ``ctx.quantize.fused`` a quantizer runs in the same training loop."""
     import dataclasses
 
-    import nni
-    import torch.nn.functional as F
-    from nni.compression.utils import TorchEvaluator
-
     from .nni import SPPPruner
-    from .train import TrainConfig, train
+    from .quantize import fuse, torch_evaluator
+    from .train import TrainConfig
 
     if ctx.train_loader is None:
         raise ValueError("method 'spp' prunes while training: it needs training data")
@@ -273,31 +273,28 @@ def _nni_spp(model, example_inputs, params, ratio, ignored, ctx):
     history: Dict[str, list] = {}
     holder: Dict[str, Any] = {}
 
-    def training_step(batch, net):
-        x, y = batch
-        return F.cross_entropy(net(x.to(ctx.device)), y.to(ctx.device))
+    def on_step(step: int, loss: float) -> bool:
+        _spp_history(holder["pruner"].probabilities(), history, every, step)
+        return holder["pruner"].stopped
 
-    def training_func(net, optimizers, training_step, lr_schedulers=None, max_steps=None, max_epochs=None):
-        pruner = holder["pruner"]
-
-        def on_step(step: int, loss: float) -> bool:
-            _spp_history(pruner.probabilities(), history, every, step)
-            return pruner.stopped or (max_steps is not None and step >= max_steps)
-
-        train(net, ctx.train_loader, cfg, device=ctx.device, desc="spp (pruning, NNI)", progress=ctx.progress,
-              on_step=on_step, optimizer=optimizers)
-
-    optimizer = nni.trace(torch.optim.SGD)(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                           weight_decay=cfg.weight_decay)
-    evaluator = TorchEvaluator(training_func, optimizer, training_step)
+    evaluator = torch_evaluator(model, ctx.train_loader, cfg, ctx.device, ctx.progress, "spp (pruning, NNI)", on_step)
     config = _nni_config(model, example_inputs, ignored, ratio)
     pruner = SPPPruner(model, config, evaluator, training_steps=steps, interval=params["interval"], A=params["A"],
                        u=params["u"], seed=params["seed"])
     holder["pruner"] = pruner
-    _, masks = pruner.compress()
+    extra: Dict[str, Any] = {}
+    if ctx.quantize is not None and ctx.quantize.fused:
+        quantizer = fuse(pruner, ctx.quantize, evaluator)
+        quantizer.compress(max_steps=steps, max_epochs=None)
+        extra["fused_calibration"] = quantizer.get_calibration_config()
+        masks = pruner.get_masks()
+        quantizer.unwrap_model()
+    else:
+        _, masks = pruner.compress()
+        pruner.unwrap_model()
     finished = pruner.finished
-    pruner.unwrap_model()
     result = _nni_finish(model.cpu(), masks, example_inputs, config, before)
+    result.extra.update(extra)
     result.extra.update({"spp_history": history, "spp_history_every": every, "spp_steps": pruner.steps,
                          "spp_finished": finished})
     return result
@@ -364,7 +361,7 @@ METHODS.register("spp")(Method(
     "spp", "structured probabilistic pruning: channel probabilities rise or fall with their rank during training",
     params={"interval": (int, 10), "A": (float, 0.05), "u": (float, 0.25), "seed": (int, 0),
             "max_epochs": (float, 2.0)},
-    run={"torch_pruning": _tp_spp, "nni": _nni_spp}, needs_ratio=True, check=_check_spp))
+    run={"torch_pruning": _tp_spp, "nni": _nni_spp}, needs_ratio=True, check=_check_spp, fusable=("nni",)))
 METHODS.register("l1")(Method(
     "l1", "built-in L1-norm filter pruning (Torch-Pruning MagnitudeImportance(p=1) / NNI L1NormPruner)",
     params={}, run={"torch_pruning": _tp_builtin(_magnitude(1)), "nni": _nni_builtin("L1NormPruner")},

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from .config import ConfigError, from_dict, load_yaml, set_by_path, to_dict
+from .quantize import QuantizeConfig
 from .train import TrainConfig
 
 DEVICES = ("cpu", "cuda")
@@ -69,6 +70,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=0.0))
     prune: PruneSection = field(default_factory=PruneSection)
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1.0, lr=0.01))
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     export: ExportSection = field(default_factory=ExportSection)
     report: ReportSection = field(default_factory=ReportSection)
 
@@ -116,6 +118,13 @@ def _semantic_errors(r: Recipe) -> List[str]:
         errors.append(f"prune.method {p.method!r} is unknown; known: {', '.join(METHODS.names())}")
     elif p.framework in FRAMEWORKS:
         errors += validate_params(METHODS.get(p.method), p.params, p.ratio, p.framework)
+    errors += r.quantize.validate("quantize")
+    if r.quantize.fused and p.method in METHODS:
+        fusable = METHODS.get(p.method).fusable
+        if p.framework not in fusable:
+            where = f"prune.framework {', '.join(fusable)}" if fusable else "a training-aware NNI method"
+            errors.append(f"quantize.fused: method {p.method!r} via {p.framework!r} has no training loop to share; "
+                          f"it needs {where}")
     rep = r.report
     if any(b < 1 for b in rep.batch_sizes):
         errors.append(f"report.batch_sizes must all be >= 1, got {rep.batch_sizes!r}")

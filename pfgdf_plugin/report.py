@@ -19,8 +19,13 @@ def fmt_count(n: float) -> str:
     return f"{n:.0f}"
 
 
-def comparison_rows(before: Dict, after: Dict, latency: Optional[Dict] = None) -> List[List[str]]:
-    """Rows of ``metric | before | after | change`` for the printed table and report.md."""
+def comparison_rows(before: Dict, after: Dict, latency: Optional[Dict] = None, quantized: Optional[Dict] = None,
+                    onnx: Optional[Dict] = None) -> List[List[str]]:
+    """Rows of ``metric | before | after | change`` for the printed table and report.md.
+
+    ``quantized`` (the run's quantization metrics) adds the quantized model's accuracy against
+    the float pruned model; ``onnx`` adds ONNX Runtime latencies (and the int8 model's).
+    """
     rows = [
         ["accuracy (%)", f"{100 * before['accuracy']:.2f}", f"{100 * after['accuracy']:.2f}",
          f"{100 * (after['accuracy'] - before['accuracy']):+.2f} pts"],
@@ -33,6 +38,20 @@ def comparison_rows(before: Dict, after: Dict, latency: Optional[Dict] = None) -
     for bs, d in sorted((latency or {}).items(), key=lambda kv: int(kv[0])):
         rows.append([f"latency b{bs} (ms, median)", f"{d['dense']:.2f}", f"{d['pruned']:.2f}",
                      f"{d['dense'] / d['pruned']:.2f}x faster"])
+    if quantized:
+        label = f"accuracy, {quantized['bits']}-bit {quantized['method'].upper()} (%)"
+        rows.append([label, f"{100 * before['accuracy']:.2f}", f"{100 * quantized['accuracy']:.2f}",
+                     f"{100 * (quantized['accuracy'] - after['accuracy']):+.2f} pts vs float pruned"])
+    int8 = (onnx or {}).get("int8") or {}
+    if "accuracy" in int8:
+        rows.append(["accuracy, int8 ONNX Runtime (%)", f"{100 * before['accuracy']:.2f}",
+                     f"{100 * int8['accuracy']:.2f}",
+                     f"{100 * (int8['accuracy'] - after['accuracy']):+.2f} pts vs float pruned"])
+    for bs, d in sorted(((onnx or {}).get("latency") or {}).items(), key=lambda kv: int(kv[0])):
+        for name in ("pruned", "pruned int8"):
+            if name in d and "dense" in d:
+                rows.append([f"ONNX Runtime {name.replace('pruned', '').strip() or 'float'} b{bs} (ms, median)",
+                             f"{d['dense']:.2f}", f"{d[name]:.2f}", f"{d['dense'] / d[name]:.2f}x faster"])
     return rows
 
 
@@ -137,7 +156,8 @@ def write_report(out_dir: str, metrics: Dict, plots: List[str]) -> str:
              f"Model `{metrics['model']}` on `{metrics['data']}`; method `{metrics['method']}` "
              f"through {metrics['framework']}; fine-tune {metrics['finetune_epochs']} epoch(s).", "",
              markdown_table(["metric", "before", "after", "change"],
-                            comparison_rows(b, a, metrics.get("latency"))), ""]
+                            comparison_rows(b, a, metrics.get("latency"), metrics.get("quantized"),
+                                            metrics.get("onnx"))), ""]
     if "after_prune_accuracy" in metrics:
         lines += [f"Accuracy right after pruning, before fine-tuning: "
                   f"{100 * metrics['after_prune_accuracy']:.2f}%.", ""]
@@ -145,6 +165,12 @@ def write_report(out_dir: str, metrics: Dict, plots: List[str]) -> str:
         o = metrics["onnx"]
         lines += [f"ONNX export: `{o.get('file', '-')}` ({o.get('status')})"
                   + (f", max |onnxruntime - torch| = {o['max_abs_diff']:.2e}" if "max_abs_diff" in o else ""), ""]
+    q = metrics.get("quantized")
+    if q:
+        lines += [f"Quantization: NNI {q['method'].upper()}, {q['bits']}-bit {q['scheme']}, {q['steps']} step(s), "
+                  f"calibration for {q['layers']} layer(s)"
+                  + (f"; fused with pruning (calibration for {q['fused_layers']} layer(s) in the pruning loop)"
+                     if q.get("fused_layers") else "") + ".", ""]
     for p in plots:
         lines += [f"![{os.path.basename(p)}]({os.path.basename(p)})", ""]
     lines += ["Rerun with `pfgdf-plugin run recipe.yaml` (the resolved recipe saved beside this report).", ""]

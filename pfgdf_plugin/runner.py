@@ -1,4 +1,4 @@
-"""Run a recipe: data -> model (train or load) -> prune -> fine-tune -> export -> report.
+"""Run a recipe: data -> model (train or load) -> prune -> fine-tune -> quantize -> export -> report.
 
 Outputs go to a staging folder that is renamed to ``<output_dir>/<name>`` only when the run
 succeeds; an earlier run of the same name is never overwritten (the new one gets a time
@@ -7,6 +7,7 @@ suffix), and the input checkpoint is only ever read.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ from .data import build_dataset, make_loaders
 from .models import build_model
 from .persist import save_pruned
 from .pruning import PruneContext, prune
+from .quantize import onnx_int8, quantize
 from .recipe import Recipe
 from .report import comparison_rows, plot_filters, plot_gaussians, plot_probabilities, text_table, write_report
 from .train import atomic_save, seed_everything, train
@@ -82,6 +84,35 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str) -> Dic
     return info
 
 
+def export_int8(quantized: torch.nn.Module, example: torch.Tensor, stage: str, train_loader, test_loader,
+                recipe: Recipe, progress: bool) -> Dict[str, Any]:
+    """Float ONNX of the quantization-trained weights, rewritten to int8 QDQ by ONNX Runtime;
+    its test accuracy is measured through ONNX Runtime."""
+    float_path = os.path.join(stage, ".quantized-float.onnx")
+    path = os.path.join(stage, "pruned-int8.onnx")
+    try:
+        measure.export_onnx(quantized, example, float_path)
+        onnx_int8(float_path, path, train_loader, batches=min(recipe.quantize.calibration_batches, len(train_loader)))
+        acc = measure.evaluate(measure.OnnxRuntimeModel(path), test_loader, "cpu", "eval int8 onnx", progress)
+    except ImportError:
+        return {"status": "skipped: onnxruntime is not installed (pip install 'pfgdf-plugin[export]')"}
+    except Exception as e:  # export is a report stage: record, never lose the run
+        return {"status": f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+    finally:
+        if os.path.exists(float_path):
+            os.unlink(float_path)
+    return {"status": "ok", "file": os.path.basename(path), "accuracy": acc["accuracy"]}
+
+
+def _ort_models(stage: str, threads: Optional[int]) -> Dict[str, Any]:
+    files = {"dense": "dense.onnx", "pruned": "pruned.onnx", "pruned int8": "pruned-int8.onnx"}
+    try:
+        return {k: measure.OnnxRuntimeModel(os.path.join(stage, f), threads) for k, f in files.items()
+                if os.path.exists(os.path.join(stage, f))}
+    except ImportError:
+        return {}
+
+
 def run_recipe(recipe: Recipe, quiet: bool = False,
                on_finetune_epoch: Optional[Callable[[int, float], None]] = None) -> Dict[str, Any]:
     """Run every stage of ``recipe``; return the metrics (also written to ``metrics.json``).
@@ -105,7 +136,7 @@ def run_recipe(recipe: Recipe, quiet: bool = False,
         yaml.safe_dump(recipe.to_dict(), f, sort_keys=False)
 
     d = recipe.data
-    _log(f"[1/6] data: {d.name}", quiet)
+    _log(f"[1/7] data: {d.name}", quiet)
     spec = build_dataset(d.name, root=d.root, image_size=d.image_size, in_channels=d.in_channels,
                          limit_train=d.limit_train, limit_test=d.limit_test, seed=recipe.seed)
     train_loader, test_loader = make_loaders(spec, d.batch_size, workers=d.workers, seed=recipe.seed)
@@ -113,7 +144,7 @@ def run_recipe(recipe: Recipe, quiet: bool = False,
     input_shape = tuple(example.shape[1:])
 
     m = recipe.model
-    _log(f"[2/6] model: {m.name} (width {m.width:g}), {len(spec.train)} training images", quiet)
+    _log(f"[2/7] model: {m.name} (width {m.width:g}), {len(spec.train)} training images", quiet)
     model = build_model(m.name, num_classes=spec.num_classes, in_channels=spec.in_channels, width=m.width)
     t = time.perf_counter()
     if m.checkpoint:
@@ -127,15 +158,16 @@ def run_recipe(recipe: Recipe, quiet: bool = False,
     before.update(measure.evaluate(model, test_loader, recipe.device, "eval dense", progress))
 
     p = recipe.prune
-    _log(f"[3/6] prune: {p.method} via {p.framework}", quiet)
+    _log(f"[3/7] prune: {p.method} via {p.framework}", quiet)
     t = time.perf_counter()
-    ctx = PruneContext(train_loader=train_loader, train_cfg=recipe.finetune, device=recipe.device, progress=progress)
+    ctx = PruneContext(train_loader=train_loader, train_cfg=recipe.finetune, device=recipe.device, progress=progress,
+                       quantize=recipe.quantize)
     result = prune(model, example, p.method, p.framework, p.params, p.ratio, p.ignored_layers, ctx=ctx)
     timings["prune_s"] = time.perf_counter() - t
     pruned = result.model
     after_prune = measure.evaluate(pruned, test_loader, recipe.device, "eval pruned", progress)
 
-    _log(f"[4/6] fine-tune: {recipe.finetune.epochs:g} epoch(s)", quiet)
+    _log(f"[4/7] fine-tune: {recipe.finetune.epochs:g} epoch(s)", quiet)
     t = time.perf_counter()
     ft_log = []
 
@@ -154,12 +186,37 @@ def run_recipe(recipe: Recipe, quiet: bool = False,
     after = measure.summarize(pruned, example)
     after.update(measure.evaluate(pruned, test_loader, recipe.device, "eval fine-tuned", progress))
 
-    _log("[5/6] save and export", quiet)
+    q = recipe.quantize
+    quantized, quant_info = None, None
+    if q.method:
+        _log(f"[5/7] quantize: {q.bits}-bit {q.method}" + (" (also fused with pruning)" if q.fused else ""), quiet)
+        t = time.perf_counter()
+        quantized = copy.deepcopy(pruned)
+        qres = quantize(quantized, q, train_loader, recipe.device, progress)
+        quant_info = {"method": q.method, "bits": q.bits, "scheme": q.config_list()[0]["quant_scheme"],
+                      "fused": q.fused, "steps": qres.steps, "layers": len(qres.calibration),
+                      "accuracy": measure.evaluate(quantized, test_loader, recipe.device, "eval quantized",
+                                                   progress)["accuracy"]}
+        if "fused_calibration" in result.extra:
+            quant_info["fused_layers"] = len(result.extra["fused_calibration"])
+        qres.quantizer.unwrap_model()  # float weights trained (or calibrated) for integer arithmetic
+        quantized.cpu().eval()
+        timings["quantize_s"] = time.perf_counter() - t
+    else:
+        _log("[5/7] quantize: skipped (quantize.method is null)", quiet)
+
+    _log("[6/7] save and export", quiet)
     arch = {"name": m.name, "width": m.width, "num_classes": spec.num_classes, "in_channels": spec.in_channels}
     save_pruned(pruned, os.path.join(stage, "pruned.pt"), arch=arch)
-    onnx_info = export_onnx(pruned, example, os.path.join(stage, "pruned.onnx")) if recipe.export.onnx else None
+    onnx_info = None
+    if recipe.export.onnx:
+        onnx_info = export_onnx(pruned, example, os.path.join(stage, "pruned.onnx"))
+        if onnx_info.get("status") == "ok" and "max_abs_diff" in onnx_info:
+            export_onnx(model, example, os.path.join(stage, "dense.onnx"))
+            if quantized is not None:
+                onnx_info["int8"] = export_int8(quantized, example, stage, train_loader, test_loader, recipe, progress)
 
-    _log("[6/6] measure and report", quiet)
+    _log("[7/7] measure and report", quiet)
     latency = None
     if recipe.report.latency:
         r = recipe.report
@@ -167,12 +224,17 @@ def run_recipe(recipe: Recipe, quiet: bool = False,
                                       warmup=r.warmup, repeats=r.repeats, threads=r.threads)
         latency = {str(bs): {"dense": lat["dense"][bs]["median_ms"], "pruned": lat["pruned"][bs]["median_ms"]}
                    for bs in r.batch_sizes}
+        ort = _ort_models(stage, r.threads)
+        if ort:
+            lat = measure.measure_latency(ort, input_shape, r.batch_sizes, warmup=r.warmup, repeats=r.repeats,
+                                          threads=r.threads)
+            onnx_info["latency"] = {str(bs): {k: lat[k][bs]["median_ms"] for k in ort} for bs in r.batch_sizes}
     metrics: Dict[str, Any] = {
         "name": recipe.name, "model": f"{m.name} (width {m.width:g})",
         "data": f"{d.name} ({len(spec.train)} train / {len(spec.test)} test, {input_shape})",
         "method": p.method, "framework": p.framework, "finetune_epochs": recipe.finetune.epochs,
         "before": before, "after": after, "after_prune_accuracy": after_prune["accuracy"],
-        "finetune_log": ft_log, "latency": latency, "onnx": onnx_info,
+        "finetune_log": ft_log, "latency": latency, "onnx": onnx_info, "quantized": quant_info,
         "layers": {n: {k: v for k, v in e.items() if k != "statistic"} for n, e in result.layers.items()},
         "torch_threads": torch.get_num_threads(),
     }
@@ -201,7 +263,8 @@ def run_recipe(recipe: Recipe, quiet: bool = False,
     metrics["run_dir"] = final
     if not quiet:
         print()
-        print(text_table(["metric", "before", "after", "change"], comparison_rows(before, after, latency)))
+        print(text_table(["metric", "before", "after", "change"],
+                         comparison_rows(before, after, latency, quant_info, onnx_info)))
         print(f"\nreport: {os.path.join(final, 'report.md')}  ({timings['total_s']:.0f} s)")
         sys.stdout.flush()
     return metrics
