@@ -138,7 +138,7 @@ def train(model: nn.Module, loader, cfg: TrainConfig, device: str = "cpu", desc:
     bar = tqdm(total=total, desc=desc, leave=False, disable=not progress, unit="step")
     epoch = 0
     while step < total:
-        for x, y in loader:
+        for i, (x, y) in enumerate(loader):
             x, y = x.to(device), y.to(device)
             out = model(x)
             loss = F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing)
@@ -159,13 +159,13 @@ def train(model: nn.Module, loader, cfg: TrainConfig, device: str = "cpu", desc:
             bar.set_postfix(loss=f"{running:.3f}")
             bar.update(1)
             stop = on_step(step, loss.item()) if on_step is not None else False
+            if i == steps_per_epoch - 1:  # a full epoch ended, including the last one
+                if on_epoch is not None:
+                    on_epoch(epoch)
+                epoch += 1
             if step >= total or stop:
                 total = step
                 break
-        else:
-            if on_epoch is not None:
-                on_epoch(epoch)
-            epoch += 1
     bar.close()
     stats.update(steps=step, loss=float(running))
     return stats
