@@ -28,6 +28,7 @@ from .config import ConfigError, from_dict, load_yaml, set_by_path, to_dict
 from .data import build_dataset, make_loaders
 from .models import build_model
 from .pruning import METHODS, PruneContext, prune, prune_like
+from .quantize import QuantizeConfig, onnx_int8, quantize
 from .recipe import DataSection, ModelSection
 from .report import fmt_count, markdown_table
 from .train import TrainConfig, atomic_save, seed_everything, train
@@ -64,6 +65,7 @@ class BenchConfig:
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2.0, lr=0.01))
     ignored_layers: Optional[List[str]] = None
     entries: List[BenchEntry] = field(default_factory=_default_entries)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)  # method set: every entry is also quantized
     batch_sizes: List[int] = field(default_factory=lambda: [1, 32])
     threads: List[int] = field(default_factory=lambda: [2, 1])
     onnxruntime: bool = True
@@ -77,7 +79,9 @@ def load_bench_config(path: Optional[str], overrides: Optional[List[str]] = None
     for item in overrides or []:
         set_by_path(data, item)
     cfg = from_dict(BenchConfig, data)
-    errors = cfg.train.validate("train") + cfg.finetune.validate("finetune")
+    errors = cfg.train.validate("train") + cfg.finetune.validate("finetune") + cfg.quantize.validate("quantize")
+    if cfg.quantize.fused:
+        errors.append("quantize.fused is a recipe option; a bench quantizes after fine-tuning")
     labels = [e.label for e in cfg.entries]
     for i, e in enumerate(cfg.entries):
         if e.method not in METHODS:
@@ -123,6 +127,7 @@ def run_bench(config_path: Optional[str] = None, overrides: Optional[List[str]] 
     dense.update(measure.evaluate(model, test_loader, progress=cfg.progress, desc="eval dense"))
     rows: Dict[str, Dict[str, Any]] = {}
     models = {"dense": model}
+    int8: Dict[str, str] = {}  # label -> int8 ONNX file of the quantized entry
     for entry in cfg.entries:
         print(f"== {entry.label}", flush=True)
         seed_everything(cfg.seed)
@@ -144,7 +149,9 @@ def run_bench(config_path: Optional[str] = None, overrides: Optional[List[str]] 
         rows[entry.label] = {"entry": to_dict(entry), "summary": s, "accuracy_after_prune": acc_pruned,
                              "prune_s": prune_s, "layers": res.layers}
         models[entry.label] = pm
-    lat = _latencies(models, example, cfg)
+        if cfg.quantize.method:
+            rows[entry.label].update(_quantized(pm, entry.label, cfg, train_loader, test_loader, example, int8))
+    lat = _latencies(models, example, cfg, int8)
     results = {"config": to_dict(cfg), "command": "pfgdf-plugin bench " + " ".join(sys.argv[2:]),
                "dense": dense, "rows": rows, "latency": lat, "threads": torch.get_num_threads(),
                "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
@@ -164,8 +171,37 @@ def render(json_path: str, out_dir: str = "docs") -> None:
     _write(results, out_dir, cfg)
 
 
-def _latencies(models: Dict[str, nn.Module], example: torch.Tensor, cfg: BenchConfig) -> Dict[str, Any]:
-    """``{engine/threads: measure_latency(...)}`` for PyTorch and, when installed, ONNX Runtime."""
+def _quantized(pm: nn.Module, label: str, cfg: BenchConfig, train_loader, test_loader, example: torch.Tensor,
+               int8: Dict[str, str]) -> Dict[str, Any]:
+    """Quantize a copy of a fine-tuned entry with NNI; measure its accuracy, and that of its int8
+    ONNX Runtime model (recorded in ``int8`` for the latency table)."""
+    q = cfg.quantize
+    qm = copy.deepcopy(pm)
+    t = time.perf_counter()
+    qres = quantize(qm, q, train_loader, progress=cfg.progress)
+    out: Dict[str, Any] = {"quantize_s": time.perf_counter() - t, "accuracy_quantized": measure.evaluate(
+        qm, test_loader, progress=cfg.progress, desc=f"eval {q.method}")["accuracy"]}
+    qres.quantizer.unwrap_model()
+    qm.eval()
+    try:
+        onnx_dir = os.path.join(cfg.work_dir, "onnx")
+        os.makedirs(onnx_dir, exist_ok=True)
+        float_path = os.path.join(onnx_dir, f"quantized{len(int8)}-float.onnx")
+        path = os.path.join(onnx_dir, f"quantized{len(int8)}-int8.onnx")
+        measure.export_onnx(qm, example, float_path)
+        onnx_int8(float_path, path, train_loader, batches=q.calibration_batches)
+        out["accuracy_int8_onnx"] = measure.evaluate(measure.OnnxRuntimeModel(path), test_loader,
+                                                     progress=cfg.progress, desc="eval int8 onnx")["accuracy"]
+        int8[f"{label}, int8"] = path
+    except Exception as e:  # no onnxruntime, or an exporter failure: the ORT int8 cells stay empty
+        print(f"int8 ONNX skipped for {label}: {type(e).__name__}: {e}", flush=True)
+    return out
+
+
+def _latencies(models: Dict[str, nn.Module], example: torch.Tensor, cfg: BenchConfig,
+               int8: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+    """``{engine/threads: measure_latency(...)}`` for PyTorch and, when installed, ONNX Runtime
+    (which also times the ``int8`` ONNX files, label -> path)."""
     engines: Dict[str, Dict[str, nn.Module]] = {}
     onnx_dir = os.path.join(cfg.work_dir, "onnx")
     ort_ok = cfg.onnxruntime
@@ -186,7 +222,8 @@ def _latencies(models: Dict[str, nn.Module], example: torch.Tensor, cfg: BenchCo
     for th in cfg.threads:
         engines = {f"PyTorch, {th} thread(s)": models}
         if ort_ok:
-            engines[f"ONNX Runtime, {th} thread(s)"] = {k: measure.OnnxRuntimeModel(p, th) for k, p in paths.items()}
+            engines[f"ONNX Runtime, {th} thread(s)"] = {k: measure.OnnxRuntimeModel(p, th)
+                                                        for k, p in {**paths, **(int8 or {})}.items()}
         for engine, mods in engines.items():
             print(f"measuring latency: {engine} (all models interleaved)", flush=True)
             out[engine] = measure.measure_latency(mods, shape, cfg.batch_sizes, warmup=cfg.warmup,
@@ -204,6 +241,9 @@ def _write(results: Dict[str, Any], out_dir: str, cfg: BenchConfig) -> None:
     dense, lat = results["dense"], results["latency"]
     header = ["method", "filters pruned", "params removed", "MACs", "acc. dense", "acc. pruned",
               "acc. fine-tuned", "change"]
+    q = cfg.quantize
+    if q.method:
+        header += [f"acc. {q.bits}-bit {q.method.upper()} (NNI)", "acc. int8 ONNX Runtime"]
     table = []
     for label, r in results["rows"].items():
         s = r["summary"]
@@ -212,14 +252,18 @@ def _write(results: Dict[str, Any], out_dir: str, cfg: BenchConfig) -> None:
                       f"{fmt_count(s['macs'])} ({dense['macs'] / s['macs']:.1f}x fewer)",
                       f"{100 * dense['accuracy']:.2f}", f"{100 * r['accuracy_after_prune']:.2f}",
                       f"{100 * s['accuracy']:.2f}", f"{100 * (s['accuracy'] - dense['accuracy']):+.2f} pts"])
-    lat_header = ["engine", "batch", "dense (ms)"] + list(results["rows"])
+        if q.method:
+            table[-1] += [f"{100 * r[k]:.2f} ({100 * (r[k] - s['accuracy']):+.2f})" if k in r else "-"
+                          for k in ("accuracy_quantized", "accuracy_int8_onnx")]
+    columns = list(results["rows"]) + sorted({k for res in lat.values() for k in res if k.endswith(", int8")})
+    lat_header = ["engine", "batch", "dense (ms)"] + columns
     lat_rows = []
     for engine, res in lat.items():
         for b in cfg.batch_sizes:
             dl = res["dense"][b]["median_ms"]
             lat_rows.append([engine, str(b), f"{dl:.2f}"] + [
-                f"{res[label][b]['median_ms']:.2f} ({dl / res[label][b]['median_ms']:.2f}x)"
-                for label in results["rows"]])
+                f"{res[label][b]['median_ms']:.2f} ({dl / res[label][b]['median_ms']:.2f}x)" if label in res else "-"
+                for label in columns])
     first = next(iter(results["rows"].values()))
     plot = plot_filters(dense["filters_per_layer"], first["summary"]["filters_per_layer"],
                         os.path.join(bench_dir, f"{cfg.name}_filters.png"), f"{next(iter(results['rows']))}")
@@ -238,6 +282,10 @@ def _write(results: Dict[str, Any], out_dir: str, cfg: BenchConfig) -> None:
         f"(lr {cfg.finetune.lr:g}).",
         f"- Latency: median of {cfg.repeats} runs after {cfg.warmup} warm-up runs on the CPU, every model "
         f"interleaved in one process, per engine and thread count; {results['machine']}.",
+        *([f"- Quantization: NNI {q.method.upper()}, {q.bits}-bit, {q.epochs:g} epoch(s) at lr {q.lr:g} after "
+            "fine-tuning (change against the fine-tuned float model in brackets); the int8 ONNX model is "
+            f"ONNX Runtime's static QDQ quantization of those weights, calibrated on {q.calibration_batches} "
+            "training batches."] if q.method else []),
         f"- Command: `{results['command'].strip()}` ({results['minutes']:.0f} minutes).", "",
         markdown_table(header, table), "",
         "CPU latency, median ms (speedup over dense):", "",

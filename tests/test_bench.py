@@ -32,10 +32,13 @@ def test_bench_compares_at_the_same_per_layer_ratios(tmp_path):
     md = (out / "benchmarks.md").read_text()
     assert "## tiny" in md and "| l1 nni |" in md and "ONNX Runtime, 1 thread(s)" in md
     assert json.load(open(out / "bench" / "tiny.json"))["rows"].keys() == rows.keys()
-    # a second bench adds its own section and keeps the first
-    cfg2 = dict(cfg, name="other", entries=cfg["entries"][:1])
+    # a second bench adds its own section and keeps the first; it also quantizes its entry
+    cfg2 = dict(cfg, name="other", entries=cfg["entries"][:1], quantize={"method": "qat", "epochs": 0.5})
     path.write_text(yaml.safe_dump(cfg2))
     run_bench(str(path), out_dir=str(out))
     md = (out / "benchmarks.md").read_text()
     assert "## tiny" in md and "## other" in md
+    row = json.load(open(out / "bench" / "other.json"))["rows"]["pfgdf"]
+    assert 0 <= row["accuracy_quantized"] <= 1 and 0 <= row["accuracy_int8_onnx"] <= 1
+    assert "acc. 8-bit QAT (NNI)" in md and "| pfgdf | pfgdf, int8 |" in md  # ORT times the int8 model
     assert os.path.exists(out / "bench" / "other_filters.png")
