@@ -15,6 +15,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a recipe key, e.g. --set prune.params.k=1.5 (repeatable)")
     run.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    run.add_argument("--resume", action="store_true",
+                     help="continue this recipe's interrupted run from its last checkpoint")
     val = sub.add_parser("validate", help="check a recipe and report every problem at once")
     val.add_argument("recipe")
     val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -69,7 +71,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .recipe import load_recipe
             from .runner import run_recipe
 
-            run_recipe(load_recipe(args.recipe, args.overrides), quiet=args.quiet)
+            run_recipe(load_recipe(args.recipe, args.overrides), quiet=args.quiet, resume=args.resume)
             return 0
         if args.command == "trial":
             from .search import run_trial

@@ -65,6 +65,7 @@ class Recipe:
     output_dir: str = "runs"
     device: str = "cpu"
     progress: bool = True
+    checkpoint_every: int = 0  # optimiser steps between resumable checkpoints; 0: every epoch end
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=0.0))
@@ -86,6 +87,8 @@ def _semantic_errors(r: Recipe) -> List[str]:
     errors: List[str] = []
     if not r.name or any(c in r.name for c in "/\\") or r.name.startswith("."):
         errors.append(f"name must be a plain folder name, got {r.name!r}")
+    if r.checkpoint_every < 0:
+        errors.append(f"checkpoint_every must be >= 0, got {r.checkpoint_every!r}")
     if r.device not in DEVICES:
         errors.append(f"device must be one of {', '.join(DEVICES)}; got {r.device!r}")
     m = r.model

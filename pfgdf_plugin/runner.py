@@ -21,12 +21,12 @@ import yaml
 from . import measure
 from .data import build_dataset, make_loaders
 from .models import build_model
-from .persist import save_pruned
-from .pruning import PruneContext, prune
+from .persist import load_pruned, save_pruned
+from .pruning import PruneContext, PruneResult, prune
 from .quantize import onnx_int8, quantize
 from .recipe import Recipe
 from .report import comparison_rows, plot_filters, plot_gaussians, plot_probabilities, text_table, write_report
-from .train import atomic_save, seed_everything, train
+from .train import Checkpointing, atomic_save, read_checkpoint, seed_everything, train
 
 
 class RunError(RuntimeError):
@@ -114,7 +114,7 @@ def _ort_models(stage: str, threads: Optional[int]) -> Dict[str, Any]:
 
 
 def run_recipe(recipe: Recipe, quiet: bool = False,
-               on_finetune_epoch: Optional[Callable[[int, float], None]] = None) -> Dict[str, Any]:
+               on_finetune_epoch: Optional[Callable[[int, float], None]] = None, resume: bool = False) -> Dict[str, Any]:
     """Run every stage of ``recipe``; return the metrics (also written to ``metrics.json``).
 
     Args:
@@ -122,19 +122,114 @@ def run_recipe(recipe: Recipe, quiet: bool = False,
         quiet: print nothing but errors.
         on_finetune_epoch: called with ``(epoch, test_accuracy)`` after each fine-tuning epoch
             (NNI trials report intermediate results through it).
+        resume: continue the interrupted run of this recipe from its staging folder
+            (``<output_dir>/.<name>.partial``): the dense model, the pruned model and the
+            training checkpoints found there are reused, and the run ends as an uninterrupted
+            one would. Without it, a leftover staging folder is an error that says so.
     """
     t0 = time.perf_counter()
     timings: Dict[str, float] = {}
     progress = recipe.progress and not quiet
-    seed_everything(recipe.seed)
-    os.makedirs(recipe.output_dir, exist_ok=True)
-    stage = os.path.join(recipe.output_dir, f".{recipe.name}.partial-{os.getpid()}")
-    if os.path.exists(stage):
-        shutil.rmtree(stage)
-    os.makedirs(stage)
-    with open(os.path.join(stage, "recipe.yaml"), "w", encoding="utf-8") as f:
-        yaml.safe_dump(recipe.to_dict(), f, sort_keys=False)
+    stage = _claim_stage(recipe, resume)
+    try:
+        metrics = _run(recipe, stage, quiet, progress, on_finetune_epoch, t0, timings)
+    except BaseException as e:
+        _release_stage(stage, keep=resume or isinstance(e, KeyboardInterrupt) or _has_checkpoints(stage))
+        raise
+    return metrics
 
+
+STAGE_LOCK = "run.lock"
+CHECKPOINTS = ("dense.pt", "train.ckpt.pt", "finetune.ckpt.pt", "pruned-init.pt")
+
+
+def _stage_dir(recipe: Recipe) -> str:
+    return os.path.join(recipe.output_dir, f".{recipe.name}.partial")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _has_checkpoints(stage: str) -> bool:
+    return any(os.path.exists(os.path.join(stage, f)) for f in CHECKPOINTS)
+
+
+def _claim_stage(recipe: Recipe, resume: bool) -> str:
+    """Create (or, with ``resume``, reopen) the run's staging folder and lock it with our pid."""
+    stage = _stage_dir(recipe)
+    lock = os.path.join(stage, STAGE_LOCK)
+    if os.path.exists(stage):
+        try:
+            pid = int(open(lock, encoding="utf-8").read().strip() or 0)
+        except (OSError, ValueError):
+            pid = 0
+        if pid and pid != os.getpid() and _alive(pid):
+            raise RunError(f"run {recipe.name!r} is already in progress (pid {pid}, folder {stage})")
+        if not resume:
+            raise RunError(f"an interrupted run of {recipe.name!r} is waiting in {stage}: continue it with "
+                           "`pfgdf-plugin run RECIPE --resume`, or delete that folder to start over")
+        saved = yaml.safe_load(open(os.path.join(stage, "recipe.yaml"), encoding="utf-8"))
+        now = yaml.safe_load(yaml.safe_dump(recipe.to_dict()))
+        diff = sorted(_diff_keys(saved, now) - {"progress"})
+        if diff:
+            raise RunError(f"--resume: the recipe differs from the interrupted run's at {', '.join(diff)} "
+                           f"(saved in {os.path.join(stage, 'recipe.yaml')})")
+    else:
+        if resume:
+            raise RunError(f"--resume: no interrupted run of {recipe.name!r} in {recipe.output_dir} "
+                           f"(no folder {stage})")
+        os.makedirs(stage)
+        with open(os.path.join(stage, "recipe.yaml"), "w", encoding="utf-8") as f:
+            yaml.safe_dump(recipe.to_dict(), f, sort_keys=False)
+    with open(lock, "w", encoding="utf-8") as f:
+        f.write(str(os.getpid()))
+    return stage
+
+
+def _release_stage(stage: str, keep: bool) -> None:
+    """After a failure: keep a resumable folder (unlocked), or remove one with nothing to resume."""
+    if keep:
+        lock = os.path.join(stage, STAGE_LOCK)
+        if os.path.exists(lock):
+            os.unlink(lock)
+    else:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _diff_keys(a: Any, b: Any, prefix: str = "") -> set:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = set()
+        for k in set(a) | set(b):
+            out |= _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return set() if a == b else {prefix.rstrip(".")}
+
+
+def _phase(recipe: Recipe, loader, phase: int) -> None:
+    """Seed every random source for one phase, so a resumed run repeats it exactly."""
+    seed_everything(recipe.seed + 1000 * phase)
+    if getattr(loader, "generator", None) is not None:
+        loader.generator.manual_seed(recipe.seed + 1000 * phase)
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        json.dumps(value)
+        return value
+    except (TypeError, ValueError):
+        return None
+
+
+def _run(recipe: Recipe, stage: str, quiet: bool, progress: bool, on_finetune_epoch, t0: float,
+         timings: Dict[str, float]) -> Dict[str, Any]:
+    seed_everything(recipe.seed)
     d = recipe.data
     _log(f"[1/7] data: {d.name}", quiet)
     spec = build_dataset(d.name, root=d.root, image_size=d.image_size, in_channels=d.in_channels,
@@ -147,29 +242,56 @@ def run_recipe(recipe: Recipe, quiet: bool = False,
     _log(f"[2/7] model: {m.name} (width {m.width:g}), {len(spec.train)} training images", quiet)
     model = build_model(m.name, num_classes=spec.num_classes, in_channels=spec.in_channels, width=m.width)
     t = time.perf_counter()
-    if m.checkpoint:
+    dense_path = os.path.join(stage, "dense.pt")
+    if os.path.exists(dense_path):
+        _log("      resuming: dense model from the interrupted run", quiet)
+        load_checkpoint(model, dense_path)
+    elif m.checkpoint:
         load_checkpoint(model, m.checkpoint)
     elif recipe.train.epochs > 0:
-        train(model, train_loader, recipe.train, device=recipe.device, desc="train", progress=progress)
+        _phase(recipe, train_loader, 1)
+        ckpt = os.path.join(stage, "train.ckpt.pt")
+        train(model, train_loader, recipe.train, device=recipe.device, desc="train", progress=progress,
+              checkpoint=Checkpointing(ckpt, recipe.checkpoint_every))
     timings["train_s"] = time.perf_counter() - t
     model.cpu().eval()
-    atomic_save({"state_dict": model.state_dict()}, os.path.join(stage, "dense.pt"))
+    if not os.path.exists(dense_path):
+        atomic_save({"state_dict": model.state_dict()}, dense_path)
     before = measure.summarize(model, example)
     before.update(measure.evaluate(model, test_loader, recipe.device, "eval dense", progress))
 
     p = recipe.prune
-    _log(f"[3/7] prune: {p.method} via {p.framework}", quiet)
+    arch = {"name": m.name, "width": m.width, "num_classes": spec.num_classes, "in_channels": spec.in_channels}
+    init_path, prune_json = os.path.join(stage, "pruned-init.pt"), os.path.join(stage, "prune.json")
     t = time.perf_counter()
-    ctx = PruneContext(train_loader=train_loader, train_cfg=recipe.finetune, device=recipe.device, progress=progress,
-                       quantize=recipe.quantize)
-    result = prune(model, example, p.method, p.framework, p.params, p.ratio, p.ignored_layers, ctx=ctx)
+    if os.path.exists(init_path) and os.path.exists(prune_json):
+        _log(f"[3/7] prune: {p.method} via {p.framework} (resuming: pruned model from the interrupted run)", quiet)
+        pruned, _ = load_pruned(init_path)
+        saved = json.load(open(prune_json, encoding="utf-8"))
+        result = PruneResult(pruned, saved["layers"], p.method, p.framework, saved["extra"])
+        after_prune = saved["after_prune"]
+    else:
+        _log(f"[3/7] prune: {p.method} via {p.framework}", quiet)
+        _phase(recipe, train_loader, 2)
+        ctx = PruneContext(train_loader=train_loader, train_cfg=recipe.finetune, device=recipe.device,
+                           progress=progress, quantize=recipe.quantize)
+        result = prune(model, example, p.method, p.framework, p.params, p.ratio, p.ignored_layers, ctx=ctx)
+        pruned = result.model
+        after_prune = measure.evaluate(pruned, test_loader, recipe.device, "eval pruned", progress)
+        extra = {k: _jsonable(v) for k, v in result.extra.items()}
+        if "fused_calibration" in result.extra:
+            extra["fused_calibration"] = {n: {} for n in result.extra["fused_calibration"]}
+        save_pruned(pruned, init_path, arch=arch)
+        with open(prune_json + ".tmp", "w", encoding="utf-8") as f:
+            json.dump({"layers": result.layers, "extra": extra, "after_prune": after_prune}, f, default=float)
+        os.replace(prune_json + ".tmp", prune_json)
     timings["prune_s"] = time.perf_counter() - t
-    pruned = result.model
-    after_prune = measure.evaluate(pruned, test_loader, recipe.device, "eval pruned", progress)
 
     _log(f"[4/7] fine-tune: {recipe.finetune.epochs:g} epoch(s)", quiet)
     t = time.perf_counter()
-    ft_log = []
+    ft_ckpt = os.path.join(stage, "finetune.ckpt.pt")
+    saved_ft = read_checkpoint(ft_ckpt)
+    ft_log = list((saved_ft or {}).get("extra", {}).get("log", []))
 
     def on_epoch(epoch: int) -> None:
         acc = measure.evaluate(pruned, test_loader, recipe.device, "eval", False)["accuracy"]
@@ -179,8 +301,10 @@ def run_recipe(recipe: Recipe, quiet: bool = False,
             on_finetune_epoch(epoch, acc)
 
     teacher = model if recipe.finetune.distill_weight > 0 else None
+    _phase(recipe, train_loader, 3)
     train(pruned, train_loader, recipe.finetune, device=recipe.device, desc="fine-tune", teacher=teacher,
-          progress=progress, on_epoch=on_epoch)
+          progress=progress, on_epoch=on_epoch,
+          checkpoint=Checkpointing(ft_ckpt, recipe.checkpoint_every, lambda: {"log": list(ft_log)}))
     timings["finetune_s"] = time.perf_counter() - t
     pruned.cpu().eval()
     after = measure.summarize(pruned, example)
@@ -191,6 +315,7 @@ def run_recipe(recipe: Recipe, quiet: bool = False,
     if q.method:
         _log(f"[5/7] quantize: {q.bits}-bit {q.method}" + (" (also fused with pruning)" if q.fused else ""), quiet)
         t = time.perf_counter()
+        _phase(recipe, train_loader, 4)
         quantized = copy.deepcopy(pruned)
         qres = quantize(quantized, q, train_loader, recipe.device, progress)
         quant_info = {"method": q.method, "bits": q.bits, "scheme": q.config_list()[0]["quant_scheme"],
@@ -206,7 +331,6 @@ def run_recipe(recipe: Recipe, quiet: bool = False,
         _log("[5/7] quantize: skipped (quantize.method is null)", quiet)
 
     _log("[6/7] save and export", quiet)
-    arch = {"name": m.name, "width": m.width, "num_classes": spec.num_classes, "in_channels": spec.in_channels}
     save_pruned(pruned, os.path.join(stage, "pruned.pt"), arch=arch)
     onnx_info = None
     if recipe.export.onnx:
@@ -258,6 +382,9 @@ def run_recipe(recipe: Recipe, quiet: bool = False,
     with open(os.path.join(stage, "metrics.json"), "w", encoding="utf-8") as f:
         json.dump(metrics, f, indent=2, default=float)
     write_report(stage, metrics, plots)
+    for f in (STAGE_LOCK, "train.ckpt.pt", "finetune.ckpt.pt", "pruned-init.pt", "prune.json"):
+        if os.path.exists(os.path.join(stage, f)):
+            os.unlink(os.path.join(stage, f))  # resume-only files: the run is complete
     final = _final_dir(recipe.output_dir, recipe.name)
     os.replace(stage, final)
     metrics["run_dir"] = final

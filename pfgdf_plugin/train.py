@@ -94,11 +94,43 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: in
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
 
+@dataclass
+class Checkpointing:
+    """Where and how often :func:`train` saves a resumable checkpoint.
+
+    Attributes:
+        path: the checkpoint file; when it exists as training starts, training resumes from it.
+        every: optimiser steps between checkpoints; 0 saves at the end of every epoch only.
+        extra: returns more JSON-like state to keep beside the training state (read it back
+            with :func:`read_checkpoint`), e.g. a log of accuracies.
+    """
+
+    path: str
+    every: int = 0
+    extra: Optional[Callable[[], dict]] = None
+
+
+def read_checkpoint(path: str) -> Optional[dict]:
+    """The checkpoint at ``path`` (loaded with ``weights_only=True``), or ``None`` if there is none."""
+    if not os.path.exists(path):
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); delete it to start "
+                         "that stage over") from None
+
+
+def _epoch_seed(base: int, epoch: int) -> int:
+    return (base * 1_000_003 + epoch) % (2**63 - 1)
+
+
 def train(model: nn.Module, loader, cfg: TrainConfig, device: str = "cpu", desc: str = "train",
           teacher: Optional[nn.Module] = None, progress: bool = True,
           on_step: Optional[Callable[[int, float], None]] = None,
           on_epoch: Optional[Callable[[int], None]] = None,
-          optimizer: Optional[torch.optim.Optimizer] = None) -> Dict[str, float]:
+          optimizer: Optional[torch.optim.Optimizer] = None,
+          checkpoint: Optional[Checkpointing] = None) -> Dict[str, float]:
     """Train ``model`` in place for ``cfg.epochs`` epochs (fractions allowed) and return stats.
 
     Args:
@@ -111,6 +143,11 @@ def train(model: nn.Module, loader, cfg: TrainConfig, device: str = "cpu", desc:
         on_epoch: called with the epoch index after each full epoch.
         optimizer: use this optimiser (e.g. one an NNI evaluator patched) instead of building one
             from ``cfg``; the schedule still follows ``cfg``.
+        checkpoint: save model, optimiser, schedule, position and random state atomically, and
+            resume from ``checkpoint.path`` when it exists. A resumed run sees the same batches in
+            the same order and ends with the same weights as an uninterrupted one: when the
+            loader has a ``generator``, every epoch's order is drawn from a seed fixed at the
+            start of training.
 
     Example:
         >>> import torch
@@ -134,11 +171,37 @@ def train(model: nn.Module, loader, cfg: TrainConfig, device: str = "cpu", desc:
         teacher.to(device).eval()
     opt = optimizer if optimizer is not None else make_optimizer(model, cfg)
     sched = make_scheduler(opt, cfg, total)
-    step, running = 0, None
-    bar = tqdm(total=total, desc=desc, leave=False, disable=not progress, unit="step")
-    epoch = 0
+    gen = getattr(loader, "generator", None)
+    base = int(torch.randint(0, 2**31 - 1, (1,), generator=gen).item()) if gen is not None else 0
+    step, epoch, skip, running, rng = 0, 0, 0, None, None
+    state = read_checkpoint(checkpoint.path) if checkpoint is not None else None
+    if state is not None:
+        try:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise ValueError(f"checkpoint {checkpoint.path} does not fit this model or optimiser "
+                             f"({' '.join(str(e).splitlines()[:2])}); delete it to start that stage over") from None
+        step, epoch, skip, base = state["step"], state["epoch"], state["batch"], state["base_seed"]
+        running, rng = state["running_loss"], state["rng"]
+    bar = tqdm(total=total, initial=step, desc=desc, leave=False, disable=not progress, unit="step")
+
+    def save(batch_in_epoch: int) -> None:
+        blob = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "step": step, "epoch": epoch, "batch": batch_in_epoch, "base_seed": base, "running_loss": running,
+                "rng": torch.get_rng_state(), "extra": checkpoint.extra() if checkpoint.extra else {}}
+        atomic_save(blob, checkpoint.path)
+
     while step < total:
+        if gen is not None:
+            gen.manual_seed(_epoch_seed(base, epoch))
         for i, (x, y) in enumerate(loader):
+            if i < skip:  # batches this epoch already trained on before the checkpoint
+                continue
+            if rng is not None:
+                torch.set_rng_state(rng)  # as it was when the checkpoint was written
+                rng = None
             x, y = x.to(device), y.to(device)
             out = model(x)
             loss = F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing)
@@ -159,13 +222,17 @@ def train(model: nn.Module, loader, cfg: TrainConfig, device: str = "cpu", desc:
             bar.set_postfix(loss=f"{running:.3f}")
             bar.update(1)
             stop = on_step(step, loss.item()) if on_step is not None else False
-            if i == steps_per_epoch - 1:  # a full epoch ended, including the last one
+            end_of_epoch = i == steps_per_epoch - 1
+            if end_of_epoch:  # a full epoch ended, including the last one
                 if on_epoch is not None:
                     on_epoch(epoch)
                 epoch += 1
+            if checkpoint is not None and (end_of_epoch or (checkpoint.every and step % checkpoint.every == 0)):
+                save(0 if end_of_epoch else i + 1)
             if step >= total or stop:
                 total = step
                 break
+        skip = 0
     bar.close()
     stats.update(steps=step, loss=float(running))
     return stats
