@@ -44,7 +44,9 @@ def count_macs(model: nn.Module, example_inputs: Any) -> int:
 
     Uses ``torch_pruning.utils.count_ops_and_params``, which runs a deep copy
     of the model in eval mode, averages over the batch and counts a bias add
-    as one MAC per output element.
+    as one MAC per output element. It does not see the batched matmul of
+    :class:`pfgdf_plugin.modules.BlockDiagonalLinear`; those layers are added
+    here with every weight they store (padding included: what ``bmm`` computes).
 
     Args:
         model: The model.
@@ -59,7 +61,38 @@ def count_macs(model: nn.Module, example_inputs: Any) -> int:
     import torch_pruning as tp
 
     macs, _ = tp.utils.count_ops_and_params(model, example_inputs)
-    return int(macs)
+    return int(macs) + _block_diagonal_macs(model, example_inputs)
+
+
+def _block_diagonal_macs(model: nn.Module, example_inputs: Any) -> int:
+    from .modules import BlockDiagonalLinear
+
+    layers = [m for m in model.modules() if isinstance(m, BlockDiagonalLinear)]
+    if not layers:
+        return 0
+    rows: Dict[nn.Module, int] = {}
+    hooks = [m.register_forward_hook(lambda mod, inp, out: rows.__setitem__(mod, inp[0].numel() // mod.in_features))
+             for m in layers]
+    modes = _modes(model)
+    try:
+        model.eval()
+        with torch.no_grad():
+            if isinstance(example_inputs, dict):
+                model(**example_inputs)
+            elif isinstance(example_inputs, (tuple, list)):
+                model(*example_inputs)
+            else:
+                model(example_inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+        _restore_modes(modes)
+    first = example_inputs if isinstance(example_inputs, torch.Tensor) else next(
+        v for v in (example_inputs.values() if isinstance(example_inputs, dict) else example_inputs)
+        if isinstance(v, torch.Tensor))
+    batch = max(1, first.shape[0])
+    total = sum(r * (m.stored_weights() + (m.bias.numel() if m.bias is not None else 0)) for m, r in rows.items())
+    return int(total // batch)
 
 
 def filters_per_layer(model: nn.Module) -> Dict[str, int]:

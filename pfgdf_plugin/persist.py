@@ -1,9 +1,11 @@
 """Save and load pruned models without pickling code.
 
-A pruned model is stored as an ordinary ``state_dict`` plus a JSON description of every
-layer whose shape differs from a freshly built model (channels, features, groups). Loading
-builds the base model, reshapes those layers, and loads the weights with
-``torch.load(..., weights_only=True)``: nothing in the file can run code.
+A pruned model is stored as an ordinary ``state_dict`` plus a JSON description of its
+structure: the shape of every conv, linear and norm layer (channels, features, groups), the
+modules that are ``nn.Identity`` (blocks DBP removed), and the block-diagonal layers MPDCompress
+created (:func:`pfgdf_plugin.methods.mpd.describe_model`). Loading builds the base model,
+rebuilds that structure, and loads the weights with ``torch.load(..., weights_only=True)``:
+nothing in the file can run code.
 """
 
 from __future__ import annotations
@@ -64,7 +66,11 @@ def save_pruned(model: nn.Module, path: str, arch: Optional[Dict[str, Any]] = No
         >>> load_pruned(p, m2)[0][0].out_channels
         4
     """
-    meta = {"format": FORMAT, "arch": arch or {}, "structure": describe_structure(model)}
+    from .methods.mpd import describe_model
+
+    meta = {"format": FORMAT, "arch": arch or {}, "structure": describe_structure(model),
+            "identity": [n for n, m in model.named_modules() if n and isinstance(m, nn.Identity)],
+            "block_diagonal": describe_model(model)}
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     atomic_save({"meta": json.dumps(meta), "state_dict": state}, path)
 
@@ -107,6 +113,25 @@ def _reshape(module: nn.Module, d: Dict[str, Any], name: str) -> None:
             module.bias = nn.Parameter(torch.empty(module.num_channels))
 
 
+def _restore_layers(model: nn.Module, meta: Dict[str, Any], path: str) -> None:
+    """Block-diagonal layers first (they bring their own sub-modules), then removed blocks."""
+    from .methods.mpd import MPDError, restore_model
+
+    bd = meta.get("block_diagonal")
+    if bd and bd.get("modules"):
+        try:
+            restore_model(model, bd)
+        except (MPDError, KeyError, TypeError, ValueError) as e:
+            raise PrunedFileError(f"{path}: block-diagonal layers do not fit {type(model).__name__}: {e}") from None
+    for name in meta.get("identity", []):
+        modules = dict(model.named_modules())
+        if name not in modules:
+            raise PrunedFileError(f"{path}: removed block {name!r} does not exist in {type(model).__name__}")
+        if not isinstance(modules[name], nn.Identity):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, nn.Identity())
+
+
 def read_pruned(path: str) -> tuple:
     """Return ``(meta, state_dict)`` of a pruned-model file, loaded with ``weights_only=True``."""
     try:
@@ -146,6 +171,7 @@ def load_pruned(path: str, base_model: Optional[nn.Module] = None) -> tuple:
         from .models import build_model
 
         base_model = build_model(arch.pop("name"), **arch)
+    _restore_layers(base_model, meta, path)
     modules = dict(base_model.named_modules())
     for name, d in meta["structure"].items():
         if name not in modules:

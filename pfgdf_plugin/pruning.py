@@ -378,6 +378,213 @@ METHODS.register("random")(Method(
     params={}, run={"torch_pruning": _tp_builtin(_random)}, needs_ratio=True))
 
 
+# ----------------------------------------------------------------------------- DBP (depth)
+def _dbp_target(p: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: p[k] for k in ("blocks", "macs", "latency") if p[k] is not None}
+
+
+def _dbp_candidates(model: nn.Module, example_inputs, params, ignored: List[nn.Module]):
+    """The recipe's candidates, or every removable block that holds no ignored layer, as
+    ``(name, members)`` pairs."""
+    if params["candidates"] is not None:
+        return [(c, [c]) if isinstance(c, str) else (c[0], list(c)) for c in params["candidates"]]
+    from .methods import dbp
+
+    skip = {n for n, m in model.named_modules() if any(m is i for i in ignored)}
+    return [(b.name, list(b.members)) for b in dbp.find_blocks(model, example_inputs)
+            if not any(mem == s or s.startswith(mem + ".") for mem in b.members for s in skip)]
+
+
+def _dbp_result(model: nn.Module, before: Dict[str, int], pruner) -> PruneResult:
+    layers = _channel_report(before, model)
+    now = filters_per_layer(model)
+    for name, d in layers.items():
+        if name not in now:  # inside a removed block
+            d.update(pruned=d["channels"], ratio=1.0)
+    plan = pruner.result.plan
+    return PruneResult(model, layers, extra={
+        "dbp_blocks": {n: {k: v for k, v in e.items() if k != "members"} for n, e in pruner.report.items()},
+        "dbp_removed": list(pruner.removed), "dbp_macs_ratio": plan.macs_ratio,
+        "dbp_latency_ratio": plan.latency_ratio, "dbp_baseline": pruner.result.info.get("baseline")})
+
+
+def _dbp_kwargs(params: Dict[str, Any], ctx: PruneContext) -> Dict[str, Any]:
+    return {"target": _dbp_target(params), "num_batches": params["num_batches"], "holdout": params["holdout"],
+            "reference": params["reference"], "seed": params["seed"], "progress": ctx.progress}
+
+
+def _tp_dbp(model, example_inputs, params, ratio, ignored, ctx):
+    from .torch_pruning.dbp import DBPPruner
+
+    if ctx.train_loader is None:
+        raise ValueError("method 'dbp' trains linear probes: it needs training data")
+    before = filters_per_layer(model)
+    candidates = [members for _, members in _dbp_candidates(model, example_inputs, params, ignored)]
+    pruner = DBPPruner(model, example_inputs, data=ctx.train_loader, candidates=candidates, **_dbp_kwargs(params, ctx))
+    pruner.step()
+    return _dbp_result(model, before, pruner)
+
+
+def _nni_dbp(model, example_inputs, params, ratio, ignored, ctx):
+    """DBP through NNI: config_list selects the candidate blocks, the evaluator supplies the batches."""
+    from .nni.dbp import DBPPruner
+    from .quantize import torch_evaluator
+    from .train import TrainConfig
+
+    if ctx.train_loader is None:
+        raise ValueError("method 'dbp' trains linear probes: it needs training data")
+    before = filters_per_layer(model)
+    blocks = _dbp_candidates(model, example_inputs, params, ignored)
+    config = [{"op_names": [name for name, _ in blocks]}]
+    evaluator = torch_evaluator(model, ctx.train_loader, ctx.train_cfg or TrainConfig(lr=0.01), ctx.device)
+    pruner = DBPPruner(model, config, evaluator, example_inputs=example_inputs, **_dbp_kwargs(params, ctx))
+    pruner.compress()
+    return _dbp_result(model, before, pruner)
+
+
+def _check_dbp(p: Dict[str, Any]) -> List[str]:
+    errors = []
+    given = _dbp_target(p)
+    if len(given) != 1:
+        errors.append("set exactly one target of blocks, macs, latency; got "
+                      + (", ".join(f"{k}={v!r}" for k, v in given.items()) or "none"))
+    if p["blocks"] is not None and p["blocks"] < 1:
+        errors.append(f"blocks must be >= 1, got {p['blocks']!r}")
+    for key in ("macs", "latency"):
+        if p[key] is not None and p[key] < 1:
+            errors.append(f"{key} must be a ratio >= 1 (dense / pruned), got {p[key]!r}")
+    if p["num_batches"] < 1:
+        errors.append(f"num_batches must be >= 1, got {p['num_batches']!r}")
+    if not 0 < p["holdout"] < 1:
+        errors.append(f"holdout must be in (0, 1), got {p['holdout']!r}")
+    if p["reference"] not in ("previous", "input"):
+        errors.append(f"reference must be previous or input, got {p['reference']!r}")
+    return errors
+
+
+METHODS.register("dbp")(Method(
+    "dbp", "depth pruning: remove the blocks whose features add the least class discrimination (linear probes)",
+    params={"blocks": (int, None), "macs": (float, None), "latency": (float, None), "num_batches": (int, 8),
+            "holdout": (float, 0.25), "reference": (str, "previous"), "seed": (int, 0), "candidates": (list, None)},
+    run={"torch_pruning": _tp_dbp, "nni": _nni_dbp}, check=_check_dbp))
+
+
+# ----------------------------------------------------------------------------- MPDCompress
+def _mpd_snapshot(model: nn.Module, plans: Dict[str, Any]) -> Dict[str, Any]:
+    """The first masked layer's weight (|W| summed over the kernel) and its block labels, for the report."""
+    if not plans:
+        return {}
+    name, plan = next(iter(plans.items()))
+    w = dict(model.named_modules())[name].weight.detach().float().abs()
+    w = w.reshape(w.shape[0], w.shape[1], -1).sum(-1) if w.dim() > 2 else w
+    return {"layer": name, "weight": w.tolist(), "out_labels": plan.out_labels.tolist(),
+            "in_labels": plan.in_labels.tolist(), "blocks": plan.blocks}
+
+
+def _mpd_layers(report: Dict[str, Any]) -> Dict[str, dict]:
+    return {n: {k: v for k, v in e.items() if k in ("blocks", "dense", "kept", "stored", "compression")}
+            for n, e in report["layers"].items()}
+
+
+def _mpd_sizes(params: Dict[str, Any]) -> Dict[str, Any]:
+    if params["blocks"] is not None:
+        return {"blocks": params["blocks"]}
+    return {"compression": params["compression"]}
+
+
+def _tp_mpd(model, example_inputs, params, ratio, ignored, ctx):
+    """MPDCompress through Torch-Pruning's graph: masked training, then block-diagonal layers."""
+    import dataclasses
+
+    from .torch_pruning.mpd import MPDPruner
+    from .train import TrainConfig, train
+
+    pruner = MPDPruner(model, example_inputs, permutation=params["permutation"], ignored_layers=ignored,
+                       seed=params["seed"], round_to=params["round_to"], fold=params["fold"],
+                       dense_output=params["dense_output"], **_mpd_sizes(params))
+    if params["max_epochs"] > 0:
+        if ctx.train_loader is None:
+            raise ValueError("method 'mpd' trains with its masks for prune.params.max_epochs: it needs training data")
+        cfg = dataclasses.replace(ctx.train_cfg or TrainConfig(lr=0.01), epochs=params["max_epochs"])
+        train(model, ctx.train_loader, cfg, device=ctx.device, desc="mpd (masked training)", progress=ctx.progress,
+              on_step=lambda step, loss: pruner.update())
+        model.cpu().eval()
+    snapshot = _mpd_snapshot(model, pruner.plans)
+    report = pruner.step()
+    return PruneResult(model, _mpd_layers(report), extra={"mpd_snapshot": snapshot,
+                                                           "mpd_compression": report["compression"],
+                                                           "mpd_folded": report.get("folded", [])})
+
+
+def _nni_mpd(model, example_inputs, params, ratio, ignored, ctx):
+    """MPDCompress through NNI: fine-grained masks trained under a TorchEvaluator (optionally fused
+    with a quantizer), then converted to block-diagonal layers."""
+    import dataclasses
+
+    from .nni.mpd import MPDPruner, convert
+    from .quantize import fuse, torch_evaluator
+    from .train import TrainConfig
+
+    names = _names(model)
+    entry: Dict[str, Any] = {"op_types": ["Linear", "Conv2d"]}
+    excl = [names[m] for m in ignored]
+    if params["dense_output"]:
+        excl += [n for n in (names[m] for m in resolve_layers(model, None)) if n not in excl]
+    if excl:
+        entry["exclude_op_names"] = excl
+    cfg = dataclasses.replace(ctx.train_cfg or TrainConfig(lr=0.01), epochs=params["max_epochs"])
+    evaluator = None
+    if params["max_epochs"] > 0:
+        if ctx.train_loader is None:
+            raise ValueError("method 'mpd' trains with its masks for prune.params.max_epochs: it needs training data")
+        evaluator = torch_evaluator(model, ctx.train_loader, cfg, ctx.device, ctx.progress, "mpd (masked training, NNI)")
+    pruner = MPDPruner(model, [entry], evaluator, permutation=params["permutation"], seed=params["seed"],
+                       round_to=params["round_to"], **_mpd_sizes(params))
+    extra: Dict[str, Any] = {}
+    steps = max(1, int(round(cfg.epochs * len(ctx.train_loader)))) if evaluator is not None else None
+    if evaluator is not None and ctx.quantize is not None and ctx.quantize.fused:
+        quantizer = fuse(pruner, ctx.quantize, evaluator)
+        quantizer.compress(max_steps=steps, max_epochs=None)
+        extra["fused_calibration"] = quantizer.get_calibration_config()
+        quantizer.unwrap_model()
+    else:
+        pruner.compress(max_steps=steps, max_epochs=None)
+        pruner.unwrap_model()
+    model.cpu().eval()
+    plans = dict(pruner.plans)
+    extra["mpd_snapshot"] = _mpd_snapshot(model, plans)
+    report = convert(model, pruner, example_inputs, fold=params["fold"])
+    extra.update({"mpd_compression": report["compression"], "mpd_folded": report.get("folded", [])})
+    return PruneResult(model, _mpd_layers(report), extra=extra)
+
+
+def _check_mpd(p: Dict[str, Any]) -> List[str]:
+    from .methods import mpd
+
+    errors = []
+    for check, value in ((mpd.check_permutation, p["permutation"]), (mpd.check_round_to, p["round_to"]),
+                         (mpd.check_compression, p["compression"])):
+        try:
+            if value is not None or check is mpd.check_round_to:
+                check(value)
+        except mpd.MPDError as e:
+            errors.append(str(e))
+    if p["blocks"] is None and p["compression"] is None:
+        errors.append("set compression (e.g. 10.0) or blocks")
+    if p["blocks"] is not None and p["blocks"] < 1:
+        errors.append(f"blocks must be >= 1, got {p['blocks']!r}")
+    if p["max_epochs"] < 0:
+        errors.append(f"max_epochs must be >= 0, got {p['max_epochs']!r}")
+    return errors
+
+
+METHODS.register("mpd")(Method(
+    "mpd", "MPDCompress: permuted block-diagonal masks in training, then block-diagonal / grouped layers",
+    params={"compression": (float, 10.0), "blocks": (int, None), "permutation": (str, "random"), "seed": (int, 0),
+            "fold": (bool, True), "round_to": (int, None), "dense_output": (bool, True), "max_epochs": (float, 1.0)},
+    run={"torch_pruning": _tp_mpd, "nni": _nni_mpd}, check=_check_mpd, fusable=("nni",)))
+
+
 def prune_like(model: nn.Module, example_inputs: torch.Tensor, method: str, framework: str,
                layers: Dict[str, dict], ignored_layers: Optional[List[str]] = None) -> PruneResult:
     """Prune ``model`` in place with a built-in criterion, removing exactly ``layers[name]["pruned"]``

@@ -32,9 +32,10 @@ def comparison_rows(before: Dict, after: Dict, latency: Optional[Dict] = None, q
         ["params", fmt_count(before["params"]), fmt_count(after["params"]),
          f"-{100 * (1 - after['params'] / before['params']):.1f}%"],
         ["MACs", fmt_count(before["macs"]), fmt_count(after["macs"]), f"{before['macs'] / after['macs']:.2f}x fewer"],
-        ["conv filters", str(before["filters"]), str(after["filters"]),
-         f"-{100 * (1 - after['filters'] / max(1, before['filters'])):.1f}%"],
     ]
+    if before["filters"]:
+        rows.append(["conv filters", str(before["filters"]), str(after["filters"]),
+                     f"-{100 * (1 - after['filters'] / before['filters']):.1f}%"])
     for bs, d in sorted((latency or {}).items(), key=lambda kv: int(kv[0])):
         rows.append([f"latency b{bs} (ms, median)", f"{d['dense']:.2f}", f"{d['pruned']:.2f}",
                      f"{d['dense'] / d['pruned']:.2f}x faster"])
@@ -149,6 +150,60 @@ def plot_probabilities(history: Dict[str, list], every: int, path: str, max_laye
     return path
 
 
+def plot_dbp_blocks(blocks: Dict[str, dict], path: str) -> str:
+    """DBP: per candidate block, the probe's discrimination and the block's gain, removed ones marked."""
+    names = list(blocks)
+    disc = [100 * blocks[n]["discrimination"] for n in names]
+    gain = [100 * blocks[n]["gain"] for n in names]
+    removed = [bool(blocks[n]["removed"]) for n in names]
+    x = list(range(len(names)))
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6.0, 0.45 * len(names) + 2), 5.2), sharex=True,
+                                      layout="constrained")
+    top.plot(x, disc, "-o", color="#4c72b0", ms=4)
+    top.scatter([i for i in x if removed[i]], [disc[i] for i in x if removed[i]], s=60, facecolors="none",
+                edgecolors="#c44e52", linewidths=1.5, zorder=3, label="removed")
+    top.set_ylabel("probe accuracy (%)")
+    top.set_title("DBP: linear-probe discrimination after each block (removed blocks circled)", fontsize=10)
+    if any(removed):
+        top.legend(fontsize=8)
+    bottom.bar(x, gain, color=["#c44e52" if r else "#8c8c8c" for r in removed])
+    bottom.axhline(0, color="black", lw=0.6)
+    bottom.set_ylabel("gain over previous (pts)")
+    bottom.set_xticks(x)
+    bottom.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_mpd_blocks(snapshot: Dict, layers: Dict[str, dict], path: str) -> str:
+    """MPDCompress: one masked weight matrix as stored and after permutation (its blocks), and the
+    compression of every converted layer."""
+    import torch
+
+    w = torch.tensor(snapshot["weight"])
+    rows = torch.argsort(torch.tensor(snapshot["out_labels"]), stable=True)
+    cols = torch.argsort(torch.tensor(snapshot["in_labels"]), stable=True)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4), layout="constrained",
+                             gridspec_kw={"width_ratios": [1, 1, 1.1]})
+    for ax, img, title in ((axes[0], w, "as trained (masked)"), (axes[1], w[rows][:, cols], "after permutation")):
+        ax.imshow((img > 0).float() * 0.3 + img / max(float(img.max()), 1e-12), aspect="auto", cmap="Greys",
+                  interpolation="nearest")
+        ax.set_title(f"{snapshot['layer']} |W|, {title}", fontsize=9)
+        ax.set_xlabel("input")
+        ax.set_ylabel("output")
+    names = list(layers)
+    axes[2].barh(names, [layers[n]["compression"] for n in names], color="#4c72b0")
+    axes[2].set_xlabel("dense / kept weights")
+    axes[2].invert_yaxis()
+    axes[2].tick_params(labelsize=7)
+    axes[2].set_title("compression per converted layer", fontsize=9)
+    fig.suptitle(f"MPDCompress: {snapshot['blocks']} blocks in {snapshot['layer']}", fontsize=10)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_report(out_dir: str, metrics: Dict, plots: List[str]) -> str:
     """Write ``report.md`` beside the metrics and plots."""
     b, a = metrics["before"], metrics["after"]
@@ -165,6 +220,19 @@ def write_report(out_dir: str, metrics: Dict, plots: List[str]) -> str:
         o = metrics["onnx"]
         lines += [f"ONNX export: `{o.get('file', '-')}` ({o.get('status')})"
                   + (f", max |onnxruntime - torch| = {o['max_abs_diff']:.2e}" if "max_abs_diff" in o else ""), ""]
+    if metrics.get("dbp"):
+        d = metrics["dbp"]
+        lines += [f"DBP removed {len(d['removed'])} block(s), least useful first: "
+                  + ", ".join(f"`{n}`" for n in d["removed"]) + f"; MACs {d['macs_ratio']:.2f}x fewer"
+                  + (f", measured latency ratio {d['latency_ratio']:.2f}x" if d.get("latency_ratio") else "")
+                  + ".", ""]
+    if metrics.get("mpd"):
+        d = metrics["mpd"]
+        lines += [f"MPDCompress: {d['compression']:.2f}x fewer weights in the converted layers"
+                  + (f"; permutations folded at {', '.join(d['folded'])}" if d.get("folded") else "") + ".", "",
+                  markdown_table(["layer", "blocks", "dense", "kept", "stored", "compression"],
+                                 [[n, str(e["blocks"]), str(e["dense"]), str(e["kept"]), str(e["stored"]),
+                                   f"{e['compression']:.2f}x"] for n, e in metrics["layers"].items()]), ""]
     q = metrics.get("quantized")
     if q:
         lines += [f"Quantization: NNI {q['method'].upper()}, {q['bits']}-bit {q['scheme']}, {q['steps']} step(s), "

@@ -25,7 +25,8 @@ from .persist import load_pruned, save_pruned
 from .pruning import PruneContext, PruneResult, prune
 from .quantize import onnx_int8, quantize
 from .recipe import Recipe
-from .report import comparison_rows, plot_filters, plot_gaussians, plot_probabilities, text_table, write_report
+from .report import (comparison_rows, plot_dbp_blocks, plot_filters, plot_gaussians, plot_mpd_blocks,
+                     plot_probabilities, text_table, write_report)
 from .train import Checkpointing, atomic_save, read_checkpoint, seed_everything, train
 
 
@@ -372,9 +373,19 @@ def _run(recipe: Recipe, stage: str, quiet: bool, progress: bool, on_finetune_ep
                                result.extra.get("statistic", "mean"))
             if g:
                 plots.append(g)
+        if result.extra.get("dbp_blocks"):
+            plots.append(plot_dbp_blocks(result.extra["dbp_blocks"], os.path.join(stage, "dbp_blocks.png")))
+        if result.extra.get("mpd_snapshot"):
+            plots.append(plot_mpd_blocks(result.extra["mpd_snapshot"], result.layers,
+                                         os.path.join(stage, "mpd_blocks.png")))
         if result.extra.get("spp_history"):
             plots.append(plot_probabilities(result.extra["spp_history"], result.extra["spp_history_every"],
                                             os.path.join(stage, "spp_probabilities.png")))
+    if "dbp_removed" in result.extra:
+        metrics["dbp"] = {"removed": result.extra["dbp_removed"], "macs_ratio": result.extra["dbp_macs_ratio"],
+                          "latency_ratio": result.extra["dbp_latency_ratio"], "blocks": result.extra["dbp_blocks"]}
+    if "mpd_compression" in result.extra:
+        metrics["mpd"] = {"compression": result.extra["mpd_compression"], "folded": result.extra["mpd_folded"]}
     if "spp_steps" in result.extra:
         metrics["spp"] = {"steps": result.extra["spp_steps"], "finished": result.extra["spp_finished"]}
     timings["total_s"] = time.perf_counter() - t0

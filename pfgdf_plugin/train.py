@@ -130,7 +130,8 @@ def train(model: nn.Module, loader, cfg: TrainConfig, device: str = "cpu", desc:
           on_step: Optional[Callable[[int, float], None]] = None,
           on_epoch: Optional[Callable[[int], None]] = None,
           optimizer: Optional[torch.optim.Optimizer] = None,
-          checkpoint: Optional[Checkpointing] = None) -> Dict[str, float]:
+          checkpoint: Optional[Checkpointing] = None,
+          loss_fn: Optional[Callable[[tuple, nn.Module], torch.Tensor]] = None) -> Dict[str, float]:
     """Train ``model`` in place for ``cfg.epochs`` epochs (fractions allowed) and return stats.
 
     Args:
@@ -148,6 +149,9 @@ def train(model: nn.Module, loader, cfg: TrainConfig, device: str = "cpu", desc:
             the same order and ends with the same weights as an uninterrupted one: when the
             loader has a ``generator``, every epoch's order is drawn from a seed fixed at the
             start of training.
+        loss_fn: ``loss_fn((x, y), model) -> loss`` instead of cross-entropy (and distillation),
+            e.g. the ``training_step`` an NNI evaluator hands its training function (which NNI
+            may have patched).
 
     Example:
         >>> import torch
@@ -203,9 +207,12 @@ def train(model: nn.Module, loader, cfg: TrainConfig, device: str = "cpu", desc:
                 torch.set_rng_state(rng)  # as it was when the checkpoint was written
                 rng = None
             x, y = x.to(device), y.to(device)
-            out = model(x)
-            loss = F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing)
-            if teacher is not None and cfg.distill_weight > 0:
+            if loss_fn is not None:
+                loss = loss_fn((x, y), model)
+            else:
+                out = model(x)
+                loss = F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing)
+            if loss_fn is None and teacher is not None and cfg.distill_weight > 0:
                 with torch.no_grad():
                     t_out = teacher(x)
                 T = cfg.distill_temperature

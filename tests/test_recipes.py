@@ -23,7 +23,10 @@ TINY = ["data.name=digits", "model.width=0.25", "data.limit_train=256", "data.li
 
 
 # training-aware methods get a schedule that finishes within the tiny budget
-TINY_METHOD = {"spp": ["prune.params.A=0.5", "prune.params.interval=1", "prune.params.max_epochs=5"]}
+TINY_METHOD = {"spp": ["prune.params.A=0.5", "prune.params.interval=1", "prune.params.max_epochs=5"],
+               "dbp": ["prune.params.blocks=2", "prune.params.latency=null", "prune.params.macs=null",
+                       "prune.params.num_batches=2"],
+               "mpd": ["prune.params.max_epochs=0.5"]}
 
 
 def tiny(path, tmp_path, extra=()):
@@ -33,7 +36,9 @@ def tiny(path, tmp_path, extra=()):
 
 def test_recipes_are_found():
     names = {os.path.basename(p) for p in RECIPES}
-    assert {"pfgdf_vgg16.yaml", "pfgdf_vgg16_nni.yaml", "spp_resnet56.yaml", "spp_resnet56_nni.yaml"} <= names
+    assert {"pfgdf_vgg16.yaml", "pfgdf_vgg16_nni.yaml", "spp_resnet56.yaml", "spp_resnet56_nni.yaml",
+            "dbp_vgg16.yaml", "dbp_resnet56.yaml", "dbp_vgg16_nni.yaml",
+            "mpd_lenet300.yaml", "mpd_vgg16.yaml", "mpd_lenet300_nni.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=os.path.basename)
@@ -52,7 +57,14 @@ def test_recipe_runs_end_to_end(path, tmp_path):
     for f in ("metrics.json", "report.md", "recipe.yaml", "dense.pt", "pruned.pt", "filters_per_layer.png"):
         assert os.path.exists(os.path.join(out, f)), f
     assert metrics["after"]["params"] < metrics["before"]["params"]
-    assert metrics["after"]["filters"] < metrics["before"]["filters"]
+    if recipe.prune.method == "mpd":  # same channels, block-diagonal weights
+        assert metrics["mpd"]["compression"] > 2 and os.path.exists(os.path.join(out, "mpd_blocks.png"))
+    else:
+        assert metrics["after"]["filters"] < metrics["before"]["filters"]
+    if recipe.prune.method == "dbp":
+        assert len(metrics["dbp"]["removed"]) == 2 and os.path.exists(os.path.join(out, "dbp_blocks.png"))
+    if recipe.quantize.method:
+        assert metrics["quantized"]["layers"] > 0 and metrics["onnx"]["int8"]["status"] == "ok"
     assert set(metrics["latency"]) == {"1", "32"}
     if recipe.prune.method == "pfgdf":
         assert os.path.exists(os.path.join(out, "pfgdf_gaussian.png"))
