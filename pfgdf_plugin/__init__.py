@@ -12,11 +12,15 @@ Example:
 
 from .methods.pfgdf import PFGDFError
 from .persist import load_pruned, save_pruned
-from .torch_pruning import GaussianImportance, PFGDFPruner, SPPImportance, SPPPruner, auto_k_prune
+from .torch_pruning import (DBPPruner, DiscriminationImportance, GaussianImportance, MPDPruner, PFGDFPruner,
+                            SPPImportance, SPPPruner, auto_k_prune)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DBPPruner",
+    "DiscriminationImportance",
+    "MPDPruner",
     "GaussianImportance",
     "PFGDFError",
     "PFGDFPruner",

@@ -173,7 +173,10 @@ def load_pruned(path: str, base_model: Optional[nn.Module] = None) -> tuple:
         base_model = build_model(arch.pop("name"), **arch)
     _restore_layers(base_model, meta, path)
     modules = dict(base_model.named_modules())
+    rebuilt = tuple(f"{n}." for n in ((meta.get("block_diagonal") or {}).get("modules") or {}))
     for name, d in meta["structure"].items():
+        if name.startswith(rebuilt):
+            continue  # built from its block-diagonal description; the weights must fit it
         if name not in modules:
             raise PrunedFileError(f"layer {name!r} of {path} does not exist in {type(base_model).__name__}")
         _reshape(modules[name], d, name)

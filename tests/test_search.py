@@ -20,7 +20,8 @@ TINY = ["data.name=digits", "model.width=0.25", "data.limit_train=256", "data.li
 
 
 def test_every_method_has_an_experiment():
-    assert {os.path.basename(p) for p in EXPERIMENTS} >= {"pfgdf_search.yml", "spp_search.yml"}
+    assert {os.path.basename(p) for p in EXPERIMENTS} >= {"pfgdf_search.yml", "spp_search.yml", "dbp_search.yml",
+                                                          "mpd_search.yml"}
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=os.path.basename)

@@ -1,6 +1,9 @@
 """Torch-Pruning adapters: importance criteria and pruners built on ``tp.pruner.BasePruner``."""
 
+from .dbp import DBPPruner, DiscriminationImportance
+from .mpd import MPDPruner
 from .pfgdf import GaussianImportance, PFGDFPruner, auto_k_prune
 from .spp import SPPImportance, SPPPruner
 
-__all__ = ["GaussianImportance", "PFGDFPruner", "SPPImportance", "SPPPruner", "auto_k_prune"]
+__all__ = ["DBPPruner", "DiscriminationImportance", "GaussianImportance", "MPDPruner", "PFGDFPruner",
+           "SPPImportance", "SPPPruner", "auto_k_prune"]
