@@ -27,7 +27,7 @@ from . import measure
 from .config import ConfigError, from_dict, load_yaml, set_by_path, to_dict
 from .data import build_dataset, make_loaders
 from .models import build_model
-from .pruning import METHODS, PruneContext, prune, prune_like
+from .pruning import METHODS, PruneContext, prune, prune_like, prune_matching
 from .quantize import QuantizeConfig, onnx_int8, quantize
 from .recipe import DataSection, ModelSection
 from .report import fmt_count, markdown_table
@@ -41,7 +41,9 @@ class BenchEntry:
     framework: str = "torch_pruning"
     params: Dict[str, Any] = field(default_factory=dict)
     ratio: Optional[float] = None
-    ratios_from: Optional[str] = None
+    ratios_from: Optional[str] = None  # prune as many filters per layer as that entry did
+    match_from: Optional[str] = None  # one global ratio giving that entry's match_metric
+    match_metric: str = "macs"
 
 
 def _default_entries() -> List[BenchEntry]:
@@ -86,8 +88,11 @@ def load_bench_config(path: Optional[str], overrides: Optional[List[str]] = None
     for i, e in enumerate(cfg.entries):
         if e.method not in METHODS:
             errors.append(f"entries[{i}].method {e.method!r} is unknown; known: {', '.join(METHODS.names())}")
-        if e.ratios_from is not None and e.ratios_from not in labels[:i]:
-            errors.append(f"entries[{i}].ratios_from {e.ratios_from!r} must name an earlier entry's label")
+        for key in ("ratios_from", "match_from"):
+            if getattr(e, key) is not None and getattr(e, key) not in labels[:i]:
+                errors.append(f"entries[{i}].{key} {getattr(e, key)!r} must name an earlier entry's label")
+        if e.match_metric not in ("macs", "params"):
+            errors.append(f"entries[{i}].match_metric must be macs or params, got {e.match_metric!r}")
     if len(set(labels)) != len(labels):
         errors.append("entries: labels must be unique")
     if errors:
@@ -135,6 +140,10 @@ def run_bench(config_path: Optional[str] = None, overrides: Optional[List[str]] 
         if entry.ratios_from:
             res = prune_like(copy.deepcopy(model).eval(), example, entry.method, entry.framework,
                              rows[entry.ratios_from]["layers"], cfg.ignored_layers)
+        elif entry.match_from:
+            goal = rows[entry.match_from]["summary"][entry.match_metric]
+            res = prune_matching(model, example, entry.method, entry.framework, entry.match_metric, goal,
+                                 cfg.ignored_layers)
         else:
             ctx = PruneContext(train_loader=train_loader, train_cfg=cfg.finetune, progress=cfg.progress)
             res = prune(model, example, entry.method, entry.framework, entry.params, entry.ratio, cfg.ignored_layers,
@@ -147,7 +156,9 @@ def run_bench(config_path: Optional[str] = None, overrides: Optional[List[str]] 
         s = measure.summarize(pm, example)
         s.update(measure.evaluate(pm, test_loader, progress=cfg.progress, desc="eval fine-tuned"))
         rows[entry.label] = {"entry": to_dict(entry), "summary": s, "accuracy_after_prune": acc_pruned,
-                             "prune_s": prune_s, "layers": res.layers}
+                             "prune_s": prune_s, "layers": res.layers,
+                             "extra": {k: v for k, v in res.extra.items()
+                                       if k.startswith(("matched_", "dbp_removed", "mpd_compression"))}}
         models[entry.label] = pm
         if cfg.quantize.method:
             rows[entry.label].update(_quantized(pm, entry.label, cfg, train_loader, test_loader, example, int8))
@@ -247,7 +258,7 @@ def _write(results: Dict[str, Any], out_dir: str, cfg: BenchConfig) -> None:
     table = []
     for label, r in results["rows"].items():
         s = r["summary"]
-        table.append([label, f"{100 * (1 - s['filters'] / dense['filters']):.2f}%",
+        table.append([label, f"{100 * (1 - s['filters'] / dense['filters']):.2f}%" if dense["filters"] else "-",
                       f"{100 * (1 - s['params'] / dense['params']):.2f}%",
                       f"{fmt_count(s['macs'])} ({dense['macs'] / s['macs']:.1f}x fewer)",
                       f"{100 * dense['accuracy']:.2f}", f"{100 * r['accuracy_after_prune']:.2f}",

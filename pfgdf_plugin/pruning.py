@@ -217,12 +217,14 @@ def _tp_spp(model, example_inputs, params, ratio, ignored, ctx):
 
 # ----------------------------------------------------------------------------- NNI
 def _nni_config(model: nn.Module, example_inputs, ignored: List[nn.Module], ratio: Optional[float]) -> List[dict]:
-    """Conv layers minus the ignored ones, with NNI dependency groups for coupled layers."""
+    """Conv layers (Linear ones in a model without convs) minus the ignored ones, with NNI dependency
+    groups for coupled layers."""
     from .nni import dependency_config_list
 
     names = _names(model)
-    entry: Dict[str, Any] = {"op_types": ["Conv2d"]}
-    excl = [names[m] for m in ignored if isinstance(m, nn.Conv2d)]
+    kind = nn.Conv2d if any(isinstance(m, nn.Conv2d) for m in model.modules()) else nn.Linear  # MLPs: neurons
+    entry: Dict[str, Any] = {"op_types": [kind.__name__]}
+    excl = [names[m] for m in ignored if isinstance(m, kind)]
     if excl:
         entry["exclude_op_names"] = excl
     if ratio is not None:
@@ -602,6 +604,30 @@ def prune_like(model: nn.Module, example_inputs: torch.Tensor, method: str, fram
         return run(model, example_inputs, {}, None, ignored, PruneContext(), ratio_dict=ratio_dict)
     config = [{"op_names": [n], "sparse_ratio": float(d["pruned"] / d["channels"])} for n, d in pruned.items()]
     return run(model, example_inputs, {}, None, ignored, PruneContext(), config=config)
+
+
+def prune_matching(model: nn.Module, example_inputs: torch.Tensor, method: str, framework: str, metric: str,
+                   target: float, ignored_layers: Optional[List[str]] = None, steps: int = 12) -> PruneResult:
+    """Prune a copy of ``model`` with a built-in criterion at the one global ratio whose result has
+    ``metric`` (``macs`` or ``params``) closest to ``target``, so a method that sets no ratio (DBP's
+    depth, MPD's blocks) is compared with width pruning at the same budget. Bisection over the ratio.
+    """
+    from .measure import count_macs, count_params
+
+    if metric not in ("macs", "params"):
+        raise ValueError(f"metric must be macs or params, got {metric!r}")
+    measure = (lambda m: count_macs(m, example_inputs)) if metric == "macs" else count_params
+    lo, hi, best = 0.0, 0.95, None
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        res = prune(model, example_inputs, method, framework, ratio=mid, ignored_layers=ignored_layers)
+        value = measure(res.model)
+        if best is None or abs(value - target) < abs(best[0] - target):
+            best = (value, res, mid)
+        lo, hi = (mid, hi) if value > target else (lo, mid)
+    value, res, ratio = best
+    res.extra.update({"matched_ratio": ratio, "matched_metric": metric, "matched_value": value})
+    return res
 
 
 def prune(model: nn.Module, example_inputs: torch.Tensor, method: str, framework: str = "torch_pruning",

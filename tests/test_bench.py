@@ -42,3 +42,26 @@ def test_bench_compares_at_the_same_per_layer_ratios(tmp_path):
     assert 0 <= row["accuracy_quantized"] <= 1 and 0 <= row["accuracy_int8_onnx"] <= 1
     assert "acc. 8-bit QAT (NNI)" in md and "| pfgdf | pfgdf, int8 |" in md  # ORT times the int8 model
     assert os.path.exists(out / "bench" / "other_filters.png")
+
+
+def test_bench_matches_width_pruning_to_a_depth_pruned_budget(tmp_path):
+    cfg = {
+        "name": "depth", "work_dir": str(tmp_path / "work"), "threads": [1], "repeats": 2, "warmup": 1,
+        "progress": False, "onnxruntime": False,
+        "model": {"name": "vgg16_bn", "width": 0.25}, "data": {"name": "digits", "limit_train": 128, "limit_test": 64},
+        "train": {"epochs": 1}, "finetune": {"epochs": 0.5},
+        "entries": [
+            {"label": "dbp", "method": "dbp", "params": {"blocks": 3, "num_batches": 1}},
+            {"label": "l1 same MACs", "method": "l1", "match_from": "dbp"},
+            {"label": "mpd", "method": "mpd", "params": {"compression": 4.0, "max_epochs": 0.0}},
+            {"label": "l1 same params", "method": "l1", "match_from": "mpd", "match_metric": "params"},
+        ],
+    }
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    rows = run_bench(str(path), out_dir=str(tmp_path / "docs"))["rows"]
+    dbp, l1 = rows["dbp"]["summary"], rows["l1 same MACs"]["summary"]
+    assert len(rows["dbp"]["extra"]["dbp_removed"]) == 3
+    assert abs(l1["macs"] - dbp["macs"]) / dbp["macs"] < 0.05
+    mpd, l1p = rows["mpd"]["summary"], rows["l1 same params"]["summary"]
+    assert abs(l1p["params"] - mpd["params"]) / mpd["params"] < 0.05
