@@ -83,6 +83,59 @@ def _traced_with_shapes(model: nn.Module, dummy_input: Any) -> torch.fx.GraphMod
     return gm
 
 
+def _check_single_features(gm: torch.fx.GraphModule) -> None:
+    """Refuse graphs NNI's ``ModelSpeedup`` cannot handle: a tensor of one value per sample.
+
+    NNI 3.0's mask propagation loses the mask of a tensor whose non-batch dimensions are all 1
+    (``[batch, 1]`` from a one-class ``Linear`` or a one-channel layer pooled and flattened;
+    ``[batch, 1, 1, 1]`` from a one-channel convolution at 1x1 resolution): it then fails deep
+    inside NNI (``TypeError: unsupported operand type(s) for *: 'NoneType' and 'Tensor'``,
+    ``OutputTypeError``, ``'NoneType' object has no attribute 'data'``, an ``AssertionError`` in
+    ``replace_linear``). Needs ``ShapeProp`` metadata.
+    """
+    for node in gm.graph.nodes:
+        meta = node.meta.get("tensor_meta")
+        shape = getattr(meta, "shape", None)
+        if shape is not None and len(shape) >= 2 and all(int(d) == 1 for d in shape[1:]):
+            where = f"layer {node.target!r}" if node.op == "call_module" else f"node {node.name!r} ({node.op})"
+            raise ValueError(f"{where} outputs a single feature per sample (shape {tuple(shape)}); NNI 3.0's "
+                             "ModelSpeedup cannot propagate masks through such tensors and fails inside NNI. Widen the "
+                             "layer, or keep the masked model (pfgdf_plugin.nni.apply_masks) instead of speeding it up")
+
+
+@contextlib.contextmanager
+def _misread_convs_not_depthwise(model: nn.Module):
+    """Keep NNI from reading a one-output or a narrowing grouped convolution as a depthwise one.
+
+    NNI 3.0's ``build_channel_dependency`` calls every convolution with ``groups == out_channels``
+    depthwise, so a plain ``Conv2d(n, 1)`` (``groups == out_channels == 1``) or a grouped
+    ``Conv2d(4, 2, groups=2)`` (each output reads two inputs) is coupled with its producer: two
+    layers of different widths land in one dependency group and the pruner fails
+    ("layers of different widths", or a shape error in NNI's ``generate_sparsity``), and
+    ``ModelSpeedup``'s mask-conflict fix fails its ``len(set(num_channels_list)) == 1`` assertion.
+    The analysis reads ``out_channels`` only to test for depthwise layers (``groups == out_channels``;
+    ``groups != out_channels`` for group counts, which then become the true ``groups``); it is
+    hidden for the duration.
+    """
+    convs = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))
+             and m.groups == m.out_channels and (m.groups == 1 or m.in_channels != m.out_channels)]
+    saved = [m.out_channels for m in convs]
+    try:
+        for m in convs:
+            m.out_channels = 0
+        yield
+    finally:
+        for m, out_channels in zip(convs, saved):
+            m.out_channels = out_channels
+
+
+def _dependency_ids(gm: torch.fx.GraphModule, config_list: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    from nni.compression.speedup import auto_set_denpendency_group_ids
+
+    with _misread_convs_not_depthwise(gm):
+        return auto_set_denpendency_group_ids(gm, _copy_config(config_list))
+
+
 def _copy_config(config_list: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return copy.deepcopy(list(config_list))
 
@@ -102,11 +155,9 @@ def dependency_config_list(model: nn.Module, dummy_input: Any, config_list: List
         >>> cfg = dependency_config_list(model, torch.randn(1, 3, 32, 32), [{"op_types": ["Conv2d"]}])
         >>> _, masks = PFGDFPruner(model, cfg, k=1.0).compress()
     """
-    from nni.compression.speedup import auto_set_denpendency_group_ids
-
     with _eval_mode(model):
         gm = _traced_with_shapes(model, dummy_input)
-        return auto_set_denpendency_group_ids(gm, _copy_config(config_list))
+        return _dependency_ids(gm, config_list)
 
 
 def _filter_keep(mask: torch.Tensor) -> torch.Tensor:
@@ -114,10 +165,8 @@ def _filter_keep(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _check_coupled(gm: torch.fx.GraphModule, masks: _MASKS, config_list: List[Dict[str, Any]]) -> None:
-    from nni.compression.speedup import auto_set_denpendency_group_ids
-
     groups: Dict[Any, List[str]] = defaultdict(list)
-    for entry in auto_set_denpendency_group_ids(gm, _copy_config(config_list)):
+    for entry in _dependency_ids(gm, config_list):
         gid = entry.get("dependency_group_id")
         if gid is None:
             gid = (entry.get("target_settings") or {}).get("weight", {}).get("dependency_group_id")
@@ -182,6 +231,9 @@ def speedup(model: nn.Module, masks: _MASKS, dummy_input: Any, config_list: Opti
 
     Raises:
         RuntimeError: the model is still wrapped, or torch.fx cannot trace it.
+        ValueError: a layer outputs a single value per sample (``[batch, 1]`` from a one-class
+            classifier, ``[batch, 1, 1, 1]``): NNI 3.0's ``ModelSpeedup`` cannot handle one; the
+            message names the layer.
 
     Example:
         >>> import torch
@@ -200,13 +252,22 @@ def speedup(model: nn.Module, masks: _MASKS, dummy_input: Any, config_list: Opti
     masks = {name: targets for name, targets in masks.items() if targets}
     model.eval()
     gm = _traced_with_shapes(model, dummy_input)
+    _check_single_features(gm)
     if config_list is None:
         names = sorted(n for n, t in masks.items() if t.get("weight") is not None)
         config_list = [{"op_names": names}] if names else []
     if config_list and _as_args(dummy_input) is not None:
         _check_coupled(gm, masks, config_list)
     with _quiet(verbose) as logger:
-        ModelSpeedup(model, dummy_input, masks, graph_module=gm, logger=logger).speedup_model()
+        engine = ModelSpeedup(model, dummy_input, masks, graph_module=gm, logger=logger)
+        fix_mask_conflict = engine.fix_mask_conflict
+
+        def fix_without_misread_convs():  # NNI's conflict fix runs the same channel-dependency analysis
+            with _misread_convs_not_depthwise(model):
+                fix_mask_conflict()
+
+        engine.fix_mask_conflict = fix_without_misread_convs
+        engine.speedup_model()
     return model.eval()
 
 

@@ -93,6 +93,50 @@ def _layer_slices(layer: nn.Module, kind: str) -> Optional[torch.Tensor]:
     return None
 
 
+def layer_name(group, module: nn.Module) -> str:
+    """``module``'s name in the group's dependency graph (``Conv2d@<id>`` if it has none)."""
+    name = getattr(getattr(group, "_DG", None), "_module2name", {}).get(module)
+    return name or f"{type(module).__name__}@{id(module):x}"
+
+
+def misread_grouped_conv(group) -> Optional[nn.Module]:
+    """A grouped convolution in ``group`` that Torch-Pruning 1.6 would corrupt, else ``None``.
+
+    Torch-Pruning's ``ops.module2type`` calls a convolution depthwise when ``groups ==
+    out_channels``, without looking at ``in_channels``. A grouped convolution with fewer outputs
+    than inputs (``Conv2d(4, 2, groups=2)``: each output reads two inputs) is then pruned by its
+    ``DepthwiseConvPruner``, which removes one input per output and lowers ``groups``: the layer
+    no longer matches its producer (``expected input ... to have 2 channels, but got 3``). A group
+    holding such a layer cannot be pruned correctly, so the plugin's criteria skip it.
+    """
+    for item in group:
+        layer = item.dep.target.module
+        if (isinstance(layer, nn.modules.conv._ConvNd) and not layer.transposed and layer.groups > 1
+                and layer.groups == layer.out_channels and layer.in_channels != layer.out_channels):
+            return layer
+    return None
+
+
+def skip_misread_group(group) -> bool:
+    """``True`` (with a one-time warning naming the layer) if :func:`misread_grouped_conv` finds one."""
+    layer = misread_grouped_conv(group)
+    if layer is None:
+        return False
+    name = layer_name(group, layer)
+    _warn_once(f"misread-{name}-{id(layer)}", f"layer {name!r} is a grouped convolution with groups == out_channels "
+               "< in_channels, which Torch-Pruning 1.6 mistakes for a depthwise one and would corrupt; "
+               "its dependency group is left unpruned")
+    return True
+
+
+def check_finite(group, items: List[ItemTensor], what: str) -> None:
+    """Raise ``ValueError`` naming the first layer among ``items`` whose slices hold NaN/Inf."""
+    for it in items:
+        if not bool(torch.isfinite(it.slices[it.idxs]).all()):
+            raise ValueError(f"layer {layer_name(group, it.module)!r}: weight holds NaN/Inf values; {what} "
+                             "(check the checkpoint or the training run: the weights diverged)")
+
+
 def group_tensors(group) -> Iterator[ItemTensor]:
     """Yield the scorable items of a Torch-Pruning group as :class:`ItemTensor`.
 

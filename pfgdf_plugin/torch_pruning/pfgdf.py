@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from ..methods import pfgdf
-from ._group import IN, NORM, OUT, group_tensors, reduce_to_root
+from ._group import IN, NORM, OUT, group_tensors, layer_name, reduce_to_root, skip_misread_group
 
 REDUCTIONS = ("mean", "max", "first")
 
@@ -57,11 +57,13 @@ class GaussianImportance(tp.importance.Importance):
         self.layer_names: Dict[nn.Module, str] = {}
         self._warned_flat: set = set()
 
-    def _name(self, module: nn.Module) -> str:
-        return self.layer_names.get(module) or f"{type(module).__name__}@{id(module):x}"
+    def _name(self, module: nn.Module, group) -> str:
+        return self.layer_names.get(module) or layer_name(group, module)  # MetaPruner: the graph's names
 
     @torch.no_grad()
     def __call__(self, group) -> Optional[torch.Tensor]:
+        if skip_misread_group(group):
+            return None
         items = list(group_tensors(group))
         tiers = {OUT: [], NORM: [], IN: []}
         for it in items:
@@ -71,7 +73,7 @@ class GaussianImportance(tp.importance.Importance):
             return None
         per_item = []
         for it in chosen:
-            name = self._name(it.module)
+            name = self._name(it.module, group)
             full = pfgdf.importance(it.slices, self.k, self.statistic, self.mode, layer=name)
             if float(full.abs().sum()) == 0.0 and it.slices.shape[0] > 1 and name not in self._warned_flat:
                 self._warned_flat.add(name)

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from ..methods import spp
-from ._group import _NORM_TYPES, IN, NORM, OUT, group_tensors, reduce_to_root
+from ._group import _NORM_TYPES, IN, NORM, OUT, check_finite, group_tensors, reduce_to_root, skip_misread_group
 
 _LAYER_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
 
@@ -48,6 +48,7 @@ def group_l1(group) -> Optional[torch.Tensor]:
     chosen = tiers[OUT] or tiers[NORM] or tiers[IN]
     if not chosen:
         return None
+    check_finite(group, chosen, "SPP cannot rank its channels by L1 norm")
     per_item = [(it.positions, it.slices.abs().sum(1)[it.idxs].double()) for it in chosen]
     return reduce_to_root(group, per_item, "mean")
 
@@ -91,6 +92,8 @@ class SPPImportance(tp.importance.Importance):
     @torch.no_grad()
     def __call__(self, group) -> Optional[torch.Tensor]:
         n = len(group[0].idxs)
+        if skip_misread_group(group):
+            return None
         pruner = self.pruner
         if pruner is not None and not pruner.pruned:
             tracked = pruner._tracked_for(group)
@@ -290,6 +293,8 @@ class SPPPruner(tp.pruner.BasePruner):
                 warnings.warn(f"{name}: attention heads are not handled by SPPPruner; group left as is",
                               stacklevel=3)
                 continue
+            if skip_misread_group(group):
+                continue
             n = len(group[0].idxs)
             ch_groups = self._get_channel_groups(group)
             if n % ch_groups:
@@ -451,6 +456,10 @@ class SPPPruner(tp.pruner.BasePruner):
         current L1 norms; channels reaching ``p = 1`` are zeroed for good (and stay zero: the
         optimizer's momentum or weight decay cannot revive them). Then the next iteration's
         keep-masks are drawn.
+
+        Raises:
+            ValueError: a layer of an unfinished group holds NaN/Inf weights (the message names it);
+                no probability is changed.
         """
         if self.pruned:
             raise RuntimeError("SPPPruner.update() was called after step(): the channels are already "
@@ -458,10 +467,12 @@ class SPPPruner(tp.pruner.BasePruner):
         self.steps += 1
         if self.steps % self.interval == 0:
             with torch.no_grad():
-                for t in self._tracked:
+                # every norm first: NaN weights raise (naming the layer) before any state changes
+                norms = [None if t.state.closed else self._norms(t) for t in self._tracked]
+                for t, norm in zip(self._tracked, norms):
                     if t.state.closed:
                         continue
-                    result = t.state.update(self._norms(t))
+                    result = t.state.update(norm)
                     if result.finished and self.rescale_survivors:
                         self._scale(t, result.survivor_keep, set(t.scaled))
         for t in self._tracked:
