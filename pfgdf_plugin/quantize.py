@@ -141,7 +141,7 @@ def torch_evaluator(model: nn.Module, loader, cfg: TrainConfig, device: str = "c
             return bool(stop) or (max_steps is not None and step >= max_steps)
 
         train(net, loader, run_cfg, device=device, desc=desc, progress=progress, on_step=step_hook,
-              optimizer=optimizers, loss_fn=training_step)
+              optimizer=optimizers, loss_fn=training_step, distributed=False)
 
     def evaluating_func(net):
         _forward_batches(net, loader, eval_batches, device)

@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 import yaml
 
-from . import measure
+from . import distributed, measure
 from .data import build_dataset, make_loaders
 from .models import build_model
 from .persist import load_pruned, save_pruned
@@ -130,13 +130,32 @@ def run_recipe(recipe: Recipe, quiet: bool = False,
     """
     t0 = time.perf_counter()
     timings: Dict[str, float] = {}
+    was_up = distributed.active()
+    started_group = distributed.init_from_env(recipe.device) and not was_up
+    main = distributed.is_main()
+    quiet = quiet or not main
     progress = recipe.progress and not quiet
-    stage = _claim_stage(recipe, resume)
+    stage, error = None, None
+    if main:
+        try:
+            stage = _claim_stage(recipe, resume)
+        except RunError as e:
+            error = str(e)
+    stage, error = distributed.broadcast_object((stage, error))  # every rank fails, or none does
+    if error:
+        if started_group:
+            distributed.shutdown(True)
+        raise RunError(error)
     try:
         metrics = _run(recipe, stage, quiet, progress, on_finetune_epoch, t0, timings)
     except BaseException as e:
-        _release_stage(stage, keep=resume or isinstance(e, KeyboardInterrupt) or _has_checkpoints(stage))
+        if main:
+            _release_stage(stage, keep=resume or isinstance(e, KeyboardInterrupt) or _has_checkpoints(stage))
         raise
+    finally:
+        if started_group:
+            distributed.barrier()
+            distributed.shutdown(True)
     return metrics
 
 
@@ -220,6 +239,16 @@ def _phase(recipe: Recipe, loader, phase: int) -> None:
         loader.generator.manual_seed(recipe.seed + 1000 * phase)
 
 
+def _distributed_loader(spec, d, seed: int):
+    """This rank's share of the training set; the recipe's batch size is the global batch."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    sampler = DistributedSampler(spec.train, num_replicas=distributed.world_size(), rank=distributed.rank(),
+                                 shuffle=True, seed=seed)
+    return DataLoader(spec.train, batch_size=max(1, d.batch_size // distributed.world_size()), sampler=sampler,
+                      num_workers=d.workers)
+
+
 def _jsonable(value: Any) -> Any:
     try:
         json.dumps(value)
@@ -236,15 +265,21 @@ def _run(recipe: Recipe, stage: str, quiet: bool, progress: bool, on_finetune_ep
     spec = build_dataset(d.name, root=d.root, image_size=d.image_size, in_channels=d.in_channels,
                          limit_train=d.limit_train, limit_test=d.limit_test, seed=recipe.seed)
     train_loader, test_loader = make_loaders(spec, d.batch_size, workers=d.workers, seed=recipe.seed)
+    parallel_loader = _distributed_loader(spec, d, recipe.seed) if distributed.active() else train_loader
     example = next(iter(test_loader))[0][:1]
     input_shape = tuple(example.shape[1:])
+    main = distributed.is_main()
+    dense_path = os.path.join(stage, "dense.pt")
+    init_path, prune_json = os.path.join(stage, "pruned-init.pt"), os.path.join(stage, "prune.json")
+    # what an interrupted run left, decided once for every rank before anyone writes
+    have_dense, have_pruned = distributed.broadcast_object(
+        (os.path.exists(dense_path), os.path.exists(init_path) and os.path.exists(prune_json)))
 
     m = recipe.model
     _log(f"[2/7] model: {m.name} (width {m.width:g}), {len(spec.train)} training images", quiet)
     model = build_model(m.name, num_classes=spec.num_classes, in_channels=spec.in_channels, width=m.width)
     t = time.perf_counter()
-    dense_path = os.path.join(stage, "dense.pt")
-    if os.path.exists(dense_path):
+    if have_dense:
         _log("      resuming: dense model from the interrupted run", quiet)
         load_checkpoint(model, dense_path)
     elif m.checkpoint:
@@ -252,20 +287,19 @@ def _run(recipe: Recipe, stage: str, quiet: bool, progress: bool, on_finetune_ep
     elif recipe.train.epochs > 0:
         _phase(recipe, train_loader, 1)
         ckpt = os.path.join(stage, "train.ckpt.pt")
-        train(model, train_loader, recipe.train, device=recipe.device, desc="train", progress=progress,
+        train(model, parallel_loader, recipe.train, device=recipe.device, desc="train", progress=progress,
               checkpoint=Checkpointing(ckpt, recipe.checkpoint_every))
     timings["train_s"] = time.perf_counter() - t
     model.cpu().eval()
-    if not os.path.exists(dense_path):
+    if main and not have_dense:
         atomic_save({"state_dict": model.state_dict()}, dense_path)
     before = measure.summarize(model, example)
     before.update(measure.evaluate(model, test_loader, recipe.device, "eval dense", progress))
 
     p = recipe.prune
     arch = {"name": m.name, "width": m.width, "num_classes": spec.num_classes, "in_channels": spec.in_channels}
-    init_path, prune_json = os.path.join(stage, "pruned-init.pt"), os.path.join(stage, "prune.json")
     t = time.perf_counter()
-    if os.path.exists(init_path) and os.path.exists(prune_json):
+    if have_pruned:
         _log(f"[3/7] prune: {p.method} via {p.framework} (resuming: pruned model from the interrupted run)", quiet)
         pruned, _ = load_pruned(init_path)
         saved = json.load(open(prune_json, encoding="utf-8"))
@@ -282,11 +316,20 @@ def _run(recipe: Recipe, stage: str, quiet: bool, progress: bool, on_finetune_ep
         extra = {k: _jsonable(v) for k, v in result.extra.items()}
         if "fused_calibration" in result.extra:
             extra["fused_calibration"] = {n: {} for n in result.extra["fused_calibration"]}
-        save_pruned(pruned, init_path, arch=arch)
-        with open(prune_json + ".tmp", "w", encoding="utf-8") as f:
-            json.dump({"layers": result.layers, "extra": extra, "after_prune": after_prune}, f, default=float)
-        os.replace(prune_json + ".tmp", prune_json)
+        if main:
+            save_pruned(pruned, init_path, arch=arch)
+            with open(prune_json + ".tmp", "w", encoding="utf-8") as f:
+                json.dump({"layers": result.layers, "extra": extra, "after_prune": after_prune}, f, default=float)
+            os.replace(prune_json + ".tmp", prune_json)
     timings["prune_s"] = time.perf_counter() - t
+    dist_info = None
+    if distributed.active():  # every rank pruned on its own: check they agree
+        dist_info = {"world_size": distributed.world_size(),
+                     "pruned_identical": distributed.same_on_all_ranks(pruned.state_dict().values())}
+        history = result.extra.get("spp_history") or {}
+        if history:
+            dist_info["spp_probabilities_identical"] = distributed.same_on_all_ranks(
+                torch.tensor(v[-1]) for v in history.values())
 
     _log(f"[4/7] fine-tune: {recipe.finetune.epochs:g} epoch(s)", quiet)
     t = time.perf_counter()
@@ -303,13 +346,16 @@ def _run(recipe: Recipe, stage: str, quiet: bool, progress: bool, on_finetune_ep
 
     teacher = model if recipe.finetune.distill_weight > 0 else None
     _phase(recipe, train_loader, 3)
-    train(pruned, train_loader, recipe.finetune, device=recipe.device, desc="fine-tune", teacher=teacher,
+    train(pruned, parallel_loader, recipe.finetune, device=recipe.device, desc="fine-tune", teacher=teacher,
           progress=progress, on_epoch=on_epoch,
           checkpoint=Checkpointing(ft_ckpt, recipe.checkpoint_every, lambda: {"log": list(ft_log)}))
     timings["finetune_s"] = time.perf_counter() - t
     pruned.cpu().eval()
     after = measure.summarize(pruned, example)
     after.update(measure.evaluate(pruned, test_loader, recipe.device, "eval fine-tuned", progress))
+
+    if dist_info is not None:
+        dist_info["finetuned_identical"] = distributed.same_on_all_ranks(pruned.state_dict().values())
 
     q = recipe.quantize
     quantized, quant_info = None, None
@@ -331,6 +377,9 @@ def _run(recipe: Recipe, stage: str, quiet: bool, progress: bool, on_finetune_ep
     else:
         _log("[5/7] quantize: skipped (quantize.method is null)", quiet)
 
+    if not main:  # rank 0 saves, exports, measures and reports
+        return {"rank": distributed.rank(), "before": before, "after": after, "quantized": quant_info,
+                "distributed": dist_info, "finetune_log": ft_log}
     _log("[6/7] save and export", quiet)
     save_pruned(pruned, os.path.join(stage, "pruned.pt"), arch=arch)
     onnx_info = None
@@ -361,7 +410,7 @@ def _run(recipe: Recipe, stage: str, quiet: bool, progress: bool, on_finetune_ep
         "before": before, "after": after, "after_prune_accuracy": after_prune["accuracy"],
         "finetune_log": ft_log, "latency": latency, "onnx": onnx_info, "quantized": quant_info,
         "layers": {n: {k: v for k, v in e.items() if k != "statistic"} for n, e in result.layers.items()},
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": torch.get_num_threads(), "distributed": dist_info,
     }
     plots = []
     if recipe.report.plots:

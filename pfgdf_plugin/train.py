@@ -131,7 +131,8 @@ def train(model: nn.Module, loader, cfg: TrainConfig, device: str = "cpu", desc:
           on_epoch: Optional[Callable[[int], None]] = None,
           optimizer: Optional[torch.optim.Optimizer] = None,
           checkpoint: Optional[Checkpointing] = None,
-          loss_fn: Optional[Callable[[tuple, nn.Module], torch.Tensor]] = None) -> Dict[str, float]:
+          loss_fn: Optional[Callable[[tuple, nn.Module], torch.Tensor]] = None,
+          distributed: Optional[bool] = None) -> Dict[str, float]:
     """Train ``model`` in place for ``cfg.epochs`` epochs (fractions allowed) and return stats.
 
     Args:
@@ -152,6 +153,10 @@ def train(model: nn.Module, loader, cfg: TrainConfig, device: str = "cpu", desc:
         loss_fn: ``loss_fn((x, y), model) -> loss`` instead of cross-entropy (and distillation),
             e.g. the ``training_step`` an NNI evaluator hands its training function (which NNI
             may have patched).
+        distributed: train under DistributedDataParallel (``None``: whenever a process group of
+            more than one process is active, see :mod:`pfgdf_plugin.distributed`). A
+            ``DistributedSampler`` behind ``loader`` gets ``set_epoch`` every epoch; only rank 0
+            writes checkpoints.
 
     Example:
         >>> import torch
@@ -173,6 +178,11 @@ def train(model: nn.Module, loader, cfg: TrainConfig, device: str = "cpu", desc:
     model.to(device).train()
     if teacher is not None:
         teacher.to(device).eval()
+    from . import distributed as dist
+
+    use_ddp = dist.active() if distributed is None else bool(distributed) and dist.active()
+    net = dist.wrap(model, device) if use_ddp else model
+    sampler = getattr(loader, "sampler", None)
     opt = optimizer if optimizer is not None else make_optimizer(model, cfg)
     sched = make_scheduler(opt, cfg, total)
     gen = getattr(loader, "generator", None)
@@ -192,6 +202,8 @@ def train(model: nn.Module, loader, cfg: TrainConfig, device: str = "cpu", desc:
     bar = tqdm(total=total, initial=step, desc=desc, leave=False, disable=not progress, unit="step")
 
     def save(batch_in_epoch: int) -> None:
+        if not dist.is_main():
+            return
         blob = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "step": step, "epoch": epoch, "batch": batch_in_epoch, "base_seed": base, "running_loss": running,
                 "rng": torch.get_rng_state(), "extra": checkpoint.extra() if checkpoint.extra else {}}
@@ -200,6 +212,8 @@ def train(model: nn.Module, loader, cfg: TrainConfig, device: str = "cpu", desc:
     while step < total:
         if gen is not None:
             gen.manual_seed(_epoch_seed(base, epoch))
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
         for i, (x, y) in enumerate(loader):
             if i < skip:  # batches this epoch already trained on before the checkpoint
                 continue
@@ -208,9 +222,9 @@ def train(model: nn.Module, loader, cfg: TrainConfig, device: str = "cpu", desc:
                 rng = None
             x, y = x.to(device), y.to(device)
             if loss_fn is not None:
-                loss = loss_fn((x, y), model)
+                loss = loss_fn((x, y), net)
             else:
-                out = model(x)
+                out = net(x)
                 loss = F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing)
             if loss_fn is None and teacher is not None and cfg.distill_weight > 0:
                 with torch.no_grad():
@@ -241,5 +255,7 @@ def train(model: nn.Module, loader, cfg: TrainConfig, device: str = "cpu", desc:
                 break
         skip = 0
     bar.close()
+    if use_ddp:  # BatchNorm statistics are per rank under DDP: take rank 0's, like DDP's forward does
+        dist.broadcast_buffers(model)
     stats.update(steps=step, loss=float(running))
     return stats
