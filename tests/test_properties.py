@@ -7,7 +7,17 @@ layers whose filters are all equal (sigma = 0) and, occasionally, a NaN weight. 
 and pruner either returns a model that runs on the example input with the output shape it had
 and no more parameters (and, where cheap to check, computes what the masked model computed), or
 raises the plugin's documented error: ``PFGDFError`` naming the layer for NaN weights (PFGDF),
-``ValueError`` for NaN norms (SPP). Any other exception fails the test.
+``ValueError`` for NaN norms (SPP), ``DBPError`` (DBP: no removable block, an unreachable
+target, a single class, NaN weights naming the layer; the model is then unchanged) and
+``MPDError`` naming the layer (MPDCompress: more blocks than a layer has channels, a grouped
+convolution named or configured, NaN weights). The expected error is predicted from the
+specification, so a documented error nobody expected fails the test too. Any other exception
+fails the test.
+
+DBP's properties also check that removed blocks became ``nn.Identity`` and that the model still
+deep-copies and traces with ``torch.fx``; MPD's that the converted model computes what the
+masked model computed (float64), keeps its masked weights at zero through SGD steps with
+momentum and weight decay, and holds no more parameters than the dense one.
 
 Every property also asserts that a sizable share of its examples really removed channels, so a
 strategy that stops exercising the pruners fails instead of passing vacuously.
@@ -18,6 +28,7 @@ from __future__ import annotations
 import collections
 import copy
 import math
+import re
 import traceback
 import warnings
 from dataclasses import dataclass, replace
@@ -30,7 +41,11 @@ import torch_pruning as tp
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from pfgdf_plugin import GaussianImportance, PFGDFError, PFGDFPruner, SPPImportance, SPPPruner
+from pfgdf_plugin import (DBPPruner, DiscriminationImportance, GaussianImportance, MPDPruner, PFGDFError,
+                          PFGDFPruner, SPPImportance, SPPPruner)
+from pfgdf_plugin.methods.dbp import DBPError, find_blocks
+from pfgdf_plugin.methods.mpd import MPDError
+from pfgdf_plugin.modules import BlockDiagonalLinear, PermutedGroupConv2d
 
 # The plugin's documented errors: PFGDFError (NaN/Inf weights; a ValueError subclass) and
 # ValueError naming a bad value (SPP's NaN norms, bad parameters). A ValueError counts only when
@@ -116,7 +131,9 @@ def _divisors_above_one(a: int, b: int) -> List[int]:
 
 
 @st.composite
-def specs(draw) -> Spec:
+def specs(draw, keep_width: bool = False) -> Spec:
+    """Random model specifications; ``keep_width`` makes about half the stages keep their input's
+    width at stride 1 (DBP removes only such shape-preserving units)."""
     in_ch = draw(st.integers(1, 3))
     size = (draw(st.integers(8, 16)), draw(st.integers(8, 16)))
     h, w = size
@@ -126,6 +143,8 @@ def specs(draw) -> Spec:
         kind = draw(st.sampled_from(KINDS))
         c_out = draw(st.integers(1, 12))
         kernel, stride = draw(st.sampled_from((1, 3))), draw(st.sampled_from((1, 2)))
+        if keep_width and draw(st.booleans()):
+            c_out, stride = c, 1
         bn = draw(st.booleans())
         groups = 1
         if kind == "grouped":
@@ -411,14 +430,22 @@ def _check_masked_equals_pruned(reference: nn.Module, removed: Dict[str, List[in
 # --------------------------------------------------------------------------- Torch-Pruning: PFGDF
 
 
-def _tp_run(spec: Spec, make_pruner, stats, error: type = PFGDFError):
-    """Prune a model of ``spec`` with ``make_pruner(model, x)``'s interactive step and check it."""
+def _tp_run(spec: Spec, make_pruner, stats, error: type = PFGDFError,
+            expect: Optional[Callable[[nn.Module], Optional[Tuple[type, str]]]] = None):
+    """Prune a model of ``spec`` with ``make_pruner(model, x)``'s interactive step and check it.
+
+    The documented error expected is ``(error, the NaN layer's name)`` for a model with a NaN
+    weight, or what ``expect(model)`` returns when given.
+    """
     model, x = build(spec)
     with torch.no_grad():
         shape = model(x).shape
     params, channels = _n_params(model), _n_channels(model)
     nan_name = _nan_layer_name(spec, model)
     reference = copy.deepcopy(model)
+    expected = None if nan_name is None else (error, nan_name)
+    if expect is not None:
+        expected = expect(model)
 
     def run():
         pruner = make_pruner(model, x)
@@ -426,7 +453,7 @@ def _tp_run(spec: Spec, make_pruner, stats, error: type = PFGDFError):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # zero-variance layers warn by design
-        removed = _outcome(run, None if nan_name is None else (error, nan_name), stats)
+        removed = _outcome(run, expected, stats)
     if removed is None:
         return
     _check_result(model, x, shape, params, channels, stats)
@@ -525,6 +552,297 @@ def test_spp_pruner_updates_then_steps():
     _assert_share(stats, 0.5)
 
 
+# --------------------------------------------------------------------------- DBP and MPD: shared helpers
+
+
+def labelled_data(spec: Spec, batches: int = 3, batch_size: int = 8) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """A few batches of random inputs with random labels over the head's classes, every class present."""
+    g = torch.Generator().manual_seed(spec.seed + 1)
+    n = batches * batch_size
+    labels = (torch.arange(n) % spec.classes)[torch.randperm(n, generator=g)]
+    return [(torch.randn(batch_size, spec.in_ch, *spec.size, generator=g), labels[i * batch_size:(i + 1) * batch_size])
+            for i in range(batches)]
+
+
+def _snapshot(model: nn.Module):
+    """Module names and types, and a copy of the state_dict: what "the model is unchanged" compares."""
+    return ([(n, type(m)) for n, m in model.named_modules()],
+            {k: v.detach().clone() for k, v in model.state_dict().items()})
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.is_floating_point():
+        return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+    return torch.equal(a, b)
+
+
+def _assert_unchanged(model: nn.Module, snapshot) -> None:
+    types, state = snapshot
+    assert [(n, type(m)) for n, m in model.named_modules()] == types, "the model's modules changed"
+    after = model.state_dict()
+    assert state.keys() == after.keys()
+    changed = [k for k in state if not _same_tensor(state[k], after[k])]
+    assert not changed, f"the model's state changed: {changed}"
+
+
+def _check_copies_and_traces(model: nn.Module, x: torch.Tensor) -> None:
+    """The model deep-copies and traces with torch.fx, and both compute what it computes."""
+    model.eval()
+    with torch.no_grad():
+        ref = model(x)
+        twin = copy.deepcopy(model).eval()
+        traced = torch.fx.symbolic_trace(model).eval()
+        for other in (twin, traced):
+            out = other(x)
+            assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.nan_to_num(), ref.nan_to_num())
+
+
+def _draw_k(data, n_blocks: int) -> int:
+    """A block count in 1..n_blocks + 1: reachable mostly, one more than there are now and then."""
+    if n_blocks == 0 or data.draw(st.integers(0, 9), label="unreachable") == 5:  # rare: inside the range
+        return n_blocks + 1
+    return data.draw(st.integers(1, n_blocks), label="k")
+
+
+def _removable_blocks(model: nn.Module, x: torch.Tensor) -> int:
+    try:
+        return len(find_blocks(model, x))
+    except DBPError:
+        return 0
+
+
+def _dbp_expected(n_blocks: int, k: int, spec: Spec, nan_name: Optional[str]) -> Optional[Tuple[type, str]]:
+    """DBP's documented refusals, in the order it checks them (all before the model is changed)."""
+    if n_blocks == 0:
+        return DBPError, "has no removable block"
+    if k > n_blocks:
+        return DBPError, rf"target {k} block\(s\) cannot be met: only {n_blocks} removable block"
+    if nan_name is not None:
+        return DBPError, rf"layer '{re.escape(nan_name)}': weight holds NaN/Inf values"
+    if spec.classes == 1:
+        return DBPError, "holds only class 0"
+    return None
+
+
+def _check_dbp_result(pruner, model: nn.Module, x: torch.Tensor, shape, params: int, channels: int, k: int,
+                      stats: collections.Counter) -> None:
+    assert len(pruner.removed) == k, (pruner.removed, k)
+    modules = dict(model.named_modules())
+    for name, entry in pruner.report.items():
+        for member in entry["members"]:
+            assert isinstance(modules[member], nn.Identity) == entry["removed"], (name, member, entry["removed"])
+    _check_result(model, x, shape, params, channels, stats)
+    _check_copies_and_traces(model, x)
+
+
+# --------------------------------------------------------------------------- Torch-Pruning: DBP
+
+
+def test_dbp_pruner_removes_blocks_or_refuses_leaving_the_model_alone():
+    stats = collections.Counter()
+
+    @_settings(120)
+    @given(spec=specs(keep_width=True), data=st.data(), reference=st.sampled_from(("previous", "input")))
+    def prop(spec, data, reference):
+        model, x = build(spec)
+        with torch.no_grad():
+            shape = model(x).shape
+        params, channels = _n_params(model), _n_channels(model)
+        n_blocks = _removable_blocks(model, x)
+        k = _draw_k(data, n_blocks)
+        before = _snapshot(model)
+
+        def run():
+            pruner = DBPPruner(model, x, data=labelled_data(spec), target={"blocks": k}, reference=reference)
+            pruner.step()
+            return pruner
+
+        pruner = _outcome(run, _dbp_expected(n_blocks, k, spec, _nan_layer_name(spec, model)), stats)
+        if pruner is None:
+            _assert_unchanged(model, before)
+            return
+        _check_dbp_result(pruner, model, x, shape, params, channels, k, stats)
+
+    prop()
+    _assert_share(stats, 0.5)
+
+
+def test_discrimination_importance_in_metapruner():
+    stats = collections.Counter()
+
+    @_settings(60)
+    @given(spec=specs(), ratio=st.sampled_from((0.3, 0.5)), global_pruning=st.booleans(),
+           reduction=st.sampled_from(("mean", "max", "first")))
+    def prop(spec, ratio, global_pruning, reduction):
+        def expect(model):
+            if spec.nan_stage is not None:
+                return DBPError, rf"layer '{re.escape(_nan_layer_name(spec, model))}': weight holds NaN/Inf"
+            return (DBPError, "holds only class 0") if spec.classes == 1 else None
+
+        _tp_run(spec, lambda model, x: tp.pruner.MetaPruner(
+            model, x, importance=DiscriminationImportance(labelled_data(spec), group_reduction=reduction),
+            pruning_ratio=ratio, global_pruning=global_pruning, ignored_layers=[model.fc]), stats, expect=expect)
+
+    prop()
+    _assert_share(stats, 0.5)
+
+
+# --------------------------------------------------------------------------- Torch-Pruning: MPDCompress
+
+
+def _mpd_layers(model: nn.Module, exclude: Tuple[str, ...] = ("fc",)) -> List[Tuple[str, nn.Module]]:
+    """The layers MPD masks model-wide: Linear and ungrouped Conv2d, without the classifier."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and n not in exclude
+            and getattr(m, "groups", 1) == 1]
+
+
+def _dims(m: nn.Module) -> Tuple[int, int]:
+    return (m.out_channels, m.in_channels) if isinstance(m, nn.Conv2d) else (m.out_features, m.in_features)
+
+
+def _mpd_expected(layers: List[Tuple[str, nn.Module]], size: Tuple[str, float], nan_name: Optional[str],
+                  per_layer: bool, empty: Optional[str] = "no layer to mask") -> Optional[Tuple[type, str]]:
+    """MPD's documented refusals for ``size = ("blocks", c)`` or ``("compression", x)``.
+
+    A block count above a layer's ``min(out, in)`` is refused; so is a layer whose weight holds
+    NaN when it gets more than one block (with ``compression`` every layer with two channels or
+    more on both sides does). The Torch-Pruning pruner checks every layer's count before it
+    plans any layer; the NNI one checks layer by layer (``per_layer``) and plans every
+    configured layer, so it refuses a NaN weight even in a layer left with one block.
+    """
+    if not layers:
+        return (MPDError, empty) if empty else None
+    kind, value = size
+
+    def too_many(m):
+        return kind == "blocks" and min(_dims(m)) < value
+
+    def nan_refused(name, m):
+        if per_layer:  # the NNI pruner plans every configured layer, one block or more
+            return name == nan_name
+        return name == nan_name and (value > 1 if kind == "blocks" else min(_dims(m)) >= 2)
+
+    checks = [lambda n, m: too_many(m) or nan_refused(n, m)] if per_layer else [lambda n, m: too_many(m), nan_refused]
+    for check in checks:
+        for name, m in layers:
+            if not check(name, m):
+                continue
+            if too_many(m):
+                return MPDError, rf"^{re.escape(name)}: blocks={value} exceeds min\(out, in\)"
+            return MPDError, rf"^{re.escape(name)}: the weight holds NaN/Inf values"
+    return None
+
+
+def _mpd_expected_per_name(model: nn.Module, blocks: Dict[str, int], nan_name: Optional[str]):
+    """The Torch-Pruning pruner's refusals for ``blocks={name: c}``: each named layer in turn must be
+    an ungrouped layer with ``c <= min(out, in)``; then a NaN weight in a layer with ``c > 1``."""
+    for name, c in blocks.items():
+        m = model.get_submodule(name)
+        if isinstance(m, nn.Conv2d) and m.groups != 1:
+            return MPDError, rf"^{re.escape(name)}: Conv2d with groups={m.groups} \(depthwise or grouped\)"
+        if c > min(_dims(m)):
+            return MPDError, rf"^{re.escape(name)}: blocks={c} exceeds min\(out, in\)"
+    if nan_name is not None and blocks.get(nan_name, 1) > 1:
+        return MPDError, rf"^{re.escape(nan_name)}: the weight holds NaN/Inf values"
+    return None
+
+
+def _mask_zeros_hold(model: nn.Module, masks: Dict[str, torch.Tensor]) -> bool:
+    return all(bool((model.get_submodule(n).weight.detach()[m == 0] == 0).all()) for n, m in masks.items())
+
+
+def _mpd_size():
+    return st.one_of(st.floats(1.5, 8.0).map(lambda c: ("compression", c)),
+                     st.integers(1, 6).map(lambda c: ("blocks", c)))
+
+
+def _check_mpd_conversion(model: nn.Module, x: torch.Tensor, masked: torch.Tensor, shape, params: int,
+                          planned: Dict[str, int], stats: collections.Counter) -> None:
+    modules = dict(model.named_modules())
+    for name, c in planned.items():
+        assert isinstance(modules[name], (BlockDiagonalLinear, PermutedGroupConv2d)) == (c > 1), (name, c)
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == shape
+    assert _n_params(model) <= params, f"{_n_params(model)} parameters after conversion, {params} before"
+    assert torch.allclose(out, masked, rtol=1e-4, atol=1e-5, equal_nan=True), \
+        f"converted model differs from the masked one by {(out - masked).abs().max():.3g}"
+    _check_copies_and_traces(model, x)
+    stats["runs"] += 1
+    if any(c > 1 for c in planned.values()):
+        stats["pruned"] += 1
+        event("layers converted")
+    else:
+        event("nothing converted")
+
+
+def test_mpd_pruner_masked_training_then_conversion_computes_the_same():
+    stats = collections.Counter()
+
+    @_settings(80)
+    @given(spec=specs(), size=_mpd_size(), permutation=st.sampled_from(("random", "magnitude")),
+           fold=st.booleans(), seed=st.integers(0, 3), data=st.data())
+    def prop(spec, size, permutation, fold, seed, data):
+        model, x = build(spec)
+        model.double()  # float64: the converted layers sum in another order
+        x = x.double()
+        with torch.no_grad():
+            shape = model(x).shape
+        params = _n_params(model)
+        nan_name = _nan_layer_name(spec, model)
+        grouped = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups != 1]
+        if size[0] == "blocks" and data.draw(st.integers(0, 4), label="per layer") == 2:
+            # {layer name: blocks} for some layers, the classifier and grouped convolutions included
+            names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+            chosen = data.draw(st.lists(st.sampled_from(names), min_size=1, max_size=3, unique=True), label="layers")
+            size = ("blocks", {n: data.draw(st.integers(1, 4), label=n) for n in chosen})
+            expected = _mpd_expected_per_name(model, size[1], nan_name)
+        else:
+            expected = _mpd_expected(_mpd_layers(model), size, nan_name, per_layer=False)
+        before = _snapshot(model)
+
+        def run():
+            return MPDPruner(model, x, permutation=permutation, fold=fold, seed=seed, **{size[0]: size[1]})
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pruner = _outcome(run, expected, stats)
+        if pruner is None:
+            _assert_unchanged(model, before)
+            return
+        if grouped and not isinstance(size[1], dict):  # left dense, and said so
+            said = " ".join(str(w.message) for w in caught if "leaves these layers dense" in str(w.message))
+            assert all(f"{n} (groups=" in said for n in grouped), (grouped, said)
+            assert not set(grouped) & set(pruner.plans)
+        masks = pruner.masks()
+        assert _mask_zeros_hold(model, masks)
+        if nan_name is None:
+            # SGD steps with momentum and weight decay (the second one uses the momentum buffer): the
+            # masked gradients keep the zeros even before update(), which re-applies the masks anyway.
+            # A model with a NaN weight is not trained: every gradient is NaN, and 0 * NaN is NaN.
+            model.train()
+            opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-2)
+            for _ in range(2):
+                opt.zero_grad()
+                model(x).square().mean().backward()
+                opt.step()
+                assert _mask_zeros_hold(model, masks)
+                pruner.update()
+                assert _mask_zeros_hold(model, masks)
+            model.eval()
+        with torch.no_grad():
+            masked = model(x)
+        planned = {n: p.blocks for n, p in pruner.plans.items()}
+        report = pruner.step()
+        assert set(report["layers"]) == {n for n, c in planned.items() if c > 1}
+        _check_mpd_conversion(model, x, masked, shape, params, planned, stats)
+
+    prop()
+    _assert_share(stats, 0.5)
+
+
 # --------------------------------------------------------------------------- NNI
 
 
@@ -587,6 +905,102 @@ def test_nni_pfgdf_pruner_and_speedup():
     _assert_share(stats, 0.5)
 
 
+def test_nni_dbp_pruner_removes_blocks_or_refuses_leaving_the_model_alone():
+    from pfgdf_plugin.nni.dbp import DBPPruner as NNIDBPPruner
+
+    stats = collections.Counter()
+
+    @_settings(100)
+    @given(spec=specs(keep_width=True), data=st.data(), mode=st.sampled_from(("target", "target", "ratio")))
+    def prop(spec, data, mode):
+        model, x = build(spec)
+        with torch.no_grad():
+            shape = model(x).shape
+        params, channels = _n_params(model), _n_channels(model)
+        n_blocks = _removable_blocks(model, x)
+        before = _snapshot(model)
+        if mode == "target":
+            k = _draw_k(data, n_blocks)
+            config, kwargs = [{"op_types": ["Conv2d"]}], {"target": {"blocks": k}}
+            expected = _dbp_expected(n_blocks, k, spec, _nan_layer_name(spec, model))
+        else:
+            ratio = data.draw(st.sampled_from((0.0, 0.5, 1.0)), label="sparse_ratio")
+            k = int(ratio * n_blocks + 1e-9)
+            config, kwargs = [{"op_types": ["Conv2d"], "sparse_ratio": ratio}], {}
+            expected = _dbp_expected(n_blocks, k, spec, _nan_layer_name(spec, model))
+        if expected is not None and expected[1] == "has no removable block":
+            expected = (expected[0], "has no removable block: name candidates in op_names")
+
+        def run():
+            pruner = NNIDBPPruner(model, config, data=labelled_data(spec), example_inputs=x, **kwargs)
+            pruned, masks = pruner.compress()
+            assert pruned is model and masks == {}
+            return pruner
+
+        pruner = _outcome(run, expected, stats)
+        if pruner is None:
+            _assert_unchanged(model, before)
+            return
+        _check_dbp_result(pruner, model, x, shape, params, channels, k, stats)
+
+    prop()
+    _assert_share(stats, 0.4)
+
+
+def test_nni_mpd_pruner_then_convert_computes_what_the_masked_model_does():
+    from pfgdf_plugin.nni.mpd import MPDPruner as NNIMPDPruner
+    from pfgdf_plugin.nni.mpd import convert
+
+    stats = collections.Counter()
+
+    @_settings(80)
+    @given(spec=specs(), size=_mpd_size(), permutation=st.sampled_from(("random", "magnitude")),
+           fold=st.booleans(), skip_grouped=st.sampled_from((True, True, False)))
+    def prop(spec, size, permutation, fold, skip_grouped):
+        model, x = build(spec)
+        model.double()
+        x = x.double()
+        with torch.no_grad():
+            shape = model(x).shape
+        params = _n_params(model)
+        nan_name = _nan_layer_name(spec, model)
+        grouped = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups != 1]
+        exclude = ["fc"] + (grouped if skip_grouped else [])
+        config = [{"op_types": ["Conv2d", "Linear"], "exclude_op_names": exclude}]
+        layers = _mpd_layers(model, exclude=tuple(exclude))
+        expected = _mpd_expected(layers, size, nan_name, per_layer=True, empty=None)
+        if grouped and not skip_grouped:
+                    expected = (MPDError, rf"^{re.escape(grouped[0])}: Conv2d with groups=\d+ \(depthwise or grouped\)")
+        before = _snapshot(model)
+
+        def run():
+            pruner = NNIMPDPruner(model, config, permutation=permutation, **{size[0]: size[1]})
+            try:
+                _, masks = pruner.compress()
+            finally:
+                pruner.unwrap_model()
+            return pruner, masks
+
+        result = _outcome(run, expected, stats)
+        if result is None:
+            _assert_unchanged(model, before)
+            assert not any(hasattr(m, "_nni_wrapper") for m in model.modules())
+            return
+        pruner, masks = result
+        reference = copy.deepcopy(model)
+        with torch.no_grad():
+            for name, targets in masks.items():
+                reference.get_submodule(name).weight.mul_(targets["weight"])
+            masked = reference(x)
+        planned = {n: p.blocks for n, p in pruner.plans.items()}
+        report = convert(model, pruner, x, fold=fold)
+        assert set(report["layers"]) == {n for n, c in planned.items() if c > 1}
+        _check_mpd_conversion(model, x, masked, shape, params, planned, stats)
+
+    prop()
+    _assert_share(stats, 0.5)
+
+
 # --------------------------------------------------------------------------- the prune() entry point
 
 
@@ -632,6 +1046,66 @@ def test_prune_entry_point_pfgdf():
 
     prop()
     _assert_share(stats, 0.5)
+
+
+def test_prune_entry_point_dbp_and_mpd():
+    from pfgdf_plugin.pruning import PruneContext, prune
+
+    stats = collections.Counter()
+
+    @_settings(60)
+    @given(spec=specs(keep_width=True), data=st.data(), method=st.sampled_from(("dbp", "mpd")),
+           framework=st.sampled_from(("torch_pruning", "nni")))
+    def prop(spec, data, method, framework):
+        model, x = build(spec)
+        with torch.no_grad():
+            shape = model(x).shape
+        params, channels = _n_params(model), _n_channels(model)
+        before = _snapshot(model)
+        nan_name = _nan_layer_name(spec, model)
+        if method == "dbp":
+            n_blocks = _removable_blocks(model, x)
+            k = _draw_k(data, n_blocks)
+            kwargs = {"params": {"blocks": k}, "ctx": PruneContext(train_loader=labelled_data(spec))}
+            expected = _dbp_expected(n_blocks, k, spec, _nan_layer_name(spec, model))
+        else:
+            compression = data.draw(st.floats(1.5, 8.0), label="compression")
+            kwargs = {"params": {"compression": compression, "max_epochs": 0.0}}
+            size = ("compression", compression)
+            grouped = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups != 1]
+            if framework == "nni" and grouped:  # the NNI pruner takes every Conv2d: grouped ones are refused
+                expected = (MPDError, rf"^{re.escape(grouped[0])}: Conv2d with groups=")
+            else:
+                expected = _mpd_expected(_mpd_layers(model), size, nan_name, per_layer=framework == "nni",
+                                         empty="no layer to mask" if framework == "torch_pruning" else None)
+
+        def run():
+            return prune(model, x, method, framework, **kwargs)
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = _outcome(run, expected, stats)
+        _assert_unchanged(model, before)  # prune works on a copy
+        if result is None:
+            return
+        assert result.method == method and result.framework == framework
+        out_model = result.model
+        with torch.no_grad():
+            out = out_model(x)
+        assert out.shape == shape
+        assert _n_params(out_model) <= params
+        stats["runs"] += 1
+        stats[f"runs_{method}_{framework}"] += 1
+        if method == "dbp":
+            assert len(result.extra["dbp_removed"]) == k
+            assert _n_channels(out_model) < channels
+            stats["pruned"] += 1
+        elif result.layers:
+            assert all(e["blocks"] > 1 for e in result.layers.values())
+            stats["pruned"] += 1
+
+    prop()
+    _assert_share(stats, 0.4)
 
 
 # --------------------------------------------------------------------------- regressions found by the properties
@@ -748,3 +1222,65 @@ def test_nni_speedup_refuses_single_feature_tensors_with_a_clear_error():
     # NNI itself fails with "The output type should be <class 'torch.Tensor'>, but NoneType"
     with pytest.raises(ValueError, match=r"layer '4' outputs a single feature per sample \(shape \(4, 1\)\)"):
         speedup(model, masks, torch.randn(4, 3, 8, 8))
+
+
+def _nan_net() -> Tuple[nn.Module, torch.Tensor, List[Tuple[torch.Tensor, torch.Tensor]]]:
+    """Two removable Conv-ReLU blocks; the second holds one NaN weight."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 3)).eval()
+    with torch.no_grad():
+        model[4].weight[1, 0, 0, 0] = float("nan")
+    data = [(torch.randn(8, 3, 8, 8), torch.arange(8) % 3) for _ in range(3)]
+    return model, torch.randn(2, 3, 8, 8), data
+
+
+def _nni_dbp(model, x, data):
+    from pfgdf_plugin.nni.dbp import DBPPruner as NNIDBPPruner
+
+    NNIDBPPruner(model, [{"op_types": ["Conv2d"]}], data=data, example_inputs=x, target={"blocks": 1}).compress()
+
+
+@pytest.mark.parametrize("run", [
+    lambda m, x, d: DBPPruner(m, x, data=d, target={"blocks": 1}).step(),
+    _nni_dbp,
+    lambda m, x, d: tp.pruner.MetaPruner(m, x, importance=DiscriminationImportance(d), pruning_ratio=0.5,
+                                         ignored_layers=[m[8]]).step(),
+], ids=["dbp-pruner", "nni-dbp-pruner", "discrimination-importance"])
+def test_dbp_nan_weights_raise_dbp_error_naming_the_layer(run):
+    # DBP used to fit its probes on NaN features and remove blocks by NaN losses; the importance
+    # ranked channels by NaN Fisher ratios
+    model, x, data = _nan_net()
+    before = _snapshot(model)
+    with pytest.raises(DBPError, match=r"layer '4': weight holds NaN/Inf values"):
+        run(model, x, data)
+    _assert_unchanged(model, before)
+
+
+def test_dbp_nan_data_raises_dbp_error_naming_the_block():
+    model, x, data = _nan_net()
+    with torch.no_grad():
+        model[4].weight.nan_to_num_(0.0)
+    data[1][0][3, 0, 2, 2] = float("nan")
+    before = _snapshot(model)
+    with pytest.raises(DBPError, match=r"the input of '2' holds NaN/Inf values on the data"):
+        DBPPruner(model, x, data=data, target={"blocks": 1}).step()
+    _assert_unchanged(model, before)
+    with pytest.raises(DBPError, match=r"the output of '0' holds NaN/Inf values on the data"):
+        tp.pruner.MetaPruner(model, x, importance=DiscriminationImportance(data), pruning_ratio=0.5,
+                             ignored_layers=[model[8]]).step()
+
+
+def test_nni_mpd_plans_and_errors_follow_the_model_order():
+    from pfgdf_plugin.nni.mpd import MPDPruner as NNIMPDPruner
+
+    # NNI selects the configured modules into a set: the plans, and the layer named by an error,
+    # used to follow the process's string hashing instead of the model
+    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(10)])
+    pruner = NNIMPDPruner(model, [{"op_types": ["Linear"]}], blocks=2)
+    assert list(pruner.plans) == [str(i) for i in range(10)]
+    pruner.unwrap_model()
+    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(4)], *[nn.Linear(4, 1 + i % 2) for i in range(6)])
+    with pytest.raises(MPDError, match=r"^4: blocks=2 exceeds min\(out, in\)"):
+        NNIMPDPruner(model, [{"op_types": ["Linear"]}], blocks=2)

@@ -72,7 +72,8 @@ _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.C
 
 
 class DBPError(ValueError):
-    """Raised for input DBP cannot work with: no removable block, an unreachable target, bad labels."""
+    """Raised for input DBP cannot work with: no removable block, an unreachable target, bad labels,
+    NaN/Inf weights or features (the message names the layer)."""
 
 
 # --------------------------------------------------------------------------- targets
@@ -571,6 +572,26 @@ def collect_features(model: nn.Module, points: Mapping[str, Tuple[nn.Module, str
     return {k: torch.cat(v) for k, v in store.items() if k not in dropped}, torch.cat(labels), out_dim
 
 
+def _check_finite_model(model: nn.Module) -> None:
+    """:class:`DBPError` naming the first layer whose parameters or buffers hold NaN/Inf values."""
+    for name, m in model.named_modules():
+        for key, t in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
+            if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise DBPError(f"layer {name or type(model).__name__!r}: {key} holds NaN/Inf values; DBP cannot "
+                               "score features computed from it")
+
+
+def _check_finite_features(feats: Mapping[str, torch.Tensor], keys: Iterable[str]) -> None:
+    """:class:`DBPError` naming the first of ``keys`` (``"in:<name>"`` / ``"out:<name>"``) whose features
+    hold NaN/Inf values."""
+    for key in keys:
+        f = feats.get(key)
+        if f is not None and not bool(torch.isfinite(f).all()):
+            where, _, name = key.partition(":")
+            raise DBPError(f"the {'input' if where == 'in' else 'output'} of {name!r} holds NaN/Inf values on the "
+                           "data (NaN inputs or an overflow); DBP cannot score it")
+
+
 def _check_labels(labels: torch.Tensor, num_classes: Optional[int], out_dim: Optional[int]) -> int:
     """Validate labels against the class count the probe expects; return that count."""
     if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
@@ -813,7 +834,8 @@ def score_blocks(model: nn.Module, blocks: Sequence[Block], data: Iterable, num_
         data: ``(inputs, labels)`` batches of held-out training data.
         num_batches: batches to use (``None``: all of ``data``).
         num_classes: classes the probe expects (default: the model's output size, else the
-            labels' maximum + 1). Labels outside, or fewer classes present, raise :class:`DBPError`.
+            labels' maximum + 1). Labels outside, or fewer classes present, raise :class:`DBPError`;
+            so do NaN/Inf weights or buffers (naming the layer) and NaN/Inf features (naming the block).
         holdout: share of the samples that scores the probes (the rest trains them).
         seed: seeds the train/held-out split.
         weight_decay, max_iter: the probe's L2 penalty and L-BFGS iterations (see :func:`probe`).
@@ -836,7 +858,9 @@ def score_blocks(model: nn.Module, blocks: Sequence[Block], data: Iterable, num_
         points[f"out:{b.name}"] = (modules[b.members[-1]], "out")
         if reference == "input" or b is ordered[0]:
             points[f"in:{b.name}"] = (modules[b.members[0]], "in")
+    _check_finite_model(model)
     feats, labels, out_dim = collect_features(model, points, data, num_batches, progress)
+    _check_finite_features(feats, [f"{side}:{b.name}" for b in ordered for side in ("in", "out")])
     k = _check_labels(labels, num_classes, out_dim)
     tr, te = _split(labels.shape[0], holdout, seed)
     keys = list(feats)

@@ -156,7 +156,10 @@ class MPDPruner(Pruner):
 
     # ------------------------------------------------------------------ set-up
     def _weight_targets(self):
-        for module_name, ts in self._target_spaces.items():
+        # NNI selects modules into a set: visit them in the model's order, so plans and errors
+        # (the first bad layer is named) do not depend on the process's string hashing
+        order = {name: i for i, (name, _) in enumerate(self.bound_model.named_modules())}
+        for module_name, ts in sorted(self._target_spaces.items(), key=lambda kv: order.get(kv[0], len(order))):
             for target_name, target_space in ts.items():
                 if target_space.type is not TargetType.PARAMETER:
                     raise MPDError(f"{module_name}.{target_name}: MPD masks weights; input/output targets are "

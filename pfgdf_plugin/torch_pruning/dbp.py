@@ -55,7 +55,8 @@ class DBPPruner:
 
     Raises:
         DBPError: (a ``ValueError``) no removable block, a named candidate that changes the shape,
-            and, from :meth:`step`, bad labels or an unreachable target; the model is unchanged then.
+            and, from :meth:`step`, bad labels, an unreachable target or NaN/Inf weights (naming the
+            layer); the model is unchanged then.
 
     After :meth:`step`: ``removed`` lists the removed block names (least useful first);
     ``report`` maps every candidate's name to ``{members, kind, position, macs, discrimination,
@@ -139,6 +140,7 @@ class DiscriminationImportance(tp.importance.Importance):
     All layers' responses come from one pass of forward hooks over ``data``, cached until the
     model's parameters or buffers change (a new pruning step, fine-tuning). A group without a
     producing layer that ran once per forward pass scores ``None`` (Torch-Pruning skips it).
+    NaN/Inf weights or responses raise :class:`~pfgdf_plugin.methods.dbp.DBPError` naming the layer.
 
     Args:
         data: ``(inputs, labels)`` batches, e.g. a ``DataLoader``.
@@ -180,10 +182,12 @@ class DiscriminationImportance(tp.importance.Importance):
         key = _state_key(model)
         if key == self._key:
             return
+        dbp._check_finite_model(model)
         layers = {name: m for name, m in model.named_modules() if isinstance(m, _SCORED)}
         points = {name: (m, "out") for name, m in layers.items()}
         feats, labels, out_dim = dbp.collect_features(model, points, self.data, self.num_batches, self.progress,
                                                       desc="DBP channel responses", strict=False)
+        dbp._check_finite_features({f"out:{n}": f for n, f in feats.items()}, [f"out:{n}" for n in feats])
         k = dbp._check_labels(labels, self.num_classes, out_dim)
         self._scores = {}
         for name, f in feats.items():
