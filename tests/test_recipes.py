@@ -18,6 +18,7 @@ from pfgdf_plugin.runner import RunError, run_recipe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = sorted(glob.glob(os.path.join(ROOT, "recipes", "*.yaml")))
+PFGDF_RECIPE = os.path.join(ROOT, "recipes", "pfgdf_vgg16.yaml")
 TINY = ["data.name=digits", "model.width=0.25", "data.limit_train=256", "data.limit_test=128", "data.batch_size=64",
         "train.epochs=1", "finetune.epochs=1", "report.repeats=2", "report.warmup=1", "progress=false"]
 
@@ -89,7 +90,7 @@ def meta_input(metrics):
 
 
 def test_pruned_outputs_match_between_run_and_reload(tmp_path):
-    recipe = tiny(RECIPES[0], tmp_path, ["model.name=resnet20", "model.width=0.5", "name=r20",
+    recipe = tiny(PFGDF_RECIPE, tmp_path, ["model.name=resnet20", "model.width=0.5", "name=r20",
                                           "prune.ignored_layers=[fc]", "export.onnx=false", "report.latency=false"])
     metrics = run_recipe(recipe, quiet=True)
     path = os.path.join(metrics["run_dir"], "pruned.pt")
@@ -142,12 +143,12 @@ def test_cli_errors_are_one_clear_line(tmp_path):
     bad.write_text("prune:\n  params:\n    k: 0\n")
     r = _cli("validate", str(bad))
     assert r.returncode == 2 and "k must be > 0" in r.stderr and "Traceback" not in r.stderr
-    r = _cli("run", RECIPES[0], "--set", "data.name=cifar10", "--set", f"data.root={tmp_path}",
+    r = _cli("run", PFGDF_RECIPE, "--set", "data.name=cifar10", "--set", f"data.root={tmp_path}",
              "--set", f"output_dir={tmp_path}", "--quiet")
     assert r.returncode == 2 and "cifar-10-batches-py" in r.stderr and "Traceback" not in r.stderr
     r = _cli("validate", str(tmp_path / "missing.yaml"))
     assert r.returncode == 2 and "no such recipe file" in r.stderr
-    r = _cli("validate", RECIPES[0], "--set", "prune.params.k=2.0")
+    r = _cli("validate", PFGDF_RECIPE, "--set", "prune.params.k=2.0")
     assert r.returncode == 0, r.stderr
 
 
@@ -156,17 +157,17 @@ def _digest(path):
 
 
 def test_failed_run_keeps_earlier_results_and_input_model(tmp_path):
-    recipe = tiny(RECIPES[0], tmp_path, ["export.onnx=false", "report.latency=false", "report.plots=false"])
+    recipe = tiny(PFGDF_RECIPE, tmp_path, ["export.onnx=false", "report.latency=false", "report.plots=false"])
     first = run_recipe(recipe, quiet=True)
     ckpt = os.path.join(first["run_dir"], "dense.pt")
     before = {f: _digest(os.path.join(first["run_dir"], f)) for f in os.listdir(first["run_dir"])}
     # a checkpoint that does not fit the model: the run fails, nothing earlier changes
-    bad = tiny(RECIPES[0], tmp_path, [f"model.checkpoint={ckpt}", "model.width=0.5"])
+    bad = tiny(PFGDF_RECIPE, tmp_path, [f"model.checkpoint={ckpt}", "model.width=0.5"])
     with pytest.raises(RunError, match="does not fit model"):
         run_recipe(bad, quiet=True)
     after = {f: _digest(os.path.join(first["run_dir"], f)) for f in os.listdir(first["run_dir"])}
     assert before == after
     # a second successful run goes beside the first one, never over it
-    ok = tiny(RECIPES[0], tmp_path, [f"model.checkpoint={ckpt}", "export.onnx=false", "report.latency=false"])
+    ok = tiny(PFGDF_RECIPE, tmp_path, [f"model.checkpoint={ckpt}", "export.onnx=false", "report.latency=false"])
     second = run_recipe(ok, quiet=True)
     assert second["run_dir"] != first["run_dir"] and _digest(ckpt) == before["dense.pt"]

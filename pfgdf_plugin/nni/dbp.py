@@ -24,8 +24,9 @@ from nni.compression.utils.evaluator import Evaluator
 from ..methods import dbp
 from ._common import copy_config
 
-# DBP's own knobs: NNI's config schema rejects unknown keys, so they are constructor arguments.
-_KNOBS = ("target", "num_batches", "num_classes", "seed", "holdout", "reference", "candidates")
+# DBP's own knobs: NNI's config schema rejects unknown keys, so they are constructor arguments
+# (candidate blocks are chosen by the entries' op_names / op_types instead).
+_KNOBS = ("target", "num_batches", "num_classes", "seed", "holdout", "reference")
 _SELECT_KEYS = ("op_names", "op_types", "op_names_re", "exclude_op_names", "exclude_op_types",
                 "exclude_op_names_re")
 _ALLOWED = _SELECT_KEYS + ("sparse_ratio", "sparsity", "exclude")
@@ -158,8 +159,9 @@ class DBPPruner:
             progress: see :class:`pfgdf_plugin.torch_pruning.dbp.DBPPruner`.
 
     After :meth:`compress`: ``removed``, ``report`` and ``result`` as in the Torch-Pruning
-    ``DBPPruner``. MACs ratios here use :func:`pfgdf_plugin.methods.dbp.count_macs` (conv and
-    linear layers).
+    ``DBPPruner``. MACs ratios use :func:`pfgdf_plugin.measure.count_macs` (Torch-Pruning's
+    counter), as the Torch-Pruning ``DBPPruner`` does, so one ``{"macs": r}`` target removes the
+    same blocks in both frameworks.
 
     Example:
         >>> import torch
@@ -293,8 +295,11 @@ class DBPPruner:
             target, groups = self.target, None
         else:
             target, groups = dbp.Target("blocks", sum(c for _, c in self.groups)), self.groups
-        self.result = dbp.prune_(self.bound_model, self.example_inputs, self._batches(), target,
-                                 blocks=self.blocks, groups=groups, **self._options)
+        from ..measure import count_macs
+
+        example = self.example_inputs
+        self.result = dbp.prune_(self.bound_model, example, self._batches(), target, blocks=self.blocks,
+                                 groups=groups, macs_fn=lambda m: float(count_macs(m, example)), **self._options)
         self.report = self.result.report()
         self.removed = list(self.result.removed)
         return self.bound_model, {}
