@@ -18,6 +18,7 @@ import torch.nn as nn
 from .measure import filters_per_layer
 from .methods import pfgdf as pfgdf_math
 from .registry import Registry
+from .train import Checkpointing, read_checkpoint
 
 FRAMEWORKS = ("torch_pruning", "nni")
 
@@ -42,6 +43,8 @@ class PruneContext:
     device: str = "cpu"
     progress: bool = False
     quantize: Any = None  # a pfgdf_plugin.quantize.QuantizeConfig; fused=True runs it inside the pruner's loop
+    checkpoint: Optional[str] = None  # resumable checkpoint of a pruning phase that trains (Torch-Pruning SPP, MPD)
+    checkpoint_every: int = 0
 
 
 @dataclass
@@ -200,8 +203,20 @@ def _tp_spp(model, example_inputs, params, ratio, ignored, ctx):
         return pruner.finished
 
     cfg = dataclasses.replace(ctx.train_cfg or TrainConfig(lr=0.01), epochs=params["max_epochs"])
-    stats = train(model, ctx.train_loader, cfg, device=ctx.device, desc="spp (pruning)", progress=ctx.progress,
-                  on_step=on_step)
+    ckpt, saved = None, None
+    if ctx.checkpoint:  # resumable: the model, optimiser and SPP's probabilities, masks and generator
+        saved = read_checkpoint(ctx.checkpoint)
+        if saved is not None:
+            pruner.load_state_dict(saved["extra"]["spp"])
+            history.update(saved["extra"]["history"])
+        ckpt = Checkpointing(ctx.checkpoint, ctx.checkpoint_every,
+                             lambda: {"spp": pruner.state_dict(), "history": history})
+    if saved is not None and pruner.finished:  # it was saved at the very step SPP finished
+        model.load_state_dict(saved["model"])
+        stats = {"steps": saved["step"]}
+    else:
+        stats = train(model, ctx.train_loader, cfg, device=ctx.device, desc="spp (pruning)",
+                      progress=ctx.progress, on_step=on_step, checkpoint=ckpt)
     finished = pruner.finished
     if not finished:
         warnings.warn(f"SPP did not reach its targets within prune.params.max_epochs={params['max_epochs']}: "
@@ -508,8 +523,10 @@ def _tp_mpd(model, example_inputs, params, ratio, ignored, ctx):
         if ctx.train_loader is None:
             raise ValueError("method 'mpd' trains with its masks for prune.params.max_epochs: it needs training data")
         cfg = dataclasses.replace(ctx.train_cfg or TrainConfig(lr=0.01), epochs=params["max_epochs"])
+        # the plans are a function of the dense weights and the seed: a resumed run rebuilds them
+        ckpt = Checkpointing(ctx.checkpoint, ctx.checkpoint_every) if ctx.checkpoint else None
         train(model, ctx.train_loader, cfg, device=ctx.device, desc="mpd (masked training)", progress=ctx.progress,
-              on_step=lambda step, loss: pruner.update())
+              on_step=lambda step, loss: pruner.update(), checkpoint=ckpt)
         model.cpu().eval()
     snapshot = _mpd_snapshot(model, pruner.plans)
     report = pruner.step()

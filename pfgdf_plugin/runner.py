@@ -160,7 +160,7 @@ def run_recipe(recipe: Recipe, quiet: bool = False,
 
 
 STAGE_LOCK = "run.lock"
-CHECKPOINTS = ("dense.pt", "train.ckpt.pt", "finetune.ckpt.pt", "pruned-init.pt")
+CHECKPOINTS = ("dense.pt", "train.ckpt.pt", "prune.ckpt.pt", "finetune.ckpt.pt", "pruned-init.pt")
 
 
 def _stage_dir(recipe: Recipe) -> str:
@@ -309,7 +309,8 @@ def _run(recipe: Recipe, stage: str, quiet: bool, progress: bool, on_finetune_ep
         _log(f"[3/7] prune: {p.method} via {p.framework}", quiet)
         _phase(recipe, train_loader, 2)
         ctx = PruneContext(train_loader=train_loader, train_cfg=recipe.finetune, device=recipe.device,
-                           progress=progress, quantize=recipe.quantize)
+                           progress=progress, quantize=recipe.quantize,
+                           checkpoint=os.path.join(stage, "prune.ckpt.pt"), checkpoint_every=recipe.checkpoint_every)
         result = prune(model, example, p.method, p.framework, p.params, p.ratio, p.ignored_layers, ctx=ctx)
         pruned = result.model
         after_prune = measure.evaluate(pruned, test_loader, recipe.device, "eval pruned", progress)
@@ -442,7 +443,7 @@ def _run(recipe: Recipe, stage: str, quiet: bool, progress: bool, on_finetune_ep
     with open(os.path.join(stage, "metrics.json"), "w", encoding="utf-8") as f:
         json.dump(metrics, f, indent=2, default=float)
     write_report(stage, metrics, plots)
-    for f in (STAGE_LOCK, "train.ckpt.pt", "finetune.ckpt.pt", "pruned-init.pt", "prune.json"):
+    for f in (STAGE_LOCK, "train.ckpt.pt", "prune.ckpt.pt", "finetune.ckpt.pt", "pruned-init.pt", "prune.json"):
         if os.path.exists(os.path.join(stage, f)):
             os.unlink(os.path.join(stage, f))  # resume-only files: the run is complete
     final = _final_dir(recipe.output_dir, recipe.name)

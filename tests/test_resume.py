@@ -25,6 +25,18 @@ def _state(run_dir):
     return torch.load(os.path.join(run_dir, "pruned.pt"), weights_only=True)["state_dict"]
 
 
+def _kill_when(cmd, path):
+    """Start ``cmd``, SIGKILL it as soon as ``path`` exists; return its exit code."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
+    deadline = time.monotonic() + 240
+    while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return proc.returncode
+
+
 def test_train_resumes_mid_epoch_to_the_same_weights(tmp_path):
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -59,14 +71,7 @@ def test_sigkill_during_finetuning_then_resume_matches_uninterrupted(tmp_path):
     ckpt = stage / "finetune.ckpt.pt"
     cmd = [sys.executable, "-m", "pfgdf_plugin", "run", RECIPE, "--quiet"]
     cmd += [w for s in SETTINGS + [f"output_dir={out}"] for w in ("--set", s)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
-    deadline = time.monotonic() + 240
-    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert _kill_when(cmd, ckpt) == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (out / "pfgdf_vgg16").exists()
 
     # the last checkpoint is intact and mid-way
@@ -91,6 +96,33 @@ def test_sigkill_during_finetuning_then_resume_matches_uninterrupted(tmp_path):
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5), k
     assert resumed["after"]["accuracy"] == pytest.approx(ref["after"]["accuracy"], abs=1e-9)
     assert not any(f.endswith(".ckpt.pt") for f in os.listdir(resumed["run_dir"]))
+
+
+SPP_RECIPE = os.path.join(ROOT, "recipes", "spp_resnet56.yaml")
+SPP_SETTINGS = ["data.name=digits", "model.name=resnet20", "model.width=1.0", "data.limit_train=1024",
+                "data.limit_test=128", "data.batch_size=32", "train.epochs=1", "finetune.epochs=1",
+                "prune.params.A=0.1", "prune.params.interval=1", "prune.params.max_epochs=3", "checkpoint_every=2",
+                "report.latency=false", "export.onnx=false", "report.plots=false", "progress=false"]
+
+
+def test_sigkill_during_spp_pruning_resumes_its_probabilities_and_generator(tmp_path):
+    ref = run_recipe(load_recipe(SPP_RECIPE, SPP_SETTINGS + [f"output_dir={tmp_path / 'ref'}"]), quiet=True)
+
+    out = tmp_path / "killed"
+    stage = out / ".spp_resnet56.partial"
+    cmd = [sys.executable, "-m", "pfgdf_plugin", "run", SPP_RECIPE, "--quiet"]
+    cmd += [w for s in SPP_SETTINGS + [f"output_dir={out}"] for w in ("--set", s)]
+    assert _kill_when(cmd, stage / "prune.ckpt.pt") == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (stage / "pruned-init.pt").exists(), "killed after the pruning phase, not during it"
+    state = read_checkpoint(str(stage / "prune.ckpt.pt"))
+    assert 0 < state["extra"]["spp"]["steps"] < ref["spp"]["steps"]
+
+    resumed = run_recipe(load_recipe(SPP_RECIPE, SPP_SETTINGS + [f"output_dir={out}"]), quiet=True, resume=True)
+    assert resumed["spp"] == ref["spp"]
+    assert resumed["after"]["filters_per_layer"] == ref["after"]["filters_per_layer"]
+    a, b = _state(ref["run_dir"]), _state(resumed["run_dir"])
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5), k
 
 
 def test_resume_without_an_interrupted_run_is_an_error(tmp_path):
