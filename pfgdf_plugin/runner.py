@@ -139,7 +139,7 @@ def run_recipe(recipe: Recipe, quiet: bool = False,
     if main:
         try:
             stage = _claim_stage(recipe, resume)
-        except RunError as e:
+        except (RunError, OSError) as e:
             error = str(e)
     stage, error = distributed.broadcast_object((stage, error))  # every rank fails, or none does
     if error:
@@ -151,11 +151,12 @@ def run_recipe(recipe: Recipe, quiet: bool = False,
     except BaseException as e:
         if main:
             _release_stage(stage, keep=resume or isinstance(e, KeyboardInterrupt) or _has_checkpoints(stage))
-        raise
-    finally:
         if started_group:
-            distributed.barrier()
             distributed.shutdown(True)
+        raise
+    if started_group:
+        distributed.barrier()  # ranks leave together once rank 0 has written the run
+        distributed.shutdown(True)
     return metrics
 
 
