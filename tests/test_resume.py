@@ -16,7 +16,7 @@ from pfgdf_plugin.train import Checkpointing, TrainConfig, read_checkpoint, trai
 torch.set_num_threads(1)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(ROOT, "recipes", "pfgdf_vgg16.yaml")
-SETTINGS = ["data.name=digits", "model.width=0.5", "data.limit_train=1024", "data.limit_test=128",
+SETTINGS = ["data.name=digits", "model.width=0.25", "data.limit_train=1024", "data.limit_test=128",
             "data.batch_size=32", "train.epochs=1", "finetune.epochs=4", "checkpoint_every=4",
             "report.latency=false", "export.onnx=false", "report.plots=false", "progress=false"]
 
@@ -99,7 +99,7 @@ def test_sigkill_during_finetuning_then_resume_matches_uninterrupted(tmp_path):
 
 
 SPP_RECIPE = os.path.join(ROOT, "recipes", "spp_resnet56.yaml")
-SPP_SETTINGS = ["data.name=digits", "model.name=resnet20", "model.width=1.0", "data.limit_train=1024",
+SPP_SETTINGS = ["data.name=digits", "model.name=resnet20", "model.width=0.5", "data.limit_train=1024",
                 "data.limit_test=128", "data.batch_size=32", "train.epochs=1", "finetune.epochs=1",
                 "prune.params.A=0.1", "prune.params.interval=1", "prune.params.max_epochs=3", "checkpoint_every=2",
                 "report.latency=false", "export.onnx=false", "report.plots=false", "progress=false"]
