@@ -637,6 +637,24 @@ def _check_dbp_result(pruner, model: nn.Module, x: torch.Tensor, shape, params: 
     _check_copies_and_traces(model, x)
 
 
+def _dbp_case(spec):
+    """A drawn model, its input, and what a DBP run is checked against."""
+    model, x = build(spec)
+    with torch.no_grad():
+        shape = model(x).shape
+    return model, x, shape, _n_params(model), _n_channels(model), _removable_blocks(model, x), _snapshot(model)
+
+
+def _settle_dbp(run, expected, stats, case, k):
+    """Run a DBP pruner: a documented error leaves the model alone, a success passes the checks."""
+    model, x, shape, params, channels, _, before = case
+    pruner = _outcome(run, expected, stats)
+    if pruner is None:
+        _assert_unchanged(model, before)
+        return
+    _check_dbp_result(pruner, model, x, shape, params, channels, k, stats)
+
+
 # --------------------------------------------------------------------------- Torch-Pruning: DBP
 
 
@@ -646,24 +664,15 @@ def test_dbp_pruner_removes_blocks_or_refuses_leaving_the_model_alone():
     @_settings(120)
     @given(spec=specs(keep_width=True), data=st.data(), reference=st.sampled_from(("previous", "input")))
     def prop(spec, data, reference):
-        model, x = build(spec)
-        with torch.no_grad():
-            shape = model(x).shape
-        params, channels = _n_params(model), _n_channels(model)
-        n_blocks = _removable_blocks(model, x)
+        case = model, x, _, _, _, n_blocks, _ = _dbp_case(spec)
         k = _draw_k(data, n_blocks)
-        before = _snapshot(model)
 
         def run():
             pruner = DBPPruner(model, x, data=labelled_data(spec), target={"blocks": k}, reference=reference)
             pruner.step()
             return pruner
 
-        pruner = _outcome(run, _dbp_expected(n_blocks, k, spec, _nan_layer_name(spec, model)), stats)
-        if pruner is None:
-            _assert_unchanged(model, before)
-            return
-        _check_dbp_result(pruner, model, x, shape, params, channels, k, stats)
+        _settle_dbp(run, _dbp_expected(n_blocks, k, spec, _nan_layer_name(spec, model)), stats, case, k)
 
     prop()
     _assert_share(stats, 0.5)
@@ -913,12 +922,7 @@ def test_nni_dbp_pruner_removes_blocks_or_refuses_leaving_the_model_alone():
     @_settings(100)
     @given(spec=specs(keep_width=True), data=st.data(), mode=st.sampled_from(("target", "target", "ratio")))
     def prop(spec, data, mode):
-        model, x = build(spec)
-        with torch.no_grad():
-            shape = model(x).shape
-        params, channels = _n_params(model), _n_channels(model)
-        n_blocks = _removable_blocks(model, x)
-        before = _snapshot(model)
+        case = model, x, _, _, _, n_blocks, _ = _dbp_case(spec)
         if mode == "target":
             k = _draw_k(data, n_blocks)
             config, kwargs = [{"op_types": ["Conv2d"]}], {"target": {"blocks": k}}
@@ -937,11 +941,7 @@ def test_nni_dbp_pruner_removes_blocks_or_refuses_leaving_the_model_alone():
             assert pruned is model and masks == {}
             return pruner
 
-        pruner = _outcome(run, expected, stats)
-        if pruner is None:
-            _assert_unchanged(model, before)
-            return
-        _check_dbp_result(pruner, model, x, shape, params, channels, k, stats)
+        _settle_dbp(run, expected, stats, case, k)
 
     prop()
     _assert_share(stats, 0.4)
