@@ -64,6 +64,15 @@ def count_macs(model: nn.Module, example_inputs: Any) -> int:
     return int(macs) + _block_diagonal_macs(model, example_inputs)
 
 
+def call(model: nn.Module, example_inputs: Any) -> Any:
+    """``model`` applied to a tensor, a tuple/list of positional inputs, or a dict of keyword inputs."""
+    if isinstance(example_inputs, dict):
+        return model(**example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return model(*example_inputs)
+    return model(example_inputs)
+
+
 def _block_diagonal_macs(model: nn.Module, example_inputs: Any) -> int:
     from .modules import BlockDiagonalLinear
 
@@ -77,12 +86,7 @@ def _block_diagonal_macs(model: nn.Module, example_inputs: Any) -> int:
     try:
         model.eval()
         with torch.no_grad():
-            if isinstance(example_inputs, dict):
-                model(**example_inputs)
-            elif isinstance(example_inputs, (tuple, list)):
-                model(*example_inputs)
-            else:
-                model(example_inputs)
+            call(model, example_inputs)
     finally:
         for h in hooks:
             h.remove()

@@ -272,13 +272,31 @@ def _nni_pfgdf(model, example_inputs, params, ratio, ignored, ctx):
     return result
 
 
+def _nni_train(pruner, evaluator, ctx: PruneContext, steps: Optional[int]):
+    """Run a training-aware NNI pruner for ``steps`` (inside a quantizer's loop with
+    ``ctx.quantize.fused``), unwrap the model; return ``(masks, extra)``."""
+    from .quantize import fuse
+
+    extra: Dict[str, Any] = {}
+    if evaluator is not None and ctx.quantize is not None and ctx.quantize.fused:
+        quantizer = fuse(pruner, ctx.quantize, evaluator)
+        quantizer.compress(max_steps=steps, max_epochs=None)
+        extra["fused_calibration"] = quantizer.get_calibration_config()
+        masks = pruner.get_masks()
+        quantizer.unwrap_model()  # the last compressor holds the wrappers after fusion
+    else:
+        _, masks = pruner.compress(max_steps=steps, max_epochs=None)
+        pruner.unwrap_model()
+    return masks, extra
+
+
 def _nni_spp(model, example_inputs, params, ratio, ignored, ctx):
     """SPP through NNI: a training-aware pruner driven by a TorchEvaluator over the recipe's data;
     with ``ctx.quantize.fused`` a quantizer runs in the same training loop."""
     import dataclasses
 
     from .nni import SPPPruner
-    from .quantize import fuse, torch_evaluator
+    from .quantize import torch_evaluator
     from .train import TrainConfig
 
     if ctx.train_loader is None:
@@ -299,16 +317,7 @@ def _nni_spp(model, example_inputs, params, ratio, ignored, ctx):
     pruner = SPPPruner(model, config, evaluator, training_steps=steps, interval=params["interval"], A=params["A"],
                        u=params["u"], seed=params["seed"])
     holder["pruner"] = pruner
-    extra: Dict[str, Any] = {}
-    if ctx.quantize is not None and ctx.quantize.fused:
-        quantizer = fuse(pruner, ctx.quantize, evaluator)
-        quantizer.compress(max_steps=steps, max_epochs=None)
-        extra["fused_calibration"] = quantizer.get_calibration_config()
-        masks = pruner.get_masks()
-        quantizer.unwrap_model()
-    else:
-        _, masks = pruner.compress()
-        pruner.unwrap_model()
+    masks, extra = _nni_train(pruner, evaluator, ctx, steps)
     finished = pruner.finished
     result = _nni_finish(model.cpu(), masks, example_inputs, config, before)
     result.extra.update(extra)
@@ -541,7 +550,7 @@ def _nni_mpd(model, example_inputs, params, ratio, ignored, ctx):
     import dataclasses
 
     from .nni.mpd import MPDPruner, convert
-    from .quantize import fuse, torch_evaluator
+    from .quantize import torch_evaluator
     from .train import TrainConfig
 
     names = _names(model)
@@ -559,16 +568,8 @@ def _nni_mpd(model, example_inputs, params, ratio, ignored, ctx):
         evaluator = torch_evaluator(model, ctx.train_loader, cfg, ctx.device, ctx.progress, "mpd (masked training, NNI)")
     pruner = MPDPruner(model, [entry], evaluator, permutation=params["permutation"], seed=params["seed"],
                        round_to=params["round_to"], **_mpd_sizes(params))
-    extra: Dict[str, Any] = {}
     steps = max(1, int(round(cfg.epochs * len(ctx.train_loader)))) if evaluator is not None else None
-    if evaluator is not None and ctx.quantize is not None and ctx.quantize.fused:
-        quantizer = fuse(pruner, ctx.quantize, evaluator)
-        quantizer.compress(max_steps=steps, max_epochs=None)
-        extra["fused_calibration"] = quantizer.get_calibration_config()
-        quantizer.unwrap_model()
-    else:
-        pruner.compress(max_steps=steps, max_epochs=None)
-        pruner.unwrap_model()
+    _, extra = _nni_train(pruner, evaluator, ctx, steps)
     model.cpu().eval()
     plans = dict(pruner.plans)
     extra["mpd_snapshot"] = _mpd_snapshot(model, plans)

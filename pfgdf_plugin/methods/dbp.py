@@ -247,17 +247,10 @@ def _named_candidates(model: nn.Module, candidates: Sequence) -> List[Tuple[str,
     return out
 
 
-def _as_args(example_inputs: Any) -> Tuple[tuple, dict]:
-    if isinstance(example_inputs, dict):
-        return (), dict(example_inputs)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs), {}
-    return (example_inputs,), {}
-
-
 def _run(model: nn.Module, example_inputs: Any) -> Any:
-    args, kwargs = _as_args(example_inputs)
-    return model(*args, **kwargs)
+    from ..measure import call
+
+    return call(model, example_inputs)
 
 
 def _modes(model: nn.Module) -> Dict[nn.Module, bool]:

@@ -59,3 +59,20 @@ def follow_aligned(masks, target_spaces) -> None:
     if align_ts:
         for module_name, module_masks in _expand_masks(_generate_align_sparsity(masks, align_ts), align_ts).items():
             masks[module_name].update(module_masks)
+
+
+def weight_targets(compressor: Any, method: str, error: type = ValueError) -> Iterator[tuple]:
+    """``(module name, target name, target space)`` of a pruner's parameter targets, in the
+    model's order (NNI keeps them in a set, whose order follows string hashing), skipping
+    aligned and empty targets; input/output targets raise ``error`` naming the target."""
+    from nni.compression.base.target_space import TargetType
+
+    order = {name: i for i, (name, _) in enumerate(compressor.bound_model.named_modules())}
+    for module_name, ts in sorted(compressor._target_spaces.items(), key=lambda kv: order.get(kv[0], len(order))):
+        for target_name, target_space in ts.items():
+            if target_space.type is not TargetType.PARAMETER:
+                raise error(f"{module_name}.{target_name}: {method} masks weights; input/output targets are "
+                            "not supported")
+            if target_space.target is None or target_space.align is not None:
+                continue
+            yield module_name, target_name, target_space

@@ -22,13 +22,13 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 from nni.compression.base.compressor import Compressor, Pruner
-from nni.compression.base.target_space import PruningTargetSpace, TargetType
+from nni.compression.base.target_space import PruningTargetSpace
 from nni.compression.base.wrapper import ModuleWrapper
 from nni.compression.utils.evaluator import Evaluator
 
 from ..methods import mpd
 from ..methods.mpd import BlockPlan, MPDError
-from ._common import copy_config, settings
+from ._common import copy_config, settings, weight_targets
 
 _DATA = Dict[str, Dict[str, torch.Tensor]]
 _KNOBS = ("blocks", "compression", "permutation", "seed", "round_to")
@@ -156,26 +156,17 @@ class MPDPruner(Pruner):
 
     # ------------------------------------------------------------------ set-up
     def _weight_targets(self):
-        # NNI selects modules into a set: visit them in the model's order, so plans and errors
-        # (the first bad layer is named) do not depend on the process's string hashing
-        order = {name: i for i, (name, _) in enumerate(self.bound_model.named_modules())}
-        for module_name, ts in sorted(self._target_spaces.items(), key=lambda kv: order.get(kv[0], len(order))):
-            for target_name, target_space in ts.items():
-                if target_space.type is not TargetType.PARAMETER:
-                    raise MPDError(f"{module_name}.{target_name}: MPD masks weights; input/output targets are "
-                                   "not supported")
-                if target_space.target is None or target_space.align is not None:
-                    continue
-                if target_name != "weight":
-                    raise MPDError(f"{module_name}.{target_name}: MPD masks the 'weight' of Linear/Conv2d layers; "
-                                   f"drop {target_name!r} from target_names")
-                if target_space.apply_method != "mul":
-                    raise MPDError(f"{module_name}.weight: MPD needs apply_method 'mul', got "
-                                   f"{target_space.apply_method!r}")
-                if target_space.granularity not in (None, "default"):
-                    raise MPDError(f"{module_name}.weight: MPD masks are fine-grained; leave 'granularity' at "
-                                   f"'default', got {target_space.granularity!r}")
-                yield module_name, target_space
+        for module_name, target_name, target_space in weight_targets(self, "MPD", MPDError):
+            if target_name != "weight":
+                raise MPDError(f"{module_name}.{target_name}: MPD masks the 'weight' of Linear/Conv2d layers; "
+                               f"drop {target_name!r} from target_names")
+            if target_space.apply_method != "mul":
+                raise MPDError(f"{module_name}.weight: MPD needs apply_method 'mul', got "
+                               f"{target_space.apply_method!r}")
+            if target_space.granularity not in (None, "default"):
+                raise MPDError(f"{module_name}.weight: MPD masks are fine-grained; leave 'granularity' at "
+                               f"'default', got {target_space.granularity!r}")
+            yield module_name, target_space
 
     def _build_plans(self) -> None:
         targets = list(self._weight_targets())

@@ -30,14 +30,14 @@ from typing import Any, Dict, List, Tuple
 import torch
 from nni.compression.base.compressor import Compressor, Pruner
 from nni.compression.base.config import trans_legacy_config_list
-from nni.compression.base.target_space import PruningTargetSpace, TargetType
+from nni.compression.base.target_space import PruningTargetSpace
 from nni.compression.base.wrapper import ModuleWrapper
 from nni.compression.pruning.tools import active_sparse_targets_filter, norm_metrics
 from nni.compression.pruning.tools.sparse_gen import _expand_masks
 from nni.compression.utils.evaluator import Evaluator
 
 from ..methods import spp
-from ._common import copy_config, follow_aligned, settings
+from ._common import copy_config, follow_aligned, settings, weight_targets
 
 _DATA = Dict[str, Dict[str, torch.Tensor]]
 
@@ -221,15 +221,8 @@ class SPPPruner(Pruner):
     # ------------------------------------------------------------------ set-up
 
     def _spp_targets(self):
-        for module_name, ts in self._target_spaces.items():
-            for target_name, target_space in ts.items():
-                if target_space.type is not TargetType.PARAMETER:
-                    raise ValueError(f"{module_name}.{target_name}: SPP masks weights; input/output targets "
-                                     "are not supported")
-                if target_space.target is None or target_space.align is not None:
-                    continue
-                if target_space.sparse_ratio is None:
-                    continue
+        for module_name, target_name, target_space in weight_targets(self, "SPP"):
+            if target_space.sparse_ratio is not None:
                 yield module_name, target_name, target_space
 
     @staticmethod
