@@ -10,7 +10,8 @@ Example:
     ...                      pruning_ratio=0.5, ignored_layers=[model.fc]).step()
 """
 
-from .methods.pfgdf import PFGDFError
+from .errors import (ConfigError, DataNotFoundError, DBPError, MPDError, PFGDFError, PluginError, PrunedFileError,
+                     QuantizeError, RunError, SearchError, SPPError, UnknownNameError)
 from .persist import load_pruned, save_pruned
 from .torch_pruning import (DBPPruner, DiscriminationImportance, GaussianImportance, MPDPruner, PFGDFPruner,
                             SPPImportance, SPPPruner, auto_k_prune)
@@ -18,6 +19,17 @@ from .torch_pruning import (DBPPruner, DiscriminationImportance, GaussianImporta
 __version__ = "0.1.0"
 
 __all__ = [
+    "ConfigError",
+    "DataNotFoundError",
+    "DBPError",
+    "MPDError",
+    "PluginError",
+    "PrunedFileError",
+    "QuantizeError",
+    "RunError",
+    "SearchError",
+    "SPPError",
+    "UnknownNameError",
     "DBPPruner",
     "DiscriminationImportance",
     "MPDPruner",

@@ -42,12 +42,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    from .config import ConfigError
-    from .data import DataNotFoundError
-    from .methods.pfgdf import PFGDFError
-    from .persist import PrunedFileError
-    from .registry import UnknownNameError
-    from .runner import RunError
+    from .errors import PluginError
 
     try:
         if args.command == "methods":
@@ -95,8 +90,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             else:
                 run_bench(args.config, args.overrides, args.out)
             return 0
-    except (ConfigError, RunError, DataNotFoundError, PFGDFError, PrunedFileError, UnknownNameError,
-            ValueError, TypeError) as e:
+    except (PluginError, ValueError, TypeError) as e:  # the plugin's errors, and bad arguments: one line
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

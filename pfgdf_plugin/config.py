@@ -7,18 +7,9 @@ import typing
 from typing import Any, Dict, List, Tuple, Type, TypeVar
 
 import yaml
+from .errors import ConfigError
 
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """One or more problems in a recipe; ``errors`` lists each, naming the key and the value."""
-
-    def __init__(self, errors: List[str], source: str = "recipe") -> None:
-        self.errors = list(errors)
-        head = f"{source}: {len(self.errors)} problem(s)" if len(self.errors) > 1 else source
-        super().__init__(head + ":\n  - " + "\n  - ".join(self.errors) if len(self.errors) > 1
-                         else f"{source}: {self.errors[0]}")
 
 
 def _type_name(tp) -> str:

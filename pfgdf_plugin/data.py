@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from .errors import DataNotFoundError
 from .registry import Registry
 
 __all__ = [
@@ -77,16 +78,6 @@ _IDX_FILES = (
     "t10k-images-idx3-ubyte",
     "t10k-labels-idx1-ubyte",
 )
-
-
-class DataNotFoundError(FileNotFoundError):
-    """A data set's files are not where they were looked for.
-
-    The message is one line saying where it looked and how to get the data.
-    """
-
-    def __str__(self) -> str:  # FileNotFoundError would prefix an errno tuple
-        return str(self.args[0]) if self.args else ""
 
 
 @dataclass

@@ -16,14 +16,11 @@ from typing import Any, Dict, Optional
 import torch
 import torch.nn as nn
 
+from .errors import PrunedFileError
 from .train import atomic_save
 
 FORMAT = "pfgdf-plugin/pruned-v1"
 _CONV_ATTRS = ("in_channels", "out_channels", "groups")
-
-
-class PrunedFileError(ValueError):
-    """The file is not a pruned model of this package, or does not fit the base model."""
 
 
 def _describe(module: nn.Module) -> Optional[Dict[str, Any]]:

@@ -29,15 +29,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .errors import QuantizeError
 from .train import TrainConfig, train
 
 METHODS = ("qat", "ptq", "lsq")
 SCHEMES = ("affine", "symmetric")
 TARGETS = {"input": "_input_", "weight": "weight", "output": "_output_"}
-
-
-class QuantizeError(ValueError):
-    """A quantization setting is invalid, or a quantizer left a targeted layer uncalibrated."""
 
 
 @dataclass

@@ -3,15 +3,9 @@
 from __future__ import annotations
 
 from typing import Callable, Dict, Generic, Iterator, TypeVar
+from .errors import UnknownNameError
 
 T = TypeVar("T")
-
-
-class UnknownNameError(KeyError):
-    """Raised for a name a registry does not know; the message lists the known names."""
-
-    def __str__(self) -> str:  # KeyError would repr() the message
-        return str(self.args[0]) if self.args else ""
 
 
 class Registry(Generic[T]):

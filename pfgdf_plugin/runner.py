@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 import yaml
 
+from .errors import RunError
 from . import distributed, measure
 from .data import build_dataset, make_loaders
 from .models import build_model
@@ -28,10 +29,6 @@ from .recipe import Recipe
 from .report import (comparison_rows, plot_dbp_blocks, plot_filters, plot_gaussians, plot_mpd_blocks,
                      plot_probabilities, text_table, write_report)
 from .train import Checkpointing, atomic_save, read_checkpoint, seed_everything, train
-
-
-class RunError(RuntimeError):
-    """A recipe stage failed; the message names the stage."""
 
 
 def _log(msg: str, quiet: bool) -> None:

@@ -24,14 +24,11 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
+from .errors import SearchError
 from .config import ConfigError, load_yaml, set_by_path
 from .recipe import recipe_from_dict
 
 TRIAL = "pfgdf-plugin trial"
-
-
-class SearchError(ValueError):
-    """An experiment config or search space that cannot work; the message names the key."""
 
 
 def _format(value: Any) -> str:

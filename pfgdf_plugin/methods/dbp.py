@@ -43,6 +43,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from ..errors import DBPError
 
 __all__ = [
     "Block",
@@ -69,11 +70,6 @@ TARGET_KINDS = ("blocks", "macs", "latency")
 REFERENCES = ("previous", "input")
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
                 nn.Mish, nn.Hardswish, nn.Hardtanh, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh)
-
-
-class DBPError(ValueError):
-    """Raised for input DBP cannot work with: no removable block, an unreachable target, bad labels,
-    NaN/Inf weights or features (the message names the layer)."""
 
 
 # --------------------------------------------------------------------------- targets

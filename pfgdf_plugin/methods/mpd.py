@@ -57,16 +57,13 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from ..errors import MPDError
 from ..modules import BlockDiagonalLinear, PermutedGroupConv2d, module_from_description
 
 PERMUTATIONS = ("random", "magnitude")
 _LAYERS = (nn.Linear, nn.Conv2d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 DESCRIPTION_FORMAT = "pfgdf_plugin.mpd/1"
-
-
-class MPDError(ValueError):
-    """A bad MPD argument or layer; the message names the layer and the value."""
 
 
 # --------------------------------------------------------------------------- checks
@@ -85,7 +82,7 @@ def check_blocks(name: str, blocks: Any, out_channels: int, in_channels: int, ro
         >>> check_blocks("fc3", 20, 10, 100)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        pfgdf_plugin.methods.mpd.MPDError: fc3: blocks=20 exceeds min(out, in) = min(10, 100) = 10; ...
+        pfgdf_plugin.errors.MPDError: fc3: blocks=20 exceeds min(out, in) = min(10, 100) = 10; ...
     """
     if not _is_int(blocks) or blocks < 1:
         raise MPDError(f"{name}: blocks must be an integer >= 1, got {blocks!r}")

@@ -26,13 +26,10 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence
 
 import torch
+from ..errors import PFGDFError
 
 STATISTICS = ("mean", "abs_mean", "l2")
 MODES = ("band", "tail")
-
-
-class PFGDFError(ValueError):
-    """Raised for input PFGDF cannot score (NaN/Inf weights, bad parameters)."""
 
 
 def check_params(k: float, statistic: str = "mean", mode: str = "band", min_channels: int = 1,
