@@ -52,12 +52,13 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, ClassVar, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 from ..errors import MPDError
+from .params import Params
 from ..modules import BlockDiagonalLinear, PermutedGroupConv2d, module_from_description
 
 PERMUTATIONS = ("random", "magnitude")
@@ -114,6 +115,60 @@ def check_compression(compression: Any) -> float:
             or not math.isfinite(compression) or compression < 1:
         raise MPDError(f"compression must be a number >= 1, got {compression!r}")
     return float(compression)
+
+
+@dataclass(frozen=True)
+class MPDParams(Params):
+    """MPDCompress's knobs, with the one set of defaults the pruners and the recipes share.
+
+    Give the size as ``compression`` (a model-wide factor; layers get block counts by
+    :func:`choose_blocks`) or as ``blocks`` (one count for every masked layer), not both; with
+    neither, ``compression`` is 10 (the paper's LeNet-300-100 setting).
+
+    Attributes:
+        compression: dense weights / kept weights over the masked layers (>= 1).
+        blocks: block count of every masked layer (>= 1).
+        permutation: ``random`` (the paper) or ``magnitude`` (balanced co-clustering of ``|W|``).
+        seed: seed of the permutations.
+        fold: fold adjacent permutations into neighbouring layers at conversion.
+        round_to: every block's size a multiple of this (``None``: 1).
+        dense_output: leave the output layer dense (unless it is named explicitly).
+    """
+
+    error: ClassVar[type] = MPDError
+    compression: Optional[float] = None
+    blocks: Optional[int] = None
+    permutation: str = "random"
+    seed: int = 0
+    fold: bool = True
+    round_to: Optional[int] = None
+    dense_output: bool = True
+
+    def __post_init__(self) -> None:
+        if self.compression is None and self.blocks is None:
+            object.__setattr__(self, "compression", 10.0)
+        super().__post_init__()
+
+    def problems(self) -> List[str]:
+        found = []
+        if self.compression is not None and self.blocks is not None:
+            found.append(f"give compression or blocks, not both; got compression={self.compression!r}, "
+                         f"blocks={self.blocks!r}")
+        if self.blocks is not None and (not _is_int(self.blocks) or self.blocks < 1):
+            found.append(f"blocks must be an integer >= 1, got {self.blocks!r}")
+        checks = [(check_permutation, self.permutation), (check_round_to, self.round_to)]
+        if self.compression is not None:
+            checks.append((check_compression, self.compression))
+        for check, value in checks:
+            try:
+                check(value)
+            except MPDError as e:
+                found.append(str(e))
+        if not _is_int(self.seed):
+            found.append(f"seed must be an integer, got {self.seed!r}")
+        found += [f"{k} must be true or false, got {v!r}" for k, v in (("fold", self.fold),
+                  ("dense_output", self.dense_output)) if not isinstance(v, bool)]
+        return found
 
 
 def check_layer(name: str, module: nn.Module) -> Tuple[int, int, Tuple[int, ...]]:

@@ -23,18 +23,36 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence
+from typing import Any, Callable, ClassVar, List, Optional, Sequence
 
 import torch
 from ..errors import PFGDFError
+from .params import Params, is_int, is_number, one_of
 
 STATISTICS = ("mean", "abs_mean", "l2")
 MODES = ("band", "tail")
+REDUCTIONS = ("mean", "max", "first")  # how the scores of coupled layers combine
+
+
+def param_problems(k: Any = 1.0, statistic: Any = "mean", mode: Any = "band", min_channels: Any = 1,
+                   max_ratio: Any = 1.0, tail_threshold: Any = None) -> List[str]:
+    """Every problem with PFGDF's parameters, each naming the parameter and the value."""
+    found: List[str] = []
+    if not is_number(k) or k <= 0:
+        found.append(f"k must be > 0, got {k!r}")
+    found += one_of("statistic", statistic, STATISTICS) + one_of("mode", mode, MODES)
+    if not is_int(min_channels) or min_channels < 1:
+        found.append(f"min_channels must be an integer >= 1, got {min_channels!r}")
+    if not is_number(max_ratio) or not 0.0 <= max_ratio <= 1.0:
+        found.append(f"max_ratio must be in [0, 1], got {max_ratio!r}")
+    if tail_threshold is not None and (not is_number(tail_threshold) or not 0.0 <= tail_threshold <= 1.0):
+        found.append(f"tail_threshold must be in [0, 1], got {tail_threshold!r}")
+    return found
 
 
 def check_params(k: float, statistic: str = "mean", mode: str = "band", min_channels: int = 1,
                  max_ratio: float = 1.0, tail_threshold: Optional[float] = None) -> None:
-    """Validate PFGDF's parameters; raise ``ValueError`` naming the bad one.
+    """Validate PFGDF's parameters; raise ``ValueError`` naming the first bad one.
 
     Example:
         >>> check_params(k=1.0)
@@ -43,18 +61,35 @@ def check_params(k: float, statistic: str = "mean", mode: str = "band", min_chan
         ...
         ValueError: k must be > 0, got -1.0
     """
-    if isinstance(k, bool) or not isinstance(k, (int, float)) or not math.isfinite(k) or k <= 0:
-        raise ValueError(f"k must be > 0, got {k!r}")
-    if statistic not in STATISTICS:
-        raise ValueError(f"statistic must be one of {', '.join(STATISTICS)}; got {statistic!r}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
-    if isinstance(min_channels, bool) or not isinstance(min_channels, int) or min_channels < 1:
-        raise ValueError(f"min_channels must be an integer >= 1, got {min_channels!r}")
-    if not isinstance(max_ratio, (int, float)) or not 0.0 <= max_ratio <= 1.0:
-        raise ValueError(f"max_ratio must be in [0, 1], got {max_ratio!r}")
-    if tail_threshold is not None and not 0.0 <= tail_threshold <= 1.0:
-        raise ValueError(f"tail_threshold must be in [0, 1], got {tail_threshold!r}")
+    found = param_problems(k, statistic, mode, min_channels, max_ratio, tail_threshold)
+    if found:
+        raise ValueError(found[0])
+
+
+@dataclass(frozen=True)
+class PFGDFParams(Params):
+    """PFGDF's knobs, with the one set of defaults the pruners and the recipes share.
+
+    Attributes:
+        k: band half-width in standard deviations (> 0).
+        statistic: per-filter statistic for the band, ``mean`` | ``abs_mean`` | ``l2``.
+        mode: ``band`` (reading A) or ``tail`` (reading B).
+        min_channels: filters every layer keeps (>= 1).
+        tail_threshold: ``mode="tail"`` cut-off; ``None``: ``erfc(k / sqrt 2)``.
+        group_reduction: how coupled layers' scores combine, ``mean`` | ``max`` | ``first``.
+    """
+
+    error: ClassVar[type] = PFGDFError
+    k: float = 1.0
+    statistic: str = "mean"
+    mode: str = "band"
+    min_channels: int = 1
+    tail_threshold: Optional[float] = None
+    group_reduction: str = "mean"
+
+    def problems(self) -> List[str]:
+        return (param_problems(self.k, self.statistic, self.mode, self.min_channels, 1.0, self.tail_threshold)
+                + one_of("group_reduction", self.group_reduction, REDUCTIONS))
 
 
 def _check_finite(weight: torch.Tensor, layer: str) -> None:

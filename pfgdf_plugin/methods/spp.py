@@ -36,9 +36,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Union
+from typing import Any, ClassVar, Dict, List, Optional, Union
 
 import torch
+
+from ..errors import SPPError
+from .params import Params, is_int, one_of
 
 ROUNDINGS = ("ceil", "floor", "round")
 _EPS = 1e-9
@@ -48,8 +51,22 @@ def _is_number(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float))
 
 
+def param_problems(ratio: Any = 0.5, interval: Any = 1, A: Any = 0.05, u: Any = 0.25) -> List[str]:
+    """Every problem with SPP's parameters, each naming the parameter and the value."""
+    found = []
+    if not _is_number(ratio) or not math.isfinite(ratio) or not 0.0 < ratio < 1.0:
+        found.append(f"ratio must be in (0, 1), got {ratio!r}")
+    if not is_int(interval) or interval < 1:
+        found.append(f"interval must be an integer >= 1, got {interval!r}")
+    if not _is_number(A) or not math.isfinite(A) or A <= 0:
+        found.append(f"A must be > 0, got {A!r}")
+    if not _is_number(u) or not math.isfinite(u) or not 0.0 < u < 1.0:
+        found.append(f"u must be in (0, 1), got {u!r}")
+    return found
+
+
 def check_params(ratio: float = 0.5, interval: int = 1, A: float = 0.05, u: float = 0.25) -> None:
-    """Validate SPP's parameters; raise ``ValueError`` naming the bad one.
+    """Validate SPP's parameters; raise ``ValueError`` naming the first bad one.
 
     Example:
         >>> check_params(0.5, 1, 0.05, 0.25)
@@ -58,14 +75,43 @@ def check_params(ratio: float = 0.5, interval: int = 1, A: float = 0.05, u: floa
         ...
         ValueError: ratio must be in (0, 1), got 1.5
     """
-    if not _is_number(ratio) or not math.isfinite(ratio) or not 0.0 < ratio < 1.0:
-        raise ValueError(f"ratio must be in (0, 1), got {ratio!r}")
-    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
-        raise ValueError(f"interval must be an integer >= 1, got {interval!r}")
-    if not _is_number(A) or not math.isfinite(A) or A <= 0:
-        raise ValueError(f"A must be > 0, got {A!r}")
-    if not _is_number(u) or not math.isfinite(u) or not 0.0 < u < 1.0:
-        raise ValueError(f"u must be in (0, 1), got {u!r}")
+    found = param_problems(ratio, interval, A, u)
+    if found:
+        raise ValueError(found[0])
+
+
+@dataclass(frozen=True)
+class SPPParams(Params):
+    """SPP's knobs, with the one set of defaults the pruners and the recipes share.
+
+    The pruning ratio is not here: it is the budget, given beside these (``pruning_ratio`` /
+    ``prune.ratio`` or a target).
+
+    Attributes:
+        interval: optimiser steps between two probability updates (the paper's t is 180, the
+            official code's default 1; 10 suits the short schedules of the recipes).
+        A: the largest probability step per update (> 0).
+        u: the share of A at the centre of the rank curve (0 < u < 1).
+        seed: seed of the keep-mask generator.
+        rounding: how ``R * N_g`` becomes a count, ``ceil`` (official code) | ``floor`` | ``round``.
+        rescale_survivors: scale the kept groups as the official code does when pruning finishes.
+    """
+
+    error: ClassVar[type] = SPPError
+    interval: int = 10
+    A: float = 0.05
+    u: float = 0.25
+    seed: int = 0
+    rounding: str = "ceil"
+    rescale_survivors: bool = True
+
+    def problems(self) -> List[str]:
+        found = param_problems(0.5, self.interval, self.A, self.u)
+        if not is_int(self.seed):
+            found.append(f"seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.rescale_survivors, bool):
+            found.append(f"rescale_survivors must be true or false, got {self.rescale_survivors!r}")
+        return found + one_of("rounding", self.rounding, ROUNDINGS)
 
 
 def _check_layer_ratio(ratio: float) -> None:
