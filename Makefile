@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.pfgdf-installed
 
-.PHONY: install data demo test bench clean
+.PHONY: install data demo lint test bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,12 @@ data:
 demo: install
 	$(VENV)/bin/pfgdf-plugin run recipes/pfgdf_vgg16.yaml
 
-test: install
+# lint (ruff, with the bugbear rules) and the layer contracts (import-linter, see pyproject.toml), then the suite
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+
+test: install lint
 	$(PY) -m pytest -q
 
 bench: install

@@ -7,6 +7,7 @@ import typing
 from typing import Any, Dict, List, Tuple, Type, TypeVar
 
 import yaml
+
 from .errors import ConfigError
 
 T = TypeVar("T")

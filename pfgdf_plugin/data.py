@@ -294,7 +294,8 @@ def _idx_dataset(
 
 
 @DATASETS.register("fashion_mnist")
-def _fashion_mnist(root: Optional[PathLike], image_size: int, in_channels: Optional[int], augment: bool, **_: object) -> DataSpec:
+def _fashion_mnist(root: Optional[PathLike], image_size: int, in_channels: Optional[int],
+                   augment: bool, **_: object) -> DataSpec:
     hint = ("install Debian's package (apt-get install dataset-fashion-mnist) or pass data.root "
             "pointing at a folder with FashionMNIST/raw/")
     return _idx_dataset("fashion_mnist", "FashionMNIST", "fashion-mnist", hint, True,
@@ -302,14 +303,16 @@ def _fashion_mnist(root: Optional[PathLike], image_size: int, in_channels: Optio
 
 
 @DATASETS.register("mnist")
-def _mnist(root: Optional[PathLike], image_size: int, in_channels: Optional[int], augment: bool, **_: object) -> DataSpec:
+def _mnist(root: Optional[PathLike], image_size: int, in_channels: Optional[int],
+           augment: bool, **_: object) -> DataSpec:
     hint = ("pass data.root pointing at a folder with MNIST/raw/ holding the four IDX files "
             "(train/t10k images/labels, gzipped or not), or put them under /usr/share/datasets/mnist")
     return _idx_dataset("mnist", "MNIST", "mnist", hint, False, root, image_size, in_channels, augment)
 
 
 @DATASETS.register("cifar10")
-def _cifar10(root: Optional[PathLike], image_size: int, in_channels: Optional[int], augment: bool, **_: object) -> DataSpec:
+def _cifar10(root: Optional[PathLike], image_size: int, in_channels: Optional[int],
+             augment: bool, **_: object) -> DataSpec:
     import torchvision.datasets as tvd
 
     r = Path(root).expanduser() if root is not None else _env_root()
@@ -338,7 +341,8 @@ def _cifar10(root: Optional[PathLike], image_size: int, in_channels: Optional[in
 
 
 @DATASETS.register("imagefolder")
-def _imagefolder(root: Optional[PathLike], image_size: int, in_channels: Optional[int], augment: bool, **_: object) -> DataSpec:
+def _imagefolder(root: Optional[PathLike], image_size: int, in_channels: Optional[int],
+                 augment: bool, **_: object) -> DataSpec:
     import torchvision.datasets as tvd
 
     r = Path(root).expanduser() if root is not None else _env_root()
@@ -388,7 +392,8 @@ def _digits(image_size: int, in_channels: Optional[int], seed: int, **_: object)
 
 
 @DATASETS.register("synthetic")
-def _synthetic(image_size: int, in_channels: Optional[int], seed: int, n_train: int, n_test: int, **_: object) -> DataSpec:
+def _synthetic(image_size: int, in_channels: Optional[int], seed: int, n_train: int, n_test: int,
+               **_: object) -> DataSpec:
     channels = 3 if in_channels is None else in_channels
     _check_positive_int("in_channels", channels)
     num_classes = 10

@@ -140,8 +140,9 @@ def _channel_report(before: Dict[str, int], after: nn.Module) -> Dict[str, dict]
 
 # ----------------------------------------------------------------------------- Torch-Pruning
 def _tp_pfgdf(model, example_inputs, params, ratio, ignored, ctx):
-    from .torch_pruning import GaussianImportance, PFGDFPruner
     import torch_pruning as tp
+
+    from .torch_pruning import GaussianImportance, PFGDFPruner
 
     before = filters_per_layer(model)
     p = dict(params)
@@ -565,7 +566,8 @@ def _nni_mpd(model, example_inputs, params, ratio, ignored, ctx):
     if params["max_epochs"] > 0:
         if ctx.train_loader is None:
             raise ValueError("method 'mpd' trains with its masks for prune.params.max_epochs: it needs training data")
-        evaluator = torch_evaluator(model, ctx.train_loader, cfg, ctx.device, ctx.progress, "mpd (masked training, NNI)")
+        evaluator = torch_evaluator(model, ctx.train_loader, cfg, ctx.device, ctx.progress,
+                                    "mpd (masked training, NNI)")
     pruner = MPDPruner(model, [entry], evaluator, permutation=params["permutation"], seed=params["seed"],
                        round_to=params["round_to"], **_mpd_sizes(params))
     steps = max(1, int(round(cfg.epochs * len(ctx.train_loader)))) if evaluator is not None else None

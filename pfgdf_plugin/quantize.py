@@ -14,7 +14,8 @@ Example:
     >>> net = build_model("lenet5", num_classes=4)
     >>> data = DataLoader(TensorDataset(torch.randn(16, 3, 32, 32), torch.randint(0, 4, (16,))), batch_size=8)
     >>> res = quantize(net, QuantizeConfig(method="ptq", calibration_batches=2), data)
-    >>> sorted(res.calibration) == sorted(n for n, m in net.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
+    >>> layers = (torch.nn.Conv2d, torch.nn.Linear)
+    >>> sorted(res.calibration) == sorted(n for n, m in net.named_modules() if isinstance(m, layers))
     True
 """
 
@@ -181,7 +182,8 @@ def check_calibration(calibration: Dict[str, Dict[str, Dict[str, Any]]], layers:
                                     f"({scale!r}); the data never reached it")
 
 
-def quantize(model: nn.Module, cfg: QuantizeConfig, loader, device: str = "cpu", progress: bool = False) -> QuantizeResult:
+def quantize(model: nn.Module, cfg: QuantizeConfig, loader, device: str = "cpu",
+             progress: bool = False) -> QuantizeResult:
     """Quantize ``model`` in place with NNI's quantizer ``cfg.method`` over ``loader``.
 
     The model comes back wrapped by NNI: its forward simulates ``cfg.bits``-bit arithmetic in

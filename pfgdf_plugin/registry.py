@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Callable, Dict, Generic, Iterator, TypeVar
+
 from .errors import UnknownNameError
 
 T = TypeVar("T")

@@ -112,7 +112,8 @@ def _ort_models(stage: str, threads: Optional[int]) -> Dict[str, Any]:
 
 
 def run_recipe(recipe: Recipe, quiet: bool = False,
-               on_finetune_epoch: Optional[Callable[[int, float], None]] = None, resume: bool = False) -> Dict[str, Any]:
+               on_finetune_epoch: Optional[Callable[[int, float], None]] = None,
+               resume: bool = False) -> Dict[str, Any]:
     """Run every stage of ``recipe``; return the metrics (also written to ``metrics.json``).
 
     Args:

@@ -24,8 +24,8 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
-from .errors import SearchError
 from .config import ConfigError, load_yaml, set_by_path
+from .errors import SearchError
 from .recipe import recipe_from_dict
 
 TRIAL = "pfgdf-plugin trial"

@@ -124,7 +124,7 @@ def one_seed(seed: int, train_ds, test, example) -> Dict[str, Any]:
         seed_everything(seed + 100)  # same batches for both modes
         t = time.perf_counter()
         train(model, loader(train_ds, seed + 100, True), MASKED_CFG, progress=False,
-              on_step=lambda step, loss: pruner.update(), on_epoch=lambda e: per_epoch.append(acc(model, test)))
+              on_step=lambda step, loss: pruner.update(), on_epoch=lambda e: per_epoch.append(acc(model, test)))  # noqa: B023 (called inside the loop)
         r["train_s"] = time.perf_counter() - t
         r["acc_per_epoch"] = per_epoch
         r["acc_masked_trained"] = acc(model, test)
@@ -145,7 +145,7 @@ def one_seed(seed: int, train_ds, test, example) -> Dict[str, Any]:
         long_epochs: List[float] = []
         seed_everything(seed + 100)
         train(model, loader(train_ds, seed + 100, True), LONG_CFG, progress=False,
-              on_step=lambda step, loss: pruner.update(), on_epoch=lambda e: long_epochs.append(acc(model, test)))
+              on_step=lambda step, loss: pruner.update(), on_epoch=lambda e: long_epochs.append(acc(model, test)))  # noqa: B023 (called inside the loop)
         r["long"] = {"epochs": LONG_EPOCHS, "acc_per_epoch": long_epochs, "acc_masked_trained": acc(model, test)}
         if seed == 0:
             out.setdefault("_figure", {})[mode] = (weights["fc2"], pruner.plans["fc2"])

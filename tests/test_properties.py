@@ -411,8 +411,8 @@ def _prune_recording(pruner, model: nn.Module) -> Dict[str, List[int]]:
     for group in pruner.step(interactive=True):
         for item in group:
             module = item.dep.target.module
-            if isinstance(module, nn.BatchNorm2d) or (
-                    isinstance(module, (nn.Conv2d, nn.Linear)) and pruner.DG.is_out_channel_pruning_fn(item.dep.handler)):
+            out_pruned = pruner.DG.is_out_channel_pruning_fn(item.dep.handler)
+            if isinstance(module, nn.BatchNorm2d) or (isinstance(module, (nn.Conv2d, nn.Linear)) and out_pruned):
                 removed[names[module]].update(int(i) for i in item.idxs)
         group.prune()
     return {n: sorted(i) for n, i in removed.items()}

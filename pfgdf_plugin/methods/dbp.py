@@ -43,6 +43,7 @@ from typing import Any, Callable, ClassVar, Dict, Iterable, List, Mapping, Optio
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
 from ..errors import DBPError
 from .params import Params
 
@@ -1176,7 +1177,7 @@ def prune_(model: nn.Module, example_inputs: Any, data: Iterable, target: Any,
         if target.kind != "blocks" or target.value != sum(c for _, c in groups):
             raise ValueError("with groups, target must be {'blocks': total of the group counts}")
         known = {b.name for b in blocks}
-        for names, count in groups:
+        for names, _count in groups:
             missing = [n for n in names if n not in known]
             if missing:
                 raise DBPError(f"groups name unknown blocks: {', '.join(missing)}")

@@ -58,8 +58,8 @@ import torch
 import torch.nn as nn
 
 from ..errors import MPDError
-from .params import Params
 from ..modules import BlockDiagonalLinear, PermutedGroupConv2d, module_from_description
+from .params import Params
 
 PERMUTATIONS = ("random", "magnitude")
 _LAYERS = (nn.Linear, nn.Conv2d)

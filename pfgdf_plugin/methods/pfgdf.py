@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, List, Optional, Sequence
 
 import torch
+
 from ..errors import PFGDFError
 from .params import Params, is_int, is_number, one_of
 

@@ -140,7 +140,8 @@ def _copy_config(config_list: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return copy.deepcopy(list(config_list))
 
 
-def dependency_config_list(model: nn.Module, dummy_input: Any, config_list: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+def dependency_config_list(model: nn.Module, dummy_input: Any,
+                           config_list: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """``config_list`` with NNI's ``dependency_group_id`` set on coupled layers (one entry per layer).
 
     Runs ``torch.fx.symbolic_trace``, ``ShapeProp`` (in eval mode, so BatchNorm statistics are not
