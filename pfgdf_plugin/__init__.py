@@ -11,10 +11,10 @@ Example:
 """
 
 from .errors import (ConfigError, DataNotFoundError, DBPError, MPDError, PFGDFError, PluginError, PrunedFileError,
-                     QuantizeError, RunError, SearchError, SPPError, UnknownNameError)
+                     QuantizeError, RunError, SearchError, SPPError, TargetError, UnknownNameError)
 from .persist import load_pruned, save_pruned
 from .torch_pruning import (DBPPruner, DiscriminationImportance, GaussianImportance, MPDPruner, PFGDFPruner,
-                            SPPImportance, SPPPruner, auto_k_prune)
+                            SPPImportance, SPPPruner, auto_k_prune, prune_to_target)
 
 __version__ = "0.1.0"
 
@@ -29,6 +29,7 @@ __all__ = [
     "RunError",
     "SearchError",
     "SPPError",
+    "TargetError",
     "UnknownNameError",
     "DBPPruner",
     "DiscriminationImportance",
@@ -39,6 +40,7 @@ __all__ = [
     "SPPImportance",
     "SPPPruner",
     "auto_k_prune",
+    "prune_to_target",
     "load_pruned",
     "save_pruned",
     "__version__",

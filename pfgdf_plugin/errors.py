@@ -64,6 +64,11 @@ class MPDError(PluginError, ValueError):
     """A bad MPD argument or layer; the message names the layer and the value."""
 
 
+class TargetError(PluginError, ValueError):
+    """A budget (``target``) that is malformed or cannot be reached; the message names the target and the
+    best ratio reached, and the model is left untouched."""
+
+
 class PrunedFileError(PluginError, ValueError):
     """The file is not a pruned model of this package, or does not fit the base model."""
 

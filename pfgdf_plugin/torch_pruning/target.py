@@ -1,0 +1,95 @@
+"""Prune to a budget with any Torch-Pruning importance: search the global ratio that meets a target.
+
+Example:
+    >>> import torch, torch_pruning as tp, torchvision
+    >>> from pfgdf_plugin import prune_to_target
+    >>> model = torchvision.models.resnet18(num_classes=10)
+    >>> info = prune_to_target(model, torch.randn(1, 3, 32, 32), tp.importance.MagnitudeImportance(p=1),
+    ...                        {"macs": 2.0}, ignored_layers=[model.fc])
+    >>> 2.0 <= info["reached"] < 2.5
+    True
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Dict, List, Mapping, Optional
+
+import torch.nn as nn
+import torch_pruning as tp
+
+from ..meter import ratio_meter
+from ..methods.target import Target, search
+
+_REFUSED = ("pruning_ratio", "pruning_ratio_dict", "importance", "iterative_steps")
+
+
+def _module_names(model: nn.Module, modules: Optional[List[nn.Module]]) -> List[str]:
+    names = {id(m): n for n, m in model.named_modules()}
+    out = []
+    for m in modules or ():
+        if id(m) not in names:
+            raise ValueError(f"ignored_layers holds a {type(m).__name__} that is not a module of the model")
+        out.append(names[id(m)])
+    return out
+
+
+def _pruned(model: nn.Module, example_inputs: Any, importance, ratio: float, ignored: List[str],
+            kwargs: Mapping[str, Any]) -> nn.Module:
+    """``model`` itself pruned at ``ratio`` (call it on a copy to measure)."""
+    modules = dict(model.named_modules())
+    fresh = {k: (dict(v) if isinstance(v, dict) else v) for k, v in kwargs.items()}  # BasePruner mutates dicts
+    tp.pruner.MetaPruner(model, example_inputs, importance=importance, pruning_ratio=ratio,
+                         ignored_layers=[modules[n] for n in ignored], **fresh).step()
+    return model
+
+
+def prune_to_target(model: nn.Module, example_inputs: Any, importance, target: Mapping[str, float], *,
+                    engine: str = "pytorch", threads: int = 1, batch_size: int = 1, max_ratio: float = 0.95,
+                    steps: int = 10, warmup: int = 5, repeats: int = 30,
+                    ignored_layers: Optional[List[nn.Module]] = None, **metapruner_kwargs) -> Dict[str, Any]:
+    """Prune ``model`` in place with ``tp.pruner.MetaPruner`` at the least global ratio that meets ``target``.
+
+    The ratio is found by bisection over copies of the model; the model itself is pruned once, at
+    the end, and is left untouched when the target cannot be met.
+
+    Args:
+        model: the network to prune (in place, once the ratio is known).
+        example_inputs: a batch for tracing (and for timing, ``[N, C, H, W]``).
+        importance: any Torch-Pruning importance, built-in or this package's.
+        target: ``{"latency": r}``, ``{"macs": r}`` or ``{"params": r}``: dense / pruned >= r.
+        engine: latency engine, ``pytorch`` or ``onnxruntime``.
+        threads, batch_size: latency settings (defaults: 1 thread, batch 1).
+        max_ratio: the largest global ratio tried (every layer keeps some channels).
+        steps: bisection steps.
+        warmup, repeats: latency timing runs per candidate (medians).
+        ignored_layers: layers left alone (typically the classifier).
+        **metapruner_kwargs: other ``MetaPruner`` arguments (``global_pruning``, ``round_to``, ...).
+
+    Returns:
+        ``{"target", "reached", "ratio", "trials"}``: the requested and reached dense / pruned
+        ratios, the global ratio used, and every ``[ratio, reached]`` tried.
+
+    Raises:
+        TargetError: malformed or unreachable target (naming the best ratio reached).
+    """
+    for key in _REFUSED:
+        if key in metapruner_kwargs:
+            raise TypeError(f"prune_to_target chooses {key!r} itself; pass a target instead")
+    goal = Target.parse(target)
+    ignored = _module_names(model, ignored_layers)
+    meter = ratio_meter(goal.kind, model, example_inputs, engine, threads, batch_size, warmup, repeats)
+
+    def measure(ratio: float) -> float:
+        candidate = _pruned(copy.deepcopy(model), example_inputs, importance, ratio, ignored, metapruner_kwargs)
+        return meter(candidate)
+
+    result = search(measure, goal, 0.0, max_ratio, steps=steps, knob_name="global pruning ratio")
+    dense = copy.deepcopy(model) if goal.kind == "latency" else None
+    _pruned(model, example_inputs, importance, result.knob, ignored, metapruner_kwargs)
+    info = result.report()
+    info["ratio"] = info.pop("knob")
+    if dense is not None:  # the budget says what the final model does, measured afresh
+        info["reached"] = ratio_meter("latency", dense, example_inputs, engine, threads, batch_size, warmup,
+                                      repeats)(model)
+    return info
