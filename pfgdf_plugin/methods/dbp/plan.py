@@ -36,8 +36,9 @@ class Target:
 
     * ``blocks``: remove exactly this many blocks (an int >= 0).
     * ``macs``: remove blocks until dense MACs / pruned MACs >= value (>= 1).
-    * ``latency``: remove blocks one at a time, measuring batch-1 CPU latency after each
-      removal, until dense latency / pruned latency >= value (>= 1).
+    * ``latency``: remove blocks one at a time, timing dense against pruned after each removal
+      (with the caller's ``latency_fn``; the adapters time batch 1 on the CPU), until dense
+      latency / pruned latency >= value (>= 1).
 
     Build one with :meth:`parse`, which also takes ``{"blocks": 3}``, ``{"macs": 1.5}``,
     ``{"latency": 1.3}`` or a bare int (blocks).
@@ -316,8 +317,8 @@ class DBPResult:
         return out
 
 
-
 def _check_groups(blocks: Sequence[Block], target: Target, groups: Sequence[Tuple[Sequence[str], int]]) -> None:
+    """The quotas add up to a blocks target and name known blocks only."""
     if target.kind != "blocks" or target.value != sum(c for _, c in groups):
         raise ValueError("with groups, target must be {'blocks': total of the group counts}")
     known = {b.name for b in blocks}
