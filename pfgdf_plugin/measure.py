@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -17,6 +17,7 @@ __all__ = [
     "evaluate",
     "filters_per_layer",
     "measure_latency",
+    "paired_latency",
     "summarize",
 ]
 
@@ -256,6 +257,33 @@ def measure_latency(
         >>> r["a"][1]["median_ms"] > 0
         True
     """
+    shape, bss = _check_latency_args(models, input_shape, batch_sizes, warmup, repeats, threads)
+    names = list(models)
+    modes = {n: _modes(models[n]) for n in names}
+    old_threads = torch.get_num_threads()
+    result: Dict[str, Dict[int, Dict[str, float]]] = {n: {} for n in names}
+    gen = torch.Generator().manual_seed(0)
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        for m in models.values():
+            m.eval()
+        with torch.no_grad():
+            for b in bss:
+                timed = _time_interleaved(models, torch.randn((b,) + shape, generator=gen), warmup, repeats)
+                for n in names:
+                    result[n][b] = timed[n]
+    finally:
+        if threads is not None:
+            torch.set_num_threads(old_threads)
+        for n in names:
+            _restore_modes(modes[n])
+    return result
+
+
+def _check_latency_args(models: Any, input_shape: Any, batch_sizes: Any, warmup: Any, repeats: Any,
+                        threads: Any) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """Validate :func:`measure_latency`'s arguments; return ``(input shape, batch sizes)`` as tuples."""
     if not isinstance(models, Mapping) or not models:
         raise ValueError(f"models must be a non-empty dict of name -> nn.Module, got {models!r}")
     for name, m in models.items():
@@ -276,43 +304,57 @@ def measure_latency(
         raise ValueError(f"repeats must be a positive int, got {repeats!r}")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be None or a positive int, got {threads!r}")
+    return shape, bss
 
+
+def _time_interleaved(models: Mapping[str, nn.Module], x: torch.Tensor, warmup: int,
+                      repeats: int) -> Dict[str, Dict[str, float]]:
+    """``{name: {"median_ms", "p10_ms", "p90_ms"}}`` of every model on ``x``, the starting model rotating."""
     names = list(models)
-    modes = {n: _modes(models[n]) for n in names}
-    old_threads = torch.get_num_threads()
-    result: Dict[str, Dict[int, Dict[str, float]]] = {n: {} for n in names}
-    gen = torch.Generator().manual_seed(0)
-    try:
-        if threads is not None:
-            torch.set_num_threads(threads)
-        for m in models.values():
-            m.eval()
-        with torch.no_grad():
-            for b in bss:
-                x = torch.randn((b,) + shape, generator=gen)
-                for n in names:
-                    for _ in range(warmup):
-                        models[n](x)
-                times: Dict[str, list] = {n: [] for n in names}
-                for r in range(repeats):
-                    for i in _rotations(len(names), r):
-                        n = names[i]
-                        t0 = time.perf_counter()
-                        models[n](x)
-                        times[n].append((time.perf_counter() - t0) * 1000.0)
-                for n in names:
-                    ts = sorted(times[n])
-                    result[n][b] = {
-                        "median_ms": float(statistics.median(ts)),
-                        "p10_ms": float(_percentile(ts, 10)),
-                        "p90_ms": float(_percentile(ts, 90)),
-                    }
-    finally:
-        if threads is not None:
-            torch.set_num_threads(old_threads)
-        for n in names:
-            _restore_modes(modes[n])
-    return result
+    for n in names:
+        for _ in range(warmup):
+            models[n](x)
+    times: Dict[str, list] = {n: [] for n in names}
+    for r in range(repeats):
+        for i in _rotations(len(names), r):
+            n = names[i]
+            t0 = time.perf_counter()
+            models[n](x)
+            times[n].append((time.perf_counter() - t0) * 1000.0)
+    out = {}
+    for n in names:
+        ts = sorted(times[n])
+        out[n] = {"median_ms": float(statistics.median(ts)), "p10_ms": float(_percentile(ts, 10)),
+                  "p90_ms": float(_percentile(ts, 90))}
+    return out
+
+
+def paired_latency(input_shape: Sequence[int], warmup: int = 5, repeats: int = 30,
+                   threads: Optional[int] = None) -> Callable[[nn.Module, nn.Module], Tuple[float, float]]:
+    """A timer of two models side by side at batch 1: ``(dense, pruned) -> (dense_ms, pruned_ms)``.
+
+    Each call runs :func:`measure_latency` on the pair (interleaved, in this process) and returns
+    the two medians; DBP's latency targets use it to compare the dense model with a pruned copy.
+
+    Args:
+        input_shape: ``(C, H, W)`` of one sample.
+        warmup, repeats, threads: as in :func:`measure_latency`.
+
+    Example:
+        >>> timer = paired_latency((3, 8, 8), warmup=1, repeats=3)
+        >>> dense_ms, pruned_ms = timer(nn.Conv2d(3, 4, 3), nn.Identity())
+        >>> dense_ms > 0 and pruned_ms > 0
+        True
+    """
+    _check_latency_args({"dense": nn.Identity()}, input_shape, (1,), warmup, repeats, threads)
+    shape = tuple(input_shape)
+
+    def timer(dense: nn.Module, pruned: nn.Module) -> Tuple[float, float]:
+        r = measure_latency({"dense": dense, "pruned": pruned}, shape, batch_sizes=(1,), warmup=warmup,
+                            repeats=repeats, threads=threads)
+        return r["dense"][1]["median_ms"], r["pruned"][1]["median_ms"]
+
+    return timer
 
 
 def summarize(model: nn.Module, example_inputs: Any) -> Dict[str, Any]:

@@ -16,6 +16,7 @@ from typing import Any, List, Sequence, Union
 import torch
 import torch.nn as nn
 
+from .methods.dbp.blocks import register_block_type
 from .registry import Registry, UnknownNameError
 
 __all__ = [
@@ -152,6 +153,23 @@ class BasicBlock(nn.Module):
         out = self.bn2(self.conv2(out))
         out = out + self.shortcut(x)
         return self.relu2(out)
+
+
+def _cifar_block_removable(m: BasicBlock) -> bool:
+    """No shortcut projection and stride 1: ``nn.Identity`` can stand in for the block."""
+    return len(m.shortcut) == 0 and tuple(m.conv1.stride) == (1, 1)
+
+
+def _torchvision_block_removable(m: nn.Module) -> bool:
+    """A torchvision ``BasicBlock``/``Bottleneck`` without downsampling keeps its input shape."""
+    return m.downsample is None and m.stride == 1
+
+
+# The residual blocks DBP may remove whole (pfgdf_plugin.methods.dbp.find_blocks). torchvision's are
+# named, so registering them does not import torchvision.
+register_block_type(BasicBlock, _cifar_block_removable)
+register_block_type("torchvision.models.resnet:BasicBlock", _torchvision_block_removable)
+register_block_type("torchvision.models.resnet:Bottleneck", _torchvision_block_removable)
 
 
 class CifarResNet(nn.Module):

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch_pruning as tp
 import torchvision
 
-from pfgdf_plugin.measure import count_params
+from pfgdf_plugin.measure import count_macs, count_params
 from pfgdf_plugin.methods import dbp
 from pfgdf_plugin.models import build_model
 from pfgdf_plugin.torch_pruning import GaussianImportance
@@ -49,7 +49,7 @@ def test_discovery_counts_and_removal_keeps_shapes(name, build, count, first):
     model = build()
     x = torch.randn(2, *X32)
     shape = _outputs_equal_shape(model, x)
-    blocks = dbp.find_blocks(model, x[:1])
+    blocks = dbp.find_blocks(model, x[:1], macs_fn=lambda m: count_macs(m, x[:1]))
     assert len(blocks) == count
     assert blocks[0].name == first
     assert [b.position for b in blocks] == list(range(count))
@@ -67,9 +67,9 @@ def test_discovery_counts_and_removal_keeps_shapes(name, build, count, first):
     for b in blocks[1::2]:
         assert not isinstance(modules[b.members[0]], nn.Identity)
     assert _outputs_equal_shape(model, x) == shape
-    # the shallower model has exactly the removed blocks' conv/linear MACs fewer
-    dense_macs = dbp.count_macs(build(), x[:1])
-    assert dbp.count_macs(model, x[:1]) == dense_macs - sum(b.macs for b in chosen)
+    # the shallower model has exactly the removed blocks' MACs fewer
+    dense_macs = count_macs(build(), x[:1])
+    assert count_macs(model, x[:1]) == dense_macs - sum(b.macs for b in chosen)
 
 
 def test_vgg_block_members_are_consecutive_conv_bn_relu():
@@ -239,8 +239,6 @@ def test_target_parsing():
 
 
 def test_macs_target_is_met_with_fewest_blocks():
-    from pfgdf_plugin.measure import count_macs
-
     model = build_model("resnet20", width=0.25)
     x = torch.randn(1, *X32)
     dense = count_macs(model, x)
@@ -258,37 +256,63 @@ def test_macs_target_is_met_with_fewest_blocks():
     assert dense / count_macs(fewer, x) < 1.3
 
 
-class _HeavyNet(nn.Module):
-    """Six 32-channel Conv-BN-ReLU blocks at 32x32: each removal cuts about a sixth of the time."""
+class _ConvStack(nn.Module):
+    """A stem and six 8-channel Conv-BN-ReLU blocks."""
 
     def __init__(self):
         super().__init__()
-        layers = [nn.Conv2d(3, 32, 3, padding=1), nn.ReLU()]
+        layers = [nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()]
         for _ in range(6):
-            layers += [nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU()]
+            layers += [nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU()]
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(32, 4)
+        self.fc = nn.Linear(8, 4)
 
     def forward(self, x):
         return self.fc(torch.flatten(self.pool(self.features(x)), 1))
 
 
-def test_latency_target_measures_and_stops_early():
+def _conv_count_latency(dense, pruned):
+    """A deterministic stand-in for a timer: one "millisecond" per convolution that runs."""
+    def convs(m):
+        return float(sum(isinstance(c, nn.Conv2d) for c in m.modules()))
+    return convs(dense), convs(pruned)
+
+
+def test_latency_target_removes_blocks_until_the_timed_ratio_is_met():
     torch.manual_seed(0)
-    model = _HeavyNet()
+    model = _ConvStack()
     x = torch.randn(1, *X32)
-    pruner = DBPPruner(model, x, data=_random_data(batches=2, batch=32, classes=4), target={"latency": 1.05},
-                       latency_repeats=15, latency_warmup=3)
+    calls = []
+
+    def timer(dense, pruned):
+        calls.append(pruned)
+        return _conv_count_latency(dense, pruned)
+
+    pruner = DBPPruner(model, x, data=_random_data(batches=2, batch=32, classes=4), target={"latency": 1.3},
+                       latency_fn=timer)
     assert len(pruner.blocks) == 6
     pruner.step()
     plan = pruner.result.plan
-    assert plan.latency_ratio is not None and plan.latency_ratio >= 1.05
-    assert 1 <= len(pruner.removed) < 6  # stopped as soon as the ratio was met
-    assert [m["removed"] for m in plan.measurements] == list(range(1, len(pruner.removed) + 1))
+    # 7 convolutions: removing one block gives 7/6 < 1.3, two give 7/5 >= 1.3
+    assert len(pruner.removed) == 2 and plan.latency_ratio == pytest.approx(7 / 5)
+    assert [m["removed"] for m in plan.measurements] == [1, 2]
+    assert [m["ratio"] for m in plan.measurements] == pytest.approx([7 / 6, 7 / 5])
     assert plan.measurements[-1]["ratio"] == plan.latency_ratio
-    assert all(m["ratio"] < 1.05 for m in plan.measurements[:-1])
-    assert all(m["dense_ms"] > 0 and m["pruned_ms"] > 0 for m in plan.measurements)
+    assert [(m["dense_ms"], m["pruned_ms"]) for m in plan.measurements] == [(7.0, 6.0), (7.0, 5.0)]
+    assert len(calls) == 3  # every block removed once (is the target reachable?), then after each removal
+    assert all(c is not model for c in calls)
+    ranked = sorted(pruner.report, key=lambda n: pruner.report[n]["rank"])
+    assert ranked[:2] == pruner.removed
+
+
+def test_latency_target_builds_the_timer_from_example_inputs():
+    model = _ConvStack()
+    with pytest.raises(dbp.DBPError, match=r"a latency target needs example_inputs to be one image batch tensor"):
+        DBPPruner(model, {"x": torch.randn(1, *X32)}, data=_random_data(classes=4), target={"latency": 1.2})
+    pruner = DBPPruner(model, torch.randn(1, *X32), data=_random_data(classes=4), target={"latency": 1.2},
+                       latency_repeats=2, latency_warmup=0)
+    assert callable(pruner._options["latency_fn"])
 
 
 # --------------------------------------------------------------------------- errors leave the model alone
@@ -316,7 +340,7 @@ def test_unreachable_target_leaves_model_untouched(target, match):
     model = build_model("resnet20", width=0.25)
     snap = _snapshot(model)
     pruner = DBPPruner(model, torch.randn(1, *X32), data=_random_data(batches=2), target=target,
-                       latency_repeats=3, latency_warmup=1)
+                       latency_fn=_conv_count_latency)
     with pytest.raises(dbp.DBPError, match=match):
         pruner.step()
     assert _same(model, snap)

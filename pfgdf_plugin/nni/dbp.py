@@ -2,7 +2,9 @@
 
 The method lives in :mod:`pfgdf_plugin.methods.dbp`; this module reads an NNI ``config_list``
 (which blocks, what share of them to remove), takes the probes' labelled batches from an NNI
-evaluator or from ``data=``, and calls :func:`pfgdf_plugin.methods.dbp.prune_`.
+evaluator or from ``data=``, and calls :func:`pfgdf_plugin.methods.dbp.prune_` with the project's
+MACs counter (:func:`pfgdf_plugin.measure.count_macs`) and latency timer
+(:func:`pfgdf_plugin.measure.paired_latency`).
 
 Why it is not an ``nni.compression`` ``Pruner``: NNI's pruners express their decision as masks
 over weights, inputs and outputs of wrapped modules, and ``ModelSpeedup`` then shrinks tensors.
@@ -15,14 +17,18 @@ from __future__ import annotations
 
 import copy
 import re
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 from nni.compression.utils.evaluator import Evaluator
 
+from .. import measure
+from .. import models as _models  # noqa: F401  (registers the residual block types DBP can remove)
 from ..methods import dbp
 from ._common import copy_config
+
+_D = dbp.DBPParams()
 
 # DBP's own knobs: NNI's config schema rejects unknown keys, so they are constructor arguments
 # (candidate blocks are chosen by the entries' op_names / op_types instead).
@@ -156,12 +162,11 @@ class DBPPruner:
             first data batch's first sample).
         target: a global target instead of per-entry ``sparse_ratio``.
         num_batches, num_classes, seed, holdout, reference, weight_decay, max_iter, latency_*,
-            progress: see :class:`pfgdf_plugin.torch_pruning.dbp.DBPPruner`.
+            progress, latency_fn: see :class:`pfgdf_plugin.torch_pruning.dbp.DBPPruner`.
 
     After :meth:`compress`: ``removed``, ``report`` and ``result`` as in the Torch-Pruning
-    ``DBPPruner``. MACs ratios use :func:`pfgdf_plugin.measure.count_macs` (Torch-Pruning's
-    counter), as the Torch-Pruning ``DBPPruner`` does, so one ``{"macs": r}`` target removes the
-    same blocks in both frameworks.
+    ``DBPPruner``. MACs ratios use :func:`pfgdf_plugin.measure.count_macs`, as the Torch-Pruning
+    ``DBPPruner`` does, so one ``{"macs": r}`` target removes the same blocks in both frameworks.
 
     Example:
         >>> import torch
@@ -176,10 +181,11 @@ class DBPPruner:
 
     def __init__(self, model: nn.Module, config_list: List[Dict[str, Any]], evaluator: Optional[Evaluator] = None,
                  *, data: Optional[Iterable] = None, example_inputs: Any = None, target: Any = None,
-                 num_batches: Optional[int] = 8, num_classes: Optional[int] = None, seed: int = 0,
-                 holdout: float = 0.25, reference: str = "previous", weight_decay: float = 1e-3,
-                 max_iter: int = 100, latency_warmup: int = 5, latency_repeats: int = 30,
-                 latency_threads: Optional[int] = None, progress: bool = False) -> None:
+                 num_batches: Optional[int] = _D.num_batches, num_classes: Optional[int] = None,
+                 seed: int = _D.seed, holdout: float = _D.holdout, reference: str = _D.reference,
+                 weight_decay: float = 1e-3, max_iter: int = 100, latency_warmup: int = 5,
+                 latency_repeats: int = 30, latency_threads: Optional[int] = None, progress: bool = False,
+                 latency_fn: Optional[Callable[[nn.Module, nn.Module], Tuple[float, float]]] = None) -> None:
         if evaluator is not None and not isinstance(evaluator, Evaluator):
             raise TypeError(f"evaluator must be an nni.compression Evaluator, got {type(evaluator).__name__}")
         if data is None and evaluator is None:
@@ -207,15 +213,20 @@ class DBPPruner:
         if example_inputs is None:
             raise TypeError("DBPPruner needs example_inputs=... (the evaluator has no dummy input)")
         self.example_inputs = example_inputs
+        if self.target is not None and self.target.kind == "latency" and latency_fn is None:
+            latency_fn = measure.paired_latency(dbp.latency_input_shape(example_inputs), latency_warmup,
+                                                latency_repeats, latency_threads)
         self._options = dict(num_batches=num_batches, num_classes=num_classes, holdout=float(holdout),
                              seed=int(seed), weight_decay=float(weight_decay), max_iter=int(max_iter),
-                             reference=reference, latency_warmup=latency_warmup,
-                             latency_repeats=latency_repeats, latency_threads=latency_threads,
-                             progress=progress)
+                             reference=reference, latency_fn=latency_fn, progress=progress)
         self.blocks, self.groups = self._select()
+        dbp.set_block_macs_(model, self.blocks, self._macs)
         self.result: Optional[dbp.DBPResult] = None
         self.report: Dict[str, Dict[str, Any]] = {}
         self.removed: List[str] = []
+
+    def _macs(self, model: nn.Module) -> float:
+        return float(measure.count_macs(model, self.example_inputs))
 
     def _select(self) -> Tuple[List[dbp.Block], List[Tuple[List[str], int]]]:
         model = self.bound_model
@@ -295,11 +306,8 @@ class DBPPruner:
             target, groups = self.target, None
         else:
             target, groups = dbp.Target("blocks", sum(c for _, c in self.groups)), self.groups
-        from ..measure import count_macs
-
-        example = self.example_inputs
-        self.result = dbp.prune_(self.bound_model, example, self._batches(), target, blocks=self.blocks,
-                                 groups=groups, macs_fn=lambda m: float(count_macs(m, example)), **self._options)
+        self.result = dbp.prune_(self.bound_model, self.example_inputs, self._batches(), target, blocks=self.blocks,
+                                 groups=groups, macs_fn=self._macs, **self._options)
         self.report = self.result.report()
         self.removed = list(self.result.removed)
         return self.bound_model, {}

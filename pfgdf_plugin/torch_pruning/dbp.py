@@ -1,19 +1,24 @@
 """DBP inside Torch-Pruning: :class:`DBPPruner` (depth) and :class:`DiscriminationImportance` (width).
 
-The method lives in :mod:`pfgdf_plugin.methods.dbp`; this module only supplies Torch-Pruning's
-MACs counter to it and turns dependency groups into per-channel scores.
+The method lives in :mod:`pfgdf_plugin.methods.dbp`; this module only supplies the project's
+MACs counter (:func:`pfgdf_plugin.measure.count_macs`) and latency timer
+(:func:`pfgdf_plugin.measure.paired_latency`) to it and turns dependency groups into per-channel scores.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch_pruning as tp
 
+from .. import measure
+from .. import models as _models  # noqa: F401  (registers the residual block types DBP can remove)
 from ..methods import dbp
 from ._group import _NORM_TYPES, reduce_to_root
+
+_D = dbp.DBPParams()
 
 _SCORED = (nn.modules.conv._ConvNd, nn.Linear) + _NORM_TYPES
 REDUCTIONS = ("mean", "max", "first")
@@ -50,8 +55,11 @@ class DBPPruner:
         reference: ``"previous"`` (gain over the previous candidate) or ``"input"`` (over the
             block's own input).
         weight_decay, max_iter: the probes' L2 penalty and L-BFGS iterations.
-        latency_warmup, latency_repeats, latency_threads: latency measurement settings.
+        latency_warmup, latency_repeats, latency_threads: how a latency target is timed
+            (:func:`pfgdf_plugin.measure.paired_latency`: dense and pruned copies interleaved, medians).
         progress: show a progress bar while collecting features.
+        latency_fn: ``(dense, pruned) -> (dense_ms, pruned_ms)`` to time a latency target with
+            instead (e.g. another device's timer); the ``latency_*`` settings are then unused.
 
     Raises:
         DBPError: (a ``ValueError``) no removable block, a named candidate that changes the shape,
@@ -78,11 +86,12 @@ class DBPPruner:
     """
 
     def __init__(self, model: nn.Module, example_inputs: Any, data: Iterable, target: Any,
-                 candidates: Optional[Sequence] = None, num_batches: Optional[int] = 8,
-                 num_classes: Optional[int] = None, seed: int = 0, holdout: float = 0.25,
-                 reference: str = "previous", weight_decay: float = 1e-3, max_iter: int = 100,
+                 candidates: Optional[Sequence] = None, num_batches: Optional[int] = _D.num_batches,
+                 num_classes: Optional[int] = None, seed: int = _D.seed, holdout: float = _D.holdout,
+                 reference: str = _D.reference, weight_decay: float = 1e-3, max_iter: int = 100,
                  latency_warmup: int = 5, latency_repeats: int = 30, latency_threads: Optional[int] = None,
-                 progress: bool = False) -> None:
+                 progress: bool = False,
+                 latency_fn: Optional[Callable[[nn.Module, nn.Module], Tuple[float, float]]] = None) -> None:
         if data is None:
             raise TypeError("DBPPruner needs data=...: an iterable of (inputs, labels) batches for the probes")
         self.target = dbp.Target.parse(target)
@@ -96,20 +105,19 @@ class DBPPruner:
         self.model = model
         self.example_inputs = example_inputs
         self.data = data
-        self.blocks: List[dbp.Block] = dbp.find_blocks(model, example_inputs, candidates)
+        if self.target.kind == "latency" and latency_fn is None:
+            latency_fn = measure.paired_latency(dbp.latency_input_shape(example_inputs), latency_warmup,
+                                                latency_repeats, latency_threads)
+        self.blocks: List[dbp.Block] = dbp.find_blocks(model, example_inputs, candidates, macs_fn=self._macs)
         self._options = dict(num_batches=num_batches, num_classes=num_classes, holdout=float(holdout),
                              seed=int(seed), weight_decay=float(weight_decay), max_iter=int(max_iter),
-                             reference=reference, latency_warmup=latency_warmup,
-                             latency_repeats=latency_repeats, latency_threads=latency_threads,
-                             progress=progress)
+                             reference=reference, latency_fn=latency_fn, progress=progress)
         self.result: Optional[dbp.DBPResult] = None
         self.report: Dict[str, Dict[str, Any]] = {}
         self.removed: List[str] = []
 
     def _macs(self, model: nn.Module) -> float:
-        from ..measure import count_macs
-
-        return float(count_macs(model, self.example_inputs))
+        return float(measure.count_macs(model, self.example_inputs))
 
     def step(self) -> None:
         """Score the candidates and replace the chosen blocks with ``nn.Identity`` (once)."""
@@ -182,13 +190,13 @@ class DiscriminationImportance(tp.importance.Importance):
         key = _state_key(model)
         if key == self._key:
             return
-        dbp._check_finite_model(model)
+        dbp.check_finite_model(model)
         layers = {name: m for name, m in model.named_modules() if isinstance(m, _SCORED)}
         points = {name: (m, "out") for name, m in layers.items()}
         feats, labels, out_dim = dbp.collect_features(model, points, self.data, self.num_batches, self.progress,
                                                       desc="DBP channel responses", strict=False)
-        dbp._check_finite_features({f"out:{n}": f for n, f in feats.items()}, [f"out:{n}" for n in feats])
-        k = dbp._check_labels(labels, self.num_classes, out_dim)
+        dbp.check_finite_features({f"out:{n}": f for n, f in feats.items()}, [f"out:{n}" for n in feats])
+        k = dbp.check_labels(labels, self.num_classes, out_dim)
         self._scores = {}
         for name, f in feats.items():
             self._scores[layers[name]] = dbp.fisher_ratio(f, labels, k)

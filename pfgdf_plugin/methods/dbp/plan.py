@@ -1,0 +1,391 @@
+"""DBP's decision: which blocks to remove to meet a :class:`Target`, and the whole method, :func:`prune_`.
+
+The planner counts and measures nothing itself: the caller passes ``macs_fn`` (``model -> MACs``)
+and, for latency targets, ``latency_fn`` (``(dense, pruned) -> (dense_ms, pruned_ms)``). The
+Torch-Pruning and NNI adapters pass :func:`pfgdf_plugin.measure.count_macs` and
+:func:`pfgdf_plugin.measure.paired_latency`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from ...errors import DBPError
+from .blocks import Block, call_model, find_blocks, modes, remove_blocks_, restore, shape_of
+from .params import DBPParams
+from .score import BlockScore, quota_selection, removal_order, score_blocks
+
+__all__ = ["DBPResult", "Plan", "TARGET_KINDS", "Target", "latency_input_shape", "plan_removal", "prune_"]
+
+TARGET_KINDS = ("blocks", "macs", "latency")
+_D = DBPParams()
+
+MacsFn = Callable[[nn.Module], float]
+LatencyFn = Callable[[nn.Module, nn.Module], Tuple[float, float]]
+
+
+@dataclass(frozen=True)
+class Target:
+    """How much to remove: ``Target("blocks", 3)``, ``Target("macs", 1.5)`` or ``Target("latency", 1.3)``.
+
+    * ``blocks``: remove exactly this many blocks (an int >= 0).
+    * ``macs``: remove blocks until dense MACs / pruned MACs >= value (>= 1).
+    * ``latency``: remove blocks one at a time, timing dense against pruned after each removal
+      (with the caller's ``latency_fn``; the adapters time batch 1 on the CPU), until dense
+      latency / pruned latency >= value (>= 1).
+
+    Build one with :meth:`parse`, which also takes ``{"blocks": 3}``, ``{"macs": 1.5}``,
+    ``{"latency": 1.3}`` or a bare int (blocks).
+
+    Example:
+        >>> Target.parse({"macs": 2})
+        Target(kind='macs', value=2.0)
+        >>> Target.parse(3)
+        Target(kind='blocks', value=3)
+        >>> Target.parse({"flops": 2})  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: target: unknown kind 'flops'; give one of {'blocks': int}, ...
+    """
+
+    kind: str
+    value: Union[int, float]
+
+    def __post_init__(self) -> None:
+        if self.kind not in TARGET_KINDS:
+            raise ValueError(f"target: unknown kind {self.kind!r}; give one of {_TARGET_USAGE}")
+        v = self.value
+        if self.kind == "blocks":
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"target: 'blocks' must be an int >= 0, got {v!r}")
+        else:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 1:
+                raise ValueError(f"target: {self.kind!r} must be a ratio >= 1 (dense / pruned), got {v!r}")
+            object.__setattr__(self, "value", float(v))
+
+    @classmethod
+    def parse(cls, spec: Any) -> "Target":
+        """A :class:`Target` from a ``Target``, an int (blocks) or a one-key dict."""
+        if isinstance(spec, Target):
+            return spec
+        if isinstance(spec, int) and not isinstance(spec, bool):
+            return cls("blocks", spec)
+        if isinstance(spec, Mapping):
+            if len(spec) != 1:
+                raise ValueError(f"target must have exactly one key, one of {_TARGET_USAGE}; got {dict(spec)!r}")
+            ((kind, value),) = spec.items()
+            return cls(str(kind), value)
+        raise TypeError(f"target must be a dict such as {_TARGET_USAGE}, an int or a Target; "
+                        f"got {type(spec).__name__}")
+
+    def describe(self) -> str:
+        """``"3 block(s)"`` or ``"macs ratio 1.5"``, for messages."""
+        if self.kind == "blocks":
+            return f"{self.value} block(s)"
+        return f"{self.kind} ratio {self.value:g}"
+
+
+_TARGET_USAGE = "{'blocks': int}, {'macs': ratio >= 1}, {'latency': ratio >= 1}"
+
+
+
+# --------------------------------------------------------------------------- planning
+
+
+@dataclass
+class Plan:
+    """Which blocks to remove, and what that achieves.
+
+    Attributes:
+        removed: block names in removal order.
+        macs_ratio: dense / pruned MACs (per the ``macs_fn`` used; ``None`` without one).
+        latency_ratio: measured dense / pruned latency (``None`` unless the target is latency).
+        measurements: for latency targets, one dict per removal:
+            ``{"removed": n, "dense_ms", "pruned_ms", "ratio"}``.
+    """
+
+    removed: List[str]
+    macs_ratio: Optional[float]
+    latency_ratio: Optional[float] = None
+    measurements: List[Dict[str, float]] = field(default_factory=list)
+
+
+def latency_input_shape(example_inputs: Any) -> Tuple[int, ...]:
+    """``(C, H, W)`` of the one image batch a latency target is timed on (at batch 1).
+
+    Example:
+        >>> latency_input_shape(torch.randn(2, 3, 32, 32))
+        (3, 32, 32)
+        >>> latency_input_shape({"x": torch.randn(2, 3)})  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        pfgdf_plugin.errors.DBPError: a latency target needs example_inputs to be one image batch tensor ...
+    """
+    ex = example_inputs
+    if isinstance(ex, (tuple, list)) and len(ex) == 1:
+        ex = ex[0]
+    if not isinstance(ex, torch.Tensor) or ex.dim() != 4:
+        raise DBPError("a latency target needs example_inputs to be one image batch tensor [B, C, H, W], "
+                       f"got {type(example_inputs).__name__}")
+    return tuple(ex.shape[1:])
+
+
+def _measure(latency_fn: LatencyFn, dense: nn.Module, pruned: nn.Module) -> Dict[str, float]:
+    d, p = (float(t) for t in latency_fn(dense, pruned))
+    return {"dense_ms": d, "pruned_ms": p, "ratio": d / p if p > 0 else float("inf")}
+
+
+def _output_shape(model: nn.Module, example_inputs: Any) -> Any:
+    saved = modes(model)
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = call_model(model, example_inputs)
+    finally:
+        restore(saved)
+    if isinstance(out, torch.Tensor):
+        return tuple(out.shape)
+    if isinstance(out, (tuple, list)):
+        return tuple(shape_of(o) for o in out)
+    return type(out).__name__
+
+
+def _without(model: nn.Module, blocks: Iterable[Block]) -> nn.Module:
+    """A copy of ``model`` with ``blocks`` removed."""
+    work = copy.deepcopy(model)
+    remove_blocks_(work, blocks)
+    return work
+
+
+def _plan_macs(model: nn.Module, by_name: Mapping[str, Block], order: Sequence[str], target: Target,
+               ratio_of: Callable[[nn.Module], float]) -> Tuple[List[str], nn.Module, float]:
+    """The fewest blocks, in ``order``, whose removal reaches the MACs ratio."""
+    best = ratio_of(_without(model, [by_name[x] for x in order]))
+    if best < target.value:
+        raise DBPError(f"target {target.describe()} cannot be met: removing all {len(order)} candidate "
+                       f"block(s) reaches a MACs ratio of {best:.3f}")
+    work = copy.deepcopy(model)
+    removed: List[str] = []
+    ratio = 1.0
+    for name in order:
+        if ratio >= target.value:
+            break
+        remove_blocks_(work, [by_name[name]])
+        removed.append(name)
+        ratio = ratio_of(work)
+    return removed, work, ratio
+
+
+def _plan_latency(model: nn.Module, by_name: Mapping[str, Block], order: Sequence[str], target: Target,
+                  latency_fn: LatencyFn) -> Tuple[List[str], nn.Module, float, List[Dict[str, float]]]:
+    """Remove blocks in ``order``, timing dense against pruned after each, until the ratio is reached."""
+    work = copy.deepcopy(model)
+    removed: List[str] = []
+    measurements: List[Dict[str, float]] = []
+    ratio = 1.0
+    if target.value <= 1.0:
+        return removed, work, ratio, measurements
+    best = _measure(latency_fn, model, _without(model, [by_name[x] for x in order]))
+    if best["ratio"] < target.value:
+        raise DBPError(f"target {target.describe()} cannot be met: removing all {len(order)} candidate "
+                       f"block(s) measured a latency ratio of {best['ratio']:.3f} "
+                       f"({best['dense_ms']:.3f} ms -> {best['pruned_ms']:.3f} ms at batch 1)")
+    for name in order:
+        remove_blocks_(work, [by_name[name]])
+        removed.append(name)
+        m = _measure(latency_fn, model, work)
+        measurements.append({"removed": len(removed), **m})
+        ratio = m["ratio"]
+        if ratio >= target.value:
+            break
+    if ratio < target.value:
+        raise DBPError(f"target {target.describe()} was not met: with all {len(order)} block(s) removed the "
+                       f"latency ratio measured {ratio:.3f} (the machine may be too noisy; retry or lower it)")
+    return removed, work, ratio, measurements
+
+
+def plan_removal(model: nn.Module, blocks: Sequence[Block], order: Sequence[str], target: Any,
+                 example_inputs: Any, macs_fn: Optional[MacsFn] = None,
+                 latency_fn: Optional[LatencyFn] = None) -> Plan:
+    """Decide which blocks to remove (in ``order``) to meet ``target``, on a copy of ``model``.
+
+    ``model`` is never changed. The copy's output shape is checked after the removals.
+
+    Args:
+        model: the dense network.
+        blocks: candidates (from :func:`find_blocks`).
+        order: candidate names, least useful first (:func:`removal_order`); only these are removed.
+        target: a :class:`Target` or anything :meth:`Target.parse` takes.
+        example_inputs: a batch for the output-shape check.
+        macs_fn: ``model -> MACs`` (needed by a ``macs`` target; without it ``macs_ratio`` is ``None``).
+        latency_fn: ``(dense, pruned) -> (dense_ms, pruned_ms)``, needed by a ``latency`` target:
+            called once with every block of ``order`` removed, then after each removal.
+
+    Raises:
+        DBPError: the target cannot be met even by removing every block in ``order``, or a
+            removal changes the model's output shape.
+        TypeError: a ``macs`` target without ``macs_fn`` or a ``latency`` target without ``latency_fn``.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(2, 2, 1), nn.Conv2d(2, 2, 1), nn.Conv2d(2, 2, 1))
+        >>> blocks = find_blocks(net, torch.randn(1, 2, 4, 4))
+        >>> fake = lambda dense, pruned: (3.0, float(sum(isinstance(m, nn.Conv2d) for m in pruned.modules())))
+        >>> plan = plan_removal(net, blocks, ["2", "0", "1"], {"latency": 1.4}, torch.randn(1, 2, 4, 4),
+        ...                     latency_fn=fake)
+        >>> plan.removed, plan.latency_ratio
+        (['2'], 1.5)
+    """
+    target = Target.parse(target)
+    by_name = {b.name: b for b in blocks}
+    unknown = [n for n in order if n not in by_name]
+    if unknown:
+        raise DBPError(f"order names unknown blocks: {', '.join(unknown)}")
+    if target.kind == "macs" and macs_fn is None:
+        raise TypeError("plan_removal: a 'macs' target needs macs_fn=..., a callable model -> MACs "
+                        "(e.g. lambda m: pfgdf_plugin.measure.count_macs(m, example_inputs))")
+    if target.kind == "latency" and latency_fn is None:
+        raise TypeError("plan_removal: a 'latency' target needs latency_fn=..., a callable (dense, pruned) -> "
+                        "(dense_ms, pruned_ms) (e.g. pfgdf_plugin.measure.paired_latency(input_shape))")
+    dense_macs = None if macs_fn is None else float(macs_fn(model))
+
+    def macs_ratio(m: nn.Module) -> Optional[float]:
+        if macs_fn is None or dense_macs is None:
+            return None
+        pruned = float(macs_fn(m))
+        return dense_macs / pruned if pruned > 0 else float("inf")
+
+    dense_shape = _output_shape(model, example_inputs)
+    latency, measurements, reached = None, [], None
+    if target.kind == "blocks":
+        if int(target.value) > len(order):
+            raise DBPError(f"target {target.describe()} cannot be met: only {len(order)} removable block(s) "
+                           f"({', '.join(order)})")
+        removed = list(order[:int(target.value)])
+        work = _without(model, [by_name[x] for x in removed])
+    elif target.kind == "macs":
+        removed, work, reached = _plan_macs(model, by_name, order, target, macs_ratio)
+    else:
+        removed, work, latency, measurements = _plan_latency(model, by_name, order, target, latency_fn)
+    shape = _output_shape(work, example_inputs)
+    if shape != dense_shape:
+        raise DBPError(f"removing blocks {', '.join(removed)} changes the model's output shape from "
+                       f"{dense_shape} to {shape}")
+    return Plan(removed, reached if reached is not None else macs_ratio(work), latency, measurements)
+
+
+# --------------------------------------------------------------------------- the whole method
+
+
+@dataclass
+class DBPResult:
+    """What :func:`prune_` did.
+
+    Attributes:
+        blocks: the candidates (:class:`Block`), in network order.
+        scores: their :class:`BlockScore`, same order.
+        removed: names of the removed blocks, in removal order (least useful first).
+        target: the :class:`Target`.
+        plan: the :class:`Plan` (achieved MACs / latency ratios).
+        info: ``baseline`` (``D_0``), ``baseline_loss``, ``samples``, ``classes``.
+    """
+
+    blocks: List[Block]
+    scores: List[BlockScore]
+    removed: List[str]
+    target: Target
+    plan: Plan
+    info: Dict[str, Any]
+
+    def report(self) -> Dict[str, Dict[str, Any]]:
+        """``{block name: {members, kind, position, macs, discrimination, probe_loss, reference,
+        gain, loss_gain, rank, removed}}`` in network order; ``rank`` 0 is the least useful."""
+        order = removal_order(self.scores)
+        rank = {n: i for i, n in enumerate(order)}
+        removed = set(self.removed)
+        out: Dict[str, Dict[str, Any]] = {}
+        for b, s in zip(self.blocks, self.scores):
+            out[b.name] = {"members": list(b.members), "kind": b.kind, "position": b.position, "macs": b.macs,
+                           "discrimination": s.discrimination, "probe_loss": s.probe_loss,
+                           "reference": s.reference, "gain": s.gain, "loss_gain": s.loss_gain,
+                           "rank": rank[b.name], "removed": b.name in removed}
+        return out
+
+
+def _check_groups(blocks: Sequence[Block], target: Target, groups: Sequence[Tuple[Sequence[str], int]]) -> None:
+    """The quotas add up to a blocks target and name known blocks only."""
+    if target.kind != "blocks" or target.value != sum(c for _, c in groups):
+        raise ValueError("with groups, target must be {'blocks': total of the group counts}")
+    known = {b.name for b in blocks}
+    for names, _count in groups:
+        missing = [n for n in names if n not in known]
+        if missing:
+            raise DBPError(f"groups name unknown blocks: {', '.join(missing)}")
+
+
+def prune_(model: nn.Module, example_inputs: Any, data: Iterable, target: Any,
+           candidates: Optional[Sequence] = None, blocks: Optional[Sequence[Block]] = None,
+           groups: Optional[Sequence[Tuple[Sequence[str], int]]] = None,
+           num_batches: Optional[int] = _D.num_batches, num_classes: Optional[int] = None,
+           holdout: float = _D.holdout, seed: int = _D.seed, weight_decay: float = 1e-3, max_iter: int = 100,
+           reference: str = _D.reference, macs_fn: Optional[MacsFn] = None,
+           latency_fn: Optional[LatencyFn] = None, progress: bool = False) -> DBPResult:
+    """DBP end to end: find blocks, score them, plan, then replace the chosen ones with ``nn.Identity``.
+
+    Everything that can fail (bad target, bad data, unreachable target) fails before ``model``
+    is changed.
+
+    Args:
+        model: pruned in place.
+        example_inputs: a batch for the shape pass.
+        data: ``(inputs, labels)`` batches for the probes.
+        target: a :class:`Target` or ``{"blocks": n}`` / ``{"macs": r}`` / ``{"latency": r}``.
+        candidates: module names to consider instead of the automatic discovery.
+        blocks: already discovered blocks (skips :func:`find_blocks`).
+        groups: optional quotas ``[(block names, count), ...]`` (NNI-style per-entry ratios);
+            with them ``target`` must be blocks-kind and equal to the total count.
+        macs_fn: ``model -> MACs``: the MACs ratios, and the blocks' ``macs`` when they are
+            discovered here; needed by a ``macs`` target.
+        latency_fn: ``(dense, pruned) -> (dense_ms, pruned_ms)``; needed by a ``latency`` target.
+        other arguments: see :func:`score_blocks` and :func:`plan_removal`.
+
+    Example:
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), *[nn.Conv2d(8, 8, 3, padding=1) for _ in range(4)],
+        ...                     nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+        >>> data = [(torch.randn(40, 3, 8, 8), torch.arange(40) % 4)]
+        >>> result = prune_(net, torch.randn(1, 3, 8, 8), data, {"blocks": 2})
+        >>> len(result.removed), len(result.blocks), sum(isinstance(m, nn.Identity) for m in net)
+        (2, 4, 2)
+    """
+    target = Target.parse(target)
+    if blocks is None:
+        blocks = find_blocks(model, example_inputs, candidates, macs_fn)
+    blocks = list(blocks)
+    if not blocks:
+        raise DBPError(f"{type(model).__name__} has no removable block")
+    if target.kind == "blocks" and target.value > len(blocks):
+        raise DBPError(f"target {target.describe()} cannot be met: only {len(blocks)} removable block(s) "
+                       f"({', '.join(b.name for b in blocks)})")
+    if groups is not None:
+        _check_groups(blocks, target, groups)
+    elif target.kind == "macs":  # fail before the probes if even removing everything is not enough
+        plan_removal(model, blocks, [b.name for b in blocks], target, example_inputs, macs_fn)
+    elif target.kind == "latency" and latency_fn is None:
+        raise TypeError("prune_: a 'latency' target needs latency_fn=..., a callable (dense, pruned) -> "
+                        "(dense_ms, pruned_ms)")
+    scores, info = score_blocks(model, blocks, data, num_batches, num_classes, holdout, seed, weight_decay,
+                                max_iter, reference, progress)
+    order = removal_order(scores)
+    if groups is not None:
+        order = quota_selection(order, groups)
+    plan = plan_removal(model, blocks, order, target, example_inputs, macs_fn, latency_fn)
+    by_name = {b.name: b for b in blocks}
+    remove_blocks_(model, [by_name[n] for n in plan.removed])
+    return DBPResult(blocks, scores, list(plan.removed), target, plan, info)
