@@ -59,17 +59,19 @@ def _data():
     from pfgdf_plugin.data import build_dataset, make_loaders
 
     spec = build_dataset("digits", image_size=32, limit_train=256, limit_test=64)
-    train, test = make_loaders(spec, 64)
-    return spec, train, next(iter(test))[0]
+    _, test = make_loaders(spec, 64)
+    return spec, next(iter(test))[0]
 
 
 def run_case(case, data) -> dict:
+    from pfgdf_plugin.data import make_loaders
     from pfgdf_plugin.models import build_model
     from pfgdf_plugin.pruning import PruneContext, prune
     from pfgdf_plugin.train import TrainConfig
 
     name, method, framework, params, ratio = case
-    spec, train_loader, x = data
+    spec, x = data
+    train_loader, _ = make_loaders(spec, 64)  # fresh per case: no case depends on which ran before
     torch.manual_seed(0)
     dense = build_model(name, num_classes=spec.num_classes, in_channels=spec.in_channels, width=0.25)
     ctx = PruneContext(train_loader=train_loader, train_cfg=TrainConfig(epochs=1, lr=0.01))
