@@ -434,7 +434,7 @@ class SPPSchedule:
         steps: :meth:`step` calls so far; stopped: ``True`` once :meth:`stop` ran.
 
     Example:
-        >>> s = SPPSchedule(SPPParams(interval=2, A=0.5))
+        >>> s = SPPSchedule(SPPParams(interval=2, A=1.0))
         >>> _ = s.add("conv", channels=4, ratio=0.5)
         >>> norms = {"conv": torch.tensor([1.0, 4.0, 2.0, 3.0])}
         >>> [s.step(norms).updated for _ in range(4)]
