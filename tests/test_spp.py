@@ -199,7 +199,7 @@ def test_coupled_channels_share_one_probability(one_thread):
     torch.manual_seed(0)
     model = build_model("resnet20", width=0.25)
     x, y = _data()
-    pruner = SPPPruner(model, x[:1], pruning_ratio=0.5, A=0.5, ignored_layers=[model.fc], seed=1)
+    pruner = SPPPruner(model, x[:1], pruning_ratio=0.5, interval=1, A=0.5, ignored_layers=[model.fc], seed=1)
     assert model.training  # tracing does not leave the model in eval mode
     n_groups = len(list(pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
                                                  root_module_types=pruner.root_module_types)))
@@ -230,7 +230,7 @@ def test_masked_channels_get_zero_gradients(one_thread):
     torch.manual_seed(0)
     model = build_model("resnet20", width=0.25)
     x, y = _data()
-    pruner = SPPPruner(model, x[:1], pruning_ratio=0.5, A=0.4, ignored_layers=[model.fc], seed=0)
+    pruner = SPPPruner(model, x[:1], pruning_ratio=0.5, interval=1, A=0.4, ignored_layers=[model.fc], seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
     checked = 0
     for _ in range(4):
@@ -337,7 +337,7 @@ def test_early_step_warns_and_removes_only_channels_at_p_one(one_thread):
                           nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
     x = torch.randn(4, 3, 8, 8)
-    pruner = SPPPruner(model, x[:1], pruning_ratio=0.5, A=0.5, ignored_layers=[model[8]], seed=0)
+    pruner = SPPPruner(model, x[:1], pruning_ratio=0.5, interval=1, A=0.5, ignored_layers=[model[8]], seed=0)
     first = pruner._by_root[model[0]].state
     while first.n_removed == 0:
         pruner.update()
@@ -364,7 +364,7 @@ def test_importance_reports_survival_or_l1_ranks():
     assert torch.allclose(group_l1(group), torch.tensor([9.0, 3.0, 12.0, 6.0]))
     assert torch.allclose(SPPImportance()(group), torch.tensor([2 / 3, 0.0, 1.0, 1 / 3]))
 
-    pruner = SPPPruner(model, x, pruning_ratio=0.5, A=0.3, ignored_layers=[model[2]])
+    pruner = SPPPruner(model, x, pruning_ratio=0.5, interval=1, A=0.3, ignored_layers=[model[2]])
     pruner.update()
     imp = pruner.importance
     scores = imp(group)
@@ -385,7 +385,7 @@ def test_survivors_are_scaled_by_their_keep_probability_on_finishing(rescale):
         model[0].weight.copy_(torch.arange(1.0, 5.0).view(4, 1, 1, 1).expand(4, 3, 1, 1))
         model[1].weight.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0]))
         model[1].bias.fill_(0.5)
-    pruner = SPPPruner(model, torch.randn(1, 3, 4, 4), pruning_ratio=0.5, A=0.5,
+    pruner = SPPPruner(model, torch.randn(1, 3, 4, 4), pruning_ratio=0.5, interval=1, A=0.5,
                        ignored_layers=[model[3]], rescale_survivors=rescale)
     state = pruner._by_root[model[0]].state
     state.probabilities.copy_(torch.tensor([0.99, 0.99, 0.3, 0.0], dtype=torch.float64))

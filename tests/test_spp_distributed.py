@@ -36,7 +36,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         torch.manual_seed(0)
         model = build_model("resnet20", width=0.25)
         ddp = DDP(model)
-        pruner = pfgdf_plugin.SPPPruner(ddp.module, torch.randn(1, 3, 32, 32), pruning_ratio=0.5, A=0.3,
+        pruner = pfgdf_plugin.SPPPruner(ddp.module, torch.randn(1, 3, 32, 32), pruning_ratio=0.5, interval=1, A=0.3,
                                         seed=rank, ignored_layers=[model.fc])  # rank 0 state wins
         optimizer = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
         g = torch.Generator().manual_seed(1000 + rank)  # different data on every rank

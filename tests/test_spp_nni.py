@@ -150,7 +150,8 @@ def test_random_drops_zero_forward_outputs_and_gradients_during_training():
             seen["drops"] += int((dropped & ~groups[name].state.removed).sum())  # random, not removed
             seen["checked"] += 1
 
-    box["pruner"] = SPPPruner(model, _config(model), _evaluator(model, check), training_steps=12, A=0.05, seed=3)
+    box["pruner"] = SPPPruner(model, _config(model), _evaluator(model, check), training_steps=12, interval=1,
+                              A=0.05, seed=3)
     assert all(g.state.keep.all() for g in box["pruner"]._groups)  # nothing dropped before the first step
     with pytest.warns(RuntimeWarning, match="stopped after 12 optimizer steps"):
         _, masks = box["pruner"].compress()
@@ -167,7 +168,7 @@ def test_random_drops_zero_forward_outputs_and_gradients_during_training():
 def test_state_dict_round_trip_restores_probabilities_and_masks():
     model = _resnet20()
     twin = copy.deepcopy(model)
-    pruner = SPPPruner(model, _config(model), _evaluator(model), training_steps=100, A=0.3, seed=5)
+    pruner = SPPPruner(model, _config(model), _evaluator(model), training_steps=100, interval=1, A=0.3, seed=5)
     with pytest.warns(RuntimeWarning, match="stopped after 3"):
         pruner.compress(max_steps=3)  # a training loop shorter than training_steps
     state = pruner.state_dict()
@@ -175,7 +176,7 @@ def test_state_dict_round_trip_restores_probabilities_and_masks():
     # keys name the member layers, not NNI's random dependency-group ids
     assert "conv1+layer1.0.conv2+layer1.1.conv2+layer1.2.conv2" in state["groups"]
 
-    other = SPPPruner(twin, _config(twin), _evaluator(twin), training_steps=100, A=0.3, seed=5)
+    other = SPPPruner(twin, _config(twin), _evaluator(twin), training_steps=100, interval=1, A=0.3, seed=5)
     other.load_state_dict(state)
     assert other.steps == 3 and other.stopped
     for name, p in pruner.probabilities().items():
@@ -219,7 +220,7 @@ def test_dependency_group_with_two_ratios_is_refused_and_unwrapped():
 def test_fusion_with_qat_quantizer():
     model = _resnet20(seed=2)
     evaluator = _evaluator(model)
-    pruner = SPPPruner(model, _config(model), evaluator, training_steps=30, A=0.5)
+    pruner = SPPPruner(model, _config(model), evaluator, training_steps=30, interval=1, A=0.5)
     qcfg = [{"op_types": ["Conv2d", "Linear"], "target_names": ["_input_", "weight", "_output_"],
              "quant_dtype": "int8", "quant_scheme": "affine"}]
     quantizer = QATQuantizer.from_compressor(pruner, qcfg, evaluator=evaluator)

@@ -1,8 +1,7 @@
-"""SPP: structured probabilistic pruning, one layer's pruning probabilities at a time.
-
-Framework-free: every function here takes and returns tensors. The Torch-Pruning adapter
-(:mod:`pfgdf_plugin.torch_pruning.spp`) turns dependency groups into norm vectors, applies the
-masks to a network and removes the pruned channels.
+"""SPP: structured probabilistic pruning: one layer's probabilities (:class:`SPPState`) and the
+per-iteration schedule over all layers (:class:`SPPSchedule`), framework-free (tensors in and out).
+The adapters (:mod:`pfgdf_plugin.torch_pruning.spp`, :mod:`pfgdf_plugin.nni.spp`) supply the norms
+and apply the masks.
 
 Paper: Wang et al., "Structured Probabilistic Pruning for Convolutional Neural Network
 Acceleration", BMVC 2018, arXiv 1709.06994. The rule below is the paper's and its official
@@ -35,12 +34,13 @@ layer, since at least ``min_keep`` groups always stay) is finished from the star
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, ClassVar, Dict, List, Optional, Union
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 
 from ..errors import SPPError
+from .channels import expand, group_mean
 from .params import Params, is_int, one_of
 
 ROUNDINGS = ("ceil", "floor", "round")
@@ -51,7 +51,7 @@ def _is_number(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float))
 
 
-def param_problems(ratio: Any = 0.5, interval: Any = 1, A: Any = 0.05, u: Any = 0.25) -> List[str]:
+def param_problems(ratio: Any = 0.5, interval: Any = 10, A: Any = 0.05, u: Any = 0.25) -> List[str]:
     """Every problem with SPP's parameters, each naming the parameter and the value."""
     found = []
     if not _is_number(ratio) or not math.isfinite(ratio) or not 0.0 < ratio < 1.0:
@@ -65,7 +65,7 @@ def param_problems(ratio: Any = 0.5, interval: Any = 1, A: Any = 0.05, u: Any = 
     return found
 
 
-def check_params(ratio: float = 0.5, interval: int = 1, A: float = 0.05, u: float = 0.25) -> None:
+def check_params(ratio: float = 0.5, interval: int = 10, A: float = 0.05, u: float = 0.25) -> None:
     """Validate SPP's parameters; raise ``ValueError`` naming the first bad one.
 
     Example:
@@ -251,7 +251,6 @@ class SPPState:
         if seed is not None:
             self.generator = torch.Generator().manual_seed(int(seed))
 
-    # ------------------------------------------------------------------ queries
     @property
     def n_removed(self) -> int:
         return int(self.removed.sum())
@@ -270,7 +269,6 @@ class SPPState:
         return (f"SPPState(n_groups={self.n_groups}, target={self.target}, removed={self.n_removed}, "
                 f"updates={self.updates}, finished={self.finished})")
 
-    # ------------------------------------------------------------------ the rule
     def update(self, norms: torch.Tensor) -> SPPUpdate:
         """One probability update from the groups' L1 norms.
 
@@ -347,7 +345,6 @@ class SPPState:
         self.keep = (draw >= self.probabilities) & ~self.removed
         return self.keep.clone()
 
-    # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> Dict[str, Any]:
         """Probabilities, flags, counters, the last mask and (if owned) the generator state."""
         out: Dict[str, Any] = {
@@ -378,11 +375,225 @@ class SPPState:
             self.generator.set_state(state["generator"])
 
 
-def load_states(states: Dict[str, "SPPState"], saved: Dict[str, Dict[str, Any]], owner: str = "SPPPruner") -> None:
-    """Load ``saved`` (name -> :meth:`SPPState.state_dict`) into ``states``; names must match."""
-    if set(saved) != set(states):
-        missing, extra = sorted(set(states) - set(saved)), sorted(set(saved) - set(states))
-        raise ValueError(f"{owner} state does not match this pruner's groups (missing: {missing}, "
-                         f"unexpected: {extra})")
-    for name, state in states.items():
-        state.load_state_dict(saved[name])
+def checked_params(ratio: Any = None, more: Sequence[str] = (), **knobs: Any) -> SPPParams:
+    """:class:`SPPParams` of ``knobs`` (missing ones take its defaults), checked with a budget ``ratio``
+    in (0, 1) (unless ``None``) and the caller's own problems ``more``: one :class:`SPPError` lists them all.
+
+    Example:
+        >>> checked_params(1.5, interval=0)
+        Traceback (most recent call last):
+        ...
+        pfgdf_plugin.errors.SPPError: ratio must be in (0, 1), got 1.5; interval must be an integer >= 1, got 0
+    """
+    found = [] if ratio is None else [p for p in param_problems(ratio=ratio) if p.startswith("ratio ")]
+    params = None
+    try:
+        params = SPPParams(**knobs)
+    except SPPError as err:
+        found += list(getattr(err, "problems", [str(err)]))
+    found += list(more)
+    if found:
+        err = SPPError("; ".join(found))
+        err.problems = found
+        raise err
+    return params
+
+
+Norms = Union[Mapping[str, torch.Tensor], Callable[[List[str]], Mapping[str, torch.Tensor]]]
+
+
+@dataclass
+class SPPStep:
+    """What one :meth:`SPPSchedule.step` did: ``updated`` the probabilities; per group that ``finished``
+    at this step, each position's keep probability ``1 - p`` just before (0 for removed ones: the
+    factors the official code scales its survivors by); ``stopped`` the schedule."""
+
+    updated: bool = False
+    finished: Dict[str, torch.Tensor] = field(default_factory=dict)
+    stopped: bool = False
+
+
+class SPPSchedule:
+    """SPP's per-iteration schedule over named groups: when to rank, what to draw, when to stop.
+
+    Each group (an SPP "layer") has one :class:`SPPState`; a group whose channels come in
+    ``copies`` interleaved copies is ranked on the mean norm over the copies and pruned at the
+    same positions in every copy. :meth:`step`, once per training iteration, ranks the open groups
+    and updates their probabilities every ``params.interval`` calls while a group is unfinished
+    (checking every norm before any state changes); then, with a budget ``max_steps``, it stops
+    once every group is finished (:attr:`finished`, the stop rule) or the budget is spent;
+    otherwise every group draws its next keep-mask from :attr:`generator`, in the order added.
+
+    Args:
+        params: SPP's knobs; default :class:`SPPParams` (``interval=10``, ``A=0.05``, ``u=0.25``,
+            ``seed=0``, ``rounding="ceil"``).
+        max_steps: stop after this many steps; ``None``: only :meth:`stop` stops.
+
+    Attributes:
+        generator: the CPU generator of every keep-mask, seeded with ``params.seed``.
+        steps: :meth:`step` calls so far; stopped: ``True`` once :meth:`stop` ran.
+
+    Example:
+        >>> s = SPPSchedule(SPPParams(interval=2, A=1.0))
+        >>> _ = s.add("conv", channels=4, ratio=0.5)
+        >>> norms = {"conv": torch.tensor([1.0, 4.0, 2.0, 3.0])}
+        >>> [s.step(norms).updated for _ in range(4)]
+        [False, True, False, True]
+        >>> s.finished, s.summary()["conv"], s.removal_plan()["conv"].tolist()
+        (True, {'channels': 4, 'target': 2, 'removed': 2, 'finished_at': 2}, [0, 2])
+    """
+
+    def __init__(self, params: Optional[SPPParams] = None, max_steps: Optional[int] = None) -> None:
+        self.params = params if params is not None else SPPParams()
+        if max_steps is not None and (not is_int(max_steps) or max_steps < 1):
+            raise SPPError(f"max_steps must be an integer >= 1 or None, got {max_steps!r}")
+        self.max_steps = max_steps
+        self.generator = torch.Generator().manual_seed(int(self.params.seed))
+        self.steps, self.stopped = 0, False
+        self._states: Dict[str, SPPState] = {}
+        self._copies: Dict[str, int] = {}
+
+    def add(self, name: str, channels: int, ratio: float, copies: int = 1, target: Optional[int] = None) -> SPPState:
+        """Track group ``name`` of ``channels`` channels (all ``copies`` together) with target ratio
+        ``ratio`` in [0, 1), or ``target`` positions to remove; returns its :class:`SPPState`."""
+        if name in self._states:
+            raise SPPError(f"group {name!r} is already tracked; give every group its own name")
+        if not is_int(copies) or copies < 1 or not is_int(channels) or channels < 1 or channels % copies:
+            raise SPPError(f"group {name!r}: {channels!r} channels do not split into {copies!r} equal copies")
+        try:
+            state = SPPState(channels // copies, ratio=ratio, A=self.params.A, u=self.params.u,
+                             rounding=self.params.rounding, target=target)
+        except ValueError as err:
+            raise SPPError(f"group {name!r}: {err}") from None
+        self._states[name], self._copies[name] = state, copies
+        return state
+
+    @property
+    def names(self) -> List[str]:
+        """The groups, in the order they were added (the order of every draw)."""
+        return list(self._states)
+
+    @property
+    def finished(self) -> bool:
+        """The stop rule: every group has its target count of positions at ``p = 1``."""
+        return all(s.finished for s in self._states.values())
+
+    @property
+    def n_finished(self) -> int:
+        return sum(s.finished for s in self._states.values())
+
+    def step(self, norms: Norms) -> SPPStep:
+        """One training iteration: count it, rank and update when due, then stop or draw.
+
+        Args:
+            norms: L1 norms per channel (all copies) or per position of each group: a mapping
+                ``name -> tensor``, or a callable given the names to rank returning one (called
+                only when an update is due).
+
+        Raises:
+            SPPError: a group's norms are missing, of the wrong length or NaN/Inf (naming the
+                group); no probability has changed then.
+        """
+        if self.stopped:
+            return SPPStep()
+        self.steps += 1
+        due = self.steps % self.params.interval == 0 and not self.finished
+        result = self._update(norms) if due else SPPStep()
+        if self.max_steps is not None and (self.finished or self.steps >= self.max_steps):
+            self.stop()
+            result.stopped = True
+        else:
+            for s in self._states.values():
+                s.sample_keep_mask(self.generator)
+        return result
+
+    def _checked_norms(self, name: str, given: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        state, copies = self._states[name], self._copies[name]
+        if name not in given:
+            raise SPPError(f"group {name!r}: no norms given; give a norm vector for every group still open")
+        vec = torch.as_tensor(given[name]).detach().reshape(-1).to("cpu", torch.float64)
+        if copies > 1 and vec.numel() == state.n_groups * copies:
+            vec = group_mean(vec, copies)
+        if vec.numel() != state.n_groups:
+            raise SPPError(f"group {name!r}: expected {state.n_groups * copies} norms (or {state.n_groups}, "
+                           f"one per position), got {vec.numel()}")
+        if not torch.isfinite(vec[~state.removed]).all():
+            raise SPPError(f"group {name!r}: norms hold NaN/Inf values; SPP cannot rank its channels "
+                           "(check the training run: the weights diverged)")
+        return vec
+
+    def _update(self, norms: Norms) -> SPPStep:
+        names = [n for n, s in self._states.items() if not s.closed]
+        with torch.no_grad():
+            given = norms(list(names)) if callable(norms) else norms
+            checked = {name: self._checked_norms(name, given) for name in names}
+        result = SPPStep(updated=True)
+        for name in names:
+            change = self._states[name].update(checked[name])
+            if change.finished:
+                result.finished[name] = change.survivor_keep
+        return result
+
+    def stop(self) -> None:
+        """End the probabilistic phase: every open group keeps its survivors for good (``p = 0``,
+        unscaled) and its keep-mask becomes exactly them; :meth:`step` does nothing afterwards."""
+        for s in self._states.values():
+            if not s.closed:
+                s.finish()
+            s.sample_keep_mask()
+        self.stopped = True
+
+    def masks(self, alive_only: bool = False, channels: bool = False) -> Dict[str, torch.Tensor]:
+        """Per group, the last keep-mask (or, ``alive_only``, the positions not removed), bool per
+        position or, with ``channels``, per channel of every copy."""
+        out = {}
+        for name, s in self._states.items():
+            vec = ~s.removed if alive_only else s.keep.clone()
+            out[name] = vec.repeat(self._copies[name]) if channels else vec
+        return out
+
+    def removal_plan(self) -> Dict[str, torch.Tensor]:
+        """The finishing step: per group with removed positions, its channels to remove (every copy, sorted)."""
+        out = {}
+        for name, s in self._states.items():
+            dead = s.removed.nonzero().flatten()
+            if dead.numel():
+                out[name] = expand(dead, self._copies[name], s.n_groups).sort().values
+        return out
+
+    def probabilities(self) -> Dict[str, torch.Tensor]:
+        """``{group: pruning probability per position}`` (float64 copies)."""
+        return {name: s.probabilities.clone() for name, s in self._states.items()}
+
+    def summary(self, unit: str = "channels") -> Dict[str, dict]:
+        """Per group: ``unit`` (its channels), ``target``, ``removed`` (channels, every copy), ``finished_at``."""
+        return {name: {unit: s.n_groups * c, "target": s.target * c, "removed": s.n_removed * c,
+                       "finished_at": s.finished_at}
+                for (name, s), c in zip(self._states.items(), self._copies.values())}
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The step counter, the stopped flag, the generator state, the knobs and every group's state."""
+        return {"steps": self.steps, "stopped": self.stopped, "generator": self.generator.get_state(),
+                "config": {**self.params.to_dict(), "max_steps": self.max_steps},
+                "groups": {name: s.state_dict() for name, s in self._states.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any], owner: str = "SPPSchedule") -> None:
+        """Restore :meth:`state_dict`'s output (every group checked first; ``owner`` names the caller
+        in errors): the next steps draw and update as the saved run would have.
+
+        Raises:
+            SPPError: the saved groups differ (names listed), or a group's size does.
+        """
+        saved = state["groups"]
+        if set(saved) != set(self._states):
+            missing, extra = sorted(set(self._states) - set(saved)), sorted(set(saved) - set(self._states))
+            raise SPPError(f"{owner} state does not match this pruner's groups (missing: {missing}, "
+                           f"unexpected: {extra})")
+        for name, s in self._states.items():
+            if int(saved[name]["n_groups"]) != s.n_groups:
+                raise SPPError(f"{owner} state, group {name!r}: it holds {saved[name]['n_groups']} positions, "
+                               f"this group has {s.n_groups}")
+        for name, s in self._states.items():
+            s.load_state_dict(saved[name])
+        self.steps, self.stopped = int(state["steps"]), bool(state.get("stopped", False))
+        self.generator.set_state(state["generator"])

@@ -1,10 +1,10 @@
 """SPP as an NNI 3.0 pruner: :class:`SPPPruner`.
 
-The probability rule lives in :mod:`pfgdf_plugin.methods.spp`; this module only moves NNI's
-target spaces (one per configured weight) into :class:`~pfgdf_plugin.methods.spp.SPPState`
-objects and their keep-masks back into NNI masks. Like NNI's ``TaylorPruner`` it is
-training-aware: it hooks the evaluator's optimizer step, and ``compress()`` trains for
-``training_steps`` steps through the evaluator.
+The probability rule and the per-iteration schedule live in :mod:`pfgdf_plugin.methods.spp`
+(:class:`~pfgdf_plugin.methods.spp.SPPSchedule`); this module only turns NNI's target spaces (one
+per configured weight) into the schedule's groups and norms, and its keep-masks back into NNI
+masks. Like NNI's ``TaylorPruner`` it is training-aware: it hooks the evaluator's optimizer step,
+and ``compress()`` trains for ``training_steps`` steps through the evaluator.
 
 How the masks act, in NNI's terms. NNI's ``ModuleWrapper`` keeps each configured weight as a
 parameter of the wrapper and, on every forward pass, hands the module ``weight * weight_mask``
@@ -36,41 +36,42 @@ from nni.compression.pruning.tools import active_sparse_targets_filter, norm_met
 from nni.compression.pruning.tools.sparse_gen import _expand_masks
 from nni.compression.utils.evaluator import Evaluator
 
+from ..errors import SPPError
 from ..methods import spp
+from ..methods.params import is_int
 from ._common import copy_config, follow_aligned, settings, weight_targets
 
 _DATA = Dict[str, Dict[str, torch.Tensor]]
 
 _KNOBS = ("interval", "A", "u", "seed", "training_steps")
+_DEFAULTS = spp.SPPParams()
 
 
 def _checked_config(config_list: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """A copy of ``config_list`` in NNI's current format, ratios cast to float and checked for SPP."""
     out = copy_config(config_list, _KNOBS,
-                      "SPPPruner(model, config_list, evaluator, training_steps, interval=1, A=0.05)")
+                      "SPPPruner(model, config_list, evaluator, training_steps, interval=10, A=0.05)")
     excluded = {i for i, entry in enumerate(out) if entry.get("exclude")}
     if any("total_sparsity" in entry for entry in out):
-        raise ValueError("config_list has 'total_sparsity': SPP prunes each layer (or dependency group) to its "
-                         "own 'sparse_ratio'; give 'sparse_ratio' instead")
+        raise SPPError("config_list has 'total_sparsity': SPP prunes each layer (or dependency group) to its "
+                       "own 'sparse_ratio'; give 'sparse_ratio' instead")
     out = trans_legacy_config_list(out)  # 'sparsity' -> 'sparse_ratio', 'exclude' entries folded in
     for i, entry in enumerate(out):
         if i in excluded:
             continue
         for key in ("sparse_threshold", "global_group_id"):
             if any(key in s for s in settings(entry)):
-                raise ValueError(f"config_list[{i}] has {key!r}: SPP prunes each layer (or dependency group) "
-                                 "to its own 'sparse_ratio'; give 'sparse_ratio' instead")
+                raise SPPError(f"config_list[{i}] has {key!r}: SPP prunes each layer (or dependency group) "
+                               "to its own 'sparse_ratio'; give 'sparse_ratio' instead")
         ratios = [entry["sparse_ratio"]] if "sparse_ratio" in entry else []
         ratios += [s["sparse_ratio"] for s in (entry.get("target_settings") or {}).values()
                    if isinstance(s, dict) and "sparse_ratio" in s]
         if not ratios:
-            raise ValueError(f"config_list[{i}] needs 'sparse_ratio' (SPP's target ratio R of each selected "
-                             "layer, in (0, 1)), e.g. {'op_types': ['Conv2d'], 'sparse_ratio': 0.5}")
+            raise SPPError(f"config_list[{i}] needs 'sparse_ratio' (SPP's target ratio R of each selected "
+                           "layer, in (0, 1)), e.g. {'op_types': ['Conv2d'], 'sparse_ratio': 0.5}")
         for ratio in ratios:
-            try:
-                spp.check_params(ratio=ratio)
-            except ValueError:
-                raise ValueError(f"config_list[{i}]: 'sparse_ratio' must be in (0, 1), got {ratio!r}") from None
+            if spp.param_problems(ratio=ratio):
+                raise SPPError(f"config_list[{i}]: 'sparse_ratio' must be in (0, 1), got {ratio!r}")
     return out
 
 
@@ -82,7 +83,7 @@ class _Group:
     members: List[Tuple[str, str]]  # (module name, target name)
     blocks: int  # internal metric blocks (grouped convolutions): one decision per block position
     size: int  # SPP groups: filters // blocks
-    state: spp.SPPState
+    state: spp.SPPState  # owned by the pruner's schedule
 
 
 def _display(module_name: str, target_name: str) -> str:
@@ -94,13 +95,13 @@ class SPPPruner(Pruner):
 
     Every configured weight (by default the filters of ``Conv2d``/``Linear``), or every NNI
     dependency group of weights (coupled layers, from
-    :func:`pfgdf_plugin.nni.dependency_config_list`), is one SPP layer with one
-    :class:`~pfgdf_plugin.methods.spp.SPPState`: a pruning probability per filter and a target
+    :func:`pfgdf_plugin.nni.dependency_config_list`), is one SPP layer, a group of the pruner's
+    :class:`~pfgdf_plugin.methods.spp.SPPSchedule`: a pruning probability per filter and a target
     count ``ceil(R * filters)`` (one filter always stays), where ``R`` is the entry's
     ``sparse_ratio``. Coupled layers share the probabilities, ranked on the mean of their filters'
     L1 norms, and so get identical masks.
 
-    After every optimizer step of the evaluator's training loop the pruner:
+    After every optimizer step of the evaluator's training loop the schedule:
 
     1. every ``interval`` steps, ranks each unfinished layer's surviving filters by the L1 norm
        of their current weights and updates the probabilities
@@ -140,19 +141,26 @@ class SPPPruner(Pruner):
             nni.trace(torch.optim.SGD)(model.parameters(), lr=0.01), training_step)``.
         training_steps: optimizer steps of SPP's probabilistic phase (>= 1).
         existed_wrappers: used by :meth:`from_compressor`.
-        interval: optimizer steps between probability updates (the paper uses 180; the
-            official code's default is 1).
+        interval: optimizer steps between probability updates; default 10, the value of
+            :class:`~pfgdf_plugin.methods.spp.SPPParams` and the recipes (it used to be 1, the
+            official code's default; the paper uses 180).
         A: probability increment of the weakest filter per update (> 0).
         u: ``delta(N_c) = u * A``, in (0, 1).
         seed: seed of the generator that draws every keep-mask.
 
+    Defaults are :class:`~pfgdf_plugin.methods.spp.SPPParams`'s.
+
     Raises:
-        ValueError: a bad SPP parameter (``interval must be an integer >= 1, got 0``), an entry
+        SPPError: (a ``ValueError``) bad SPP parameters, every one listed
+            (``interval must be an integer >= 1, got 0``), before the model is wrapped.
+        ValueError: no evaluator, an entry
             without a valid ``sparse_ratio``, SPP knobs inside ``config_list``, an input/output
             target, a non-filter ``granularity``, an ``apply_method`` other than ``'mul'``, or a
             dependency group mixing ratios or widths.
 
     Attributes:
+        schedule: the :class:`~pfgdf_plugin.methods.spp.SPPSchedule` of every SPP layer.
+        params: the validated :class:`~pfgdf_plugin.methods.spp.SPPParams`.
         steps: optimizer steps seen so far.
         stopped: ``True`` once the final masks are in place.
 
@@ -176,31 +184,27 @@ class SPPPruner(Pruner):
         >>> opt = nni.trace(torch.optim.SGD)(model.parameters(), lr=0.01)
         >>> evaluator = TorchEvaluator(training_func, opt, training_step)
         >>> pruner = SPPPruner(model, [{"op_names": ["conv1", "conv2"], "sparse_ratio": 0.5}],
-        ...                    evaluator, training_steps=12, A=0.5)
+        ...                    evaluator, training_steps=12, interval=1, A=0.5)
         >>> _, masks = pruner.compress()
         >>> pruner.finished, int(masks["conv2"]["weight"].sum(dim=(1, 2, 3)).gt(0).sum())
         (True, 8)
     """
 
     def __init__(self, model: torch.nn.Module, config_list: List[Dict], evaluator: Evaluator, training_steps: int,
-                 existed_wrappers: Dict[str, ModuleWrapper] | None = None, *, interval: int = 1, A: float = 0.05,
-                 u: float = 0.25, seed: int = 0):
+                 existed_wrappers: Dict[str, ModuleWrapper] | None = None, *, interval: int = _DEFAULTS.interval,
+                 A: float = _DEFAULTS.A, u: float = _DEFAULTS.u, seed: int = _DEFAULTS.seed):
         # validate before NNI wraps the model, so a bad argument leaves the model untouched
-        spp.check_params(0.5, interval, A, u)
-        if isinstance(training_steps, bool) or not isinstance(training_steps, int) or training_steps < 1:
-            raise ValueError(f"training_steps must be an integer >= 1, got {training_steps!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
+        bad_steps = [] if is_int(training_steps) and training_steps >= 1 else [
+            f"training_steps must be an integer >= 1, got {training_steps!r}"]
+        params = spp.checked_params(None, bad_steps, interval=interval, A=A, u=u, seed=seed)
         if evaluator is None:
             raise ValueError("SPPPruner prunes while training: give it an NNI evaluator, e.g. "
                              "TorchEvaluator(training_func, nni.trace(torch.optim.SGD)(model.parameters(), "
                              "lr=0.01), training_step)")
         config_list = _checked_config(config_list)
         self.training_steps = training_steps
-        self.interval, self.A, self.u, self.seed = int(interval), float(A), float(u), seed
-        self.generator = torch.Generator().manual_seed(seed)
-        self.steps = 0
-        self.stopped = False
+        self.params = params
+        self.schedule = spp.SPPSchedule(params, max_steps=training_steps)
         self._groups: List[_Group] = []
         super().__init__(model, config_list, evaluator, existed_wrappers)
         self.evaluator: Evaluator
@@ -212,8 +216,8 @@ class SPPPruner(Pruner):
 
     @classmethod
     def from_compressor(cls, compressor: Compressor, new_config_list: List[Dict], training_steps: int,
-                        evaluator: Evaluator | None = None, *, interval: int = 1, A: float = 0.05, u: float = 0.25,
-                        seed: int = 0):
+                        evaluator: Evaluator | None = None, *, interval: int = _DEFAULTS.interval,
+                        A: float = _DEFAULTS.A, u: float = _DEFAULTS.u, seed: int = _DEFAULTS.seed):
         """Build on another compressor's wrappers and evaluator (NNI's fusion)."""
         return super().from_compressor(compressor, new_config_list, training_steps=training_steps, evaluator=evaluator,
                                        interval=interval, A=A, u=u, seed=seed)
@@ -240,11 +244,14 @@ class SPPPruner(Pruner):
         return int(target.shape[0])
 
     def _build_groups(self) -> None:
+        """One schedule group per target or NNI dependency group, added in the model's module order
+        (the order of every draw)."""
         grouped: Dict[Any, List[Tuple[str, str, PruningTargetSpace]]] = defaultdict(list)
         for module_name, target_name, ts in self._spp_targets():
             gid = ts.dependency_group_id
             grouped[("dep", gid) if gid is not None else ("one", module_name, target_name)].append(
                 (module_name, target_name, ts))
+        found = []
         for members in grouped.values():
             names = [_display(m, t) for m, t, _ in members]
             widths = {self._filters(m, t, ts) for m, t, ts in members}
@@ -259,11 +266,12 @@ class SPPPruner(Pruner):
             blocks = reduce(math.lcm, [int(ts.internal_metric_block or 1) for _, _, ts in members], 1)
             if n % blocks:
                 raise ValueError(f"{', '.join(names)}: {n} filters do not split into {blocks} metric blocks")
-            size = n // blocks
-            state = spp.SPPState(size, ratio=ratio, A=self.A, u=self.u)
-            self._groups.append(_Group("+".join(sorted(names)), [(m, t) for m, t, _ in members], blocks, size, state))
+            found.append(("+".join(sorted(names)), [(m, t) for m, t, _ in members], blocks, n, ratio))
         order = {name: i for i, (name, _) in enumerate(self.bound_model.named_modules())}
-        self._groups.sort(key=lambda g: min(order.get(m, len(order)) for m, _ in g.members))
+        found.sort(key=lambda g: min(order.get(m, len(order)) for m, _ in g[1]))
+        for key, members, blocks, n, ratio in found:
+            state = self.schedule.add(key, n, ratio, copies=blocks)
+            self._groups.append(_Group(key, members, blocks, n // blocks, state))
 
     # ------------------------------------------------------------------ NNI hooks
 
@@ -282,8 +290,9 @@ class SPPPruner(Pruner):
         """
         masks: _DATA = defaultdict(dict)
         spaces: Dict[str, Dict[str, PruningTargetSpace]] = defaultdict(dict)
+        keeps = self.schedule.masks(channels=True)
         for group in self._groups:
-            keep = group.state.keep.repeat(group.blocks)
+            keep = keeps[group.key]
             for module_name, target_name in group.members:
                 ts = self._target_spaces[module_name][target_name]
                 shape = ts._scaler.shrink(ts.target.detach(), keepdim=True).shape
@@ -293,46 +302,36 @@ class SPPPruner(Pruner):
         follow_aligned(masks, self._target_spaces)  # biases follow their weights, as in NNI
         return masks
 
-    def _norms(self, metrics: _DATA, group: _Group) -> torch.Tensor:
-        """Per SPP group: the mean over coupled layers (and metric blocks) of the filters' L1 norms."""
-        flats = [metrics[m][t].detach().reshape(-1).to("cpu", torch.float64) for m, t in group.members]
-        norms = torch.stack(flats).mean(0)
-        return norms.view(group.blocks, group.size).mean(0) if group.blocks > 1 else norms
+    def _norms(self, names: List[str]) -> Dict[str, torch.Tensor]:
+        """Per named SPP layer: the mean over its coupled layers of the filters' L1 norms (the
+        schedule averages the metric blocks)."""
+        metrics = self._calculate_metrics(self._collect_data())
+        by_key = {g.key: g for g in self._groups}
+        return {name: torch.stack([metrics[m][t].detach().reshape(-1).to("cpu", torch.float64)
+                                   for m, t in by_key[name].members]).mean(0) for name in names}
 
     # ------------------------------------------------------------------ the SPP iteration
 
     def _spp_step(self) -> None:
-        """One optimizer step: update the probabilities (every ``interval``), draw, write masks."""
-        if self.stopped:
+        """One optimizer step of the schedule (rank and update when due, then draw or stop); write the masks."""
+        if self.schedule.stopped:
             return
-        self.steps += 1
-        if self.steps % self.interval == 0 and not self.finished:
-            with torch.no_grad():
-                metrics = self._calculate_metrics(self._collect_data())
-                for group in self._groups:
-                    if not group.state.closed:
-                        group.state.update(self._norms(metrics, group))
-        if self.finished or self.steps >= self.training_steps:
-            self._stop()
-            return
-        for group in self._groups:
-            group.state.sample_keep_mask(self.generator)
+        if self.schedule.step(self._norms).stopped:
+            self._warn_if_early()
         self.update_masks(self._generate_sparsity({}))
+
+    def _warn_if_early(self) -> None:
+        if not self.finished:
+            warnings.warn(f"SPPPruner stopped after {self.steps} optimizer steps before every layer reached its "
+                          f"target ({self.schedule.n_finished} of {len(self._groups)} done); the final masks remove "
+                          "only the filters already at p = 1 (raise training_steps or A, or lower interval)",
+                          RuntimeWarning, stacklevel=4)
 
     def _stop(self) -> None:
         """Finish every layer and write the final masks (exactly the removed filters)."""
-        if not self.finished:
-            done = sum(g.state.finished for g in self._groups)
-            warnings.warn(f"SPPPruner stopped after {self.steps} optimizer steps before every layer reached its "
-                          f"target ({done} of {len(self._groups)} done); the final masks remove only the filters "
-                          "already at p = 1 (raise training_steps or A, or lower interval)", RuntimeWarning,
-                          stacklevel=3)
-        for group in self._groups:
-            if not group.state.closed:
-                group.state.finish()
-            group.state.sample_keep_mask()  # a closed state keeps exactly its survivors
+        self.schedule.stop()
+        self._warn_if_early()
         self.update_masks(self._generate_sparsity({}))
-        self.stopped = True
 
     def _register_trigger(self, evaluator: Evaluator) -> None:
         evaluator.patch_optimizer_step(before_step_tasks=[], after_step_tasks=[self._spp_step])
@@ -362,37 +361,47 @@ class SPPPruner(Pruner):
     @property
     def finished(self) -> bool:
         """``True`` when every layer has its target count of filters at ``p = 1``."""
-        return all(g.state.finished for g in self._groups)
+        return self.schedule.finished
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps seen so far."""
+        return self.schedule.steps
+
+    @property
+    def stopped(self) -> bool:
+        """``True`` once the final masks are in place."""
+        return self.schedule.stopped
+
+    @property
+    def generator(self) -> torch.Generator:
+        """The schedule's generator of every keep-mask."""
+        return self.schedule.generator
 
     def probabilities(self) -> Dict[str, torch.Tensor]:
         """``{layer name: pruning probability per filter}`` (float64 copies; coupled layers share one).
 
         With ``internal_metric_block`` the vector has one entry per block position.
         """
-        return {_display(m, t): g.state.probabilities.clone() for g in self._groups for m, t in g.members}
+        probs = self.schedule.probabilities()
+        return {_display(m, t): probs[g.key].clone() for g in self._groups for m, t in g.members}
 
     def summary(self) -> Dict[str, dict]:
         """Per SPP layer (members joined by ``+``): ``filters``, ``target``, ``removed``, ``finished_at``."""
-        return {g.key: {"filters": g.size * g.blocks, "target": g.state.target * g.blocks,
-                        "removed": g.state.n_removed * g.blocks, "finished_at": g.state.finished_at}
-                for g in self._groups}
+        return self.schedule.summary("filters")
 
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> Dict[str, Any]:
         """Probabilities, removed flags, current keep vectors, counters and the generator state."""
-        return {"steps": self.steps, "stopped": self.stopped, "generator": self.generator.get_state(),
-                "config": {"interval": self.interval, "A": self.A, "u": self.u, "seed": self.seed,
-                           "training_steps": self.training_steps},
-                "groups": {g.key: g.state.state_dict() for g in self._groups}}
+        state = self.schedule.state_dict()
+        state["config"]["training_steps"] = self.training_steps
+        return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Resume from :meth:`state_dict` and write the saved masks into NNI's wrappers.
 
         Load the model's weights as well; the next draws are the ones the saved run would have made.
         """
-        spp.load_states({g.key: g.state for g in self._groups}, state["groups"])
-        self.steps = int(state["steps"])
-        self.stopped = bool(state["stopped"])
-        self.generator.set_state(state["generator"])
+        self.schedule.load_state_dict(state, owner="SPPPruner")
         self.update_masks(self._generate_sparsity({}))

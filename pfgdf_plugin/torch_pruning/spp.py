@@ -1,8 +1,9 @@
 """SPP inside Torch-Pruning: :class:`SPPImportance` and :class:`SPPPruner`.
 
-The probability rule lives in :mod:`pfgdf_plugin.methods.spp`; this module turns the
-dependency graph's channel groups into norm vectors, applies SPP's random keep-masks to the
-network while it trains, and removes the pruned channels at the end.
+The probability rule and the per-iteration schedule live in :mod:`pfgdf_plugin.methods.spp`
+(:class:`~pfgdf_plugin.methods.spp.SPPSchedule`); this module turns the dependency graph's
+channel groups into norm vectors, applies the schedule's keep-masks to the network while it
+trains, and removes the pruned channels at the end.
 
 One SPP group here is one channel of a Torch-Pruning dependency group: channels coupled by
 residual additions or concatenations share one pruning probability, and a dependency group is
@@ -123,7 +124,7 @@ class _Tracked:
     group: Any
     ch_groups: int
     size: int  # SPP groups: channels // ch_groups
-    state: spp.SPPState
+    state: spp.SPPState  # owned by the pruner's schedule
     # (module, channel indices of the module, SPP group of each) for maskable out-channel items
     items: List[Tuple[nn.Module, torch.Tensor, torch.Tensor]] = field(default_factory=list)
     scaled: List[nn.Module] = field(default_factory=list)  # outputs rescaled on finishing
@@ -154,6 +155,9 @@ def _along(vec: torch.Tensor, like: torch.Tensor, dim: int) -> torch.Tensor:
     return vec.to(like.device, like.dtype).view(shape)
 
 
+_DEFAULTS = spp.SPPParams()
+
+
 def _share_generator_state(generator: torch.Generator) -> None:
     """Under torch.distributed, every rank takes rank 0's generator state: one mask everywhere,
     even if the ranks were given different seeds."""
@@ -169,12 +173,12 @@ class SPPPruner(tp.pruner.BasePruner):
     """Structured probabilistic pruning during training, then structural removal.
 
     Every dependency group (channels coupled through residual additions and concatenations)
-    gets one :class:`~pfgdf_plugin.methods.spp.SPPState`: a pruning probability per channel
-    and a target count ``ceil(R * channels)`` (at least one channel stays). In the training
-    loop, call :meth:`update` once per iteration after ``optimizer.step()``: every
-    ``interval`` iterations it ranks each group's surviving channels by L1 norm
-    (:func:`group_l1`: the mean over the group's coupled filters) and updates the
-    probabilities; every iteration it draws the next keep-masks. A channel at ``p = 1`` is
+    is one group of the pruner's :class:`~pfgdf_plugin.methods.spp.SPPSchedule` (:attr:`schedule`):
+    a pruning probability per channel and a target count ``ceil(R * channels)`` (at least one
+    channel stays). In the training loop, call :meth:`update` once per iteration after
+    ``optimizer.step()``: the schedule ranks each group's surviving channels by L1 norm
+    (:func:`group_l1`: the mean over the group's coupled filters) and updates the probabilities
+    every ``interval`` calls, and draws the next keep-masks every call. A channel at ``p = 1`` is
     zeroed for good (its filters, biases and normalisation scales). When every group has
     reached its target (:attr:`finished`), :meth:`step` removes the zeroed channels through the
     dependency graph; build a new optimizer and retrain.
@@ -200,8 +204,9 @@ class SPPPruner(tp.pruner.BasePruner):
         model: the network (pruned in place by :meth:`step`).
         example_inputs: a batch for tracing.
         pruning_ratio: the target ratio ``R`` of every group, in (0, 1).
-        interval: iterations between probability updates (the paper uses 180; 1 updates
-            every iteration, the official code's default).
+        interval: iterations between probability updates; default 10, the value of
+            :class:`~pfgdf_plugin.methods.spp.SPPParams` and the recipes (it used to be 1, the
+            official code's default; the paper uses 180).
         A: probability increment of the weakest channel per update (> 0).
         u: ``delta(N_c) = u * A``, in (0, 1).
         ignored_layers: layers left alone (typically the classifier).
@@ -215,7 +220,13 @@ class SPPPruner(tp.pruner.BasePruner):
             ``importance``, ``global_pruning``, ``isomorphic``, ``iterative_steps`` and
             ``prune_num_heads`` are refused: SPP ranks within each group, in one pass.
 
+    Defaults are :class:`~pfgdf_plugin.methods.spp.SPPParams`'s. Bad values raise
+    :class:`~pfgdf_plugin.errors.SPPError` (a ``ValueError``) listing every problem, before the
+    model is traced.
+
     Attributes:
+        schedule: the :class:`~pfgdf_plugin.methods.spp.SPPSchedule` of every tracked group.
+        params: the validated :class:`~pfgdf_plugin.methods.spp.SPPParams`.
         steps: :meth:`update` calls so far.
         pruned: ``True`` after :meth:`step`.
 
@@ -224,7 +235,7 @@ class SPPPruner(tp.pruner.BasePruner):
         >>> from pfgdf_plugin.models import build_model
         >>> model = build_model("lenet5")
         >>> x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
-        >>> pruner = SPPPruner(model, x[:1], pruning_ratio=0.5, A=0.5, ignored_layers=[model.fc3])
+        >>> pruner = SPPPruner(model, x[:1], pruning_ratio=0.5, interval=1, A=0.5, ignored_layers=[model.fc3])
         >>> opt = torch.optim.SGD(model.parameters(), lr=0.01)
         >>> _ = model.train()
         >>> while not pruner.finished:
@@ -237,9 +248,11 @@ class SPPPruner(tp.pruner.BasePruner):
         (8, 60)
     """
 
-    def __init__(self, model: nn.Module, example_inputs, pruning_ratio: float = 0.5, interval: int = 1,
-                 A: float = 0.05, u: float = 0.25, ignored_layers: Optional[List[nn.Module]] = None,
-                 seed: int = 0, rounding: str = "ceil", rescale_survivors: bool = True, **kwargs) -> None:
+    def __init__(self, model: nn.Module, example_inputs, pruning_ratio: float = 0.5,
+                 interval: int = _DEFAULTS.interval, A: float = _DEFAULTS.A, u: float = _DEFAULTS.u,
+                 ignored_layers: Optional[List[nn.Module]] = None, seed: int = _DEFAULTS.seed,
+                 rounding: str = _DEFAULTS.rounding, rescale_survivors: bool = _DEFAULTS.rescale_survivors,
+                 **kwargs) -> None:
         for key in ("importance", "iterative_steps", "iterative_pruning_ratio_scheduler"):
             if key in kwargs:
                 raise TypeError(f"SPPPruner does not accept {key!r}: SPP's probabilities decide what "
@@ -249,15 +262,11 @@ class SPPPruner(tp.pruner.BasePruner):
             if kwargs.get(key):
                 raise TypeError(f"SPPPruner does not support {key}=True: SPP ranks channels within "
                                 "each dependency group")
-        spp.check_params(pruning_ratio, interval, A, u)
-        if rounding not in spp.ROUNDINGS:
-            raise ValueError(f"rounding must be one of {', '.join(spp.ROUNDINGS)}; got {rounding!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
-        for module, ratio in (kwargs.get("pruning_ratio_dict") or {}).items():
-            if not spp._is_number(ratio) or not 0.0 <= ratio < 1.0:
-                raise ValueError(f"pruning_ratio_dict values must be in [0, 1), got {ratio!r} for "
-                                 f"{type(module).__name__}")
+        bad_ratios = [f"pruning_ratio_dict values must be in [0, 1), got {ratio!r} for {type(module).__name__}"
+                      for module, ratio in (kwargs.get("pruning_ratio_dict") or {}).items()
+                      if not spp._is_number(ratio) or not 0.0 <= ratio < 1.0]
+        params = spp.checked_params(pruning_ratio, bad_ratios, interval=interval, A=A, u=u, seed=seed,
+                                    rounding=rounding, rescale_survivors=rescale_survivors)
         # Torch-Pruning's BasePruner mutates these dict defaults: always hand it fresh ones.
         for key in ("in_channel_groups", "out_channel_groups", "num_heads"):
             kwargs[key] = dict(kwargs.get(key) or {})
@@ -266,14 +275,13 @@ class SPPPruner(tp.pruner.BasePruner):
                          ignored_layers=ignored_layers, iterative_steps=1, **kwargs)
         for m, mode in modes.items():  # tracing left the model in eval mode
             m.training = mode
-        self.interval, self.A, self.u = int(interval), float(A), float(u)
-        self.rounding, self.rescale_survivors, self.seed = rounding, bool(rescale_survivors), seed
-        self.generator = torch.Generator().manual_seed(seed)
-        _share_generator_state(self.generator)
-        self.steps = 0
+        self.params = params
+        self.schedule = spp.SPPSchedule(params)
+        _share_generator_state(self.schedule.generator)
         self.pruned = False
         self._tracked: List[_Tracked] = []
         self._by_root: Dict[nn.Module, _Tracked] = {}
+        self._by_name: Dict[str, _Tracked] = {}
         self._handles: list = []
         self._train_masks: Dict[nn.Module, torch.Tensor] = {}
         self._alive_masks: Dict[nn.Module, torch.Tensor] = {}
@@ -316,12 +324,11 @@ class SPPPruner(tp.pruner.BasePruner):
                 warnings.warn(f"{name}: no layer of this group has an output SPP can mask; group left "
                               "as is", stacklevel=3)
                 continue
-            ratio = float(self.get_target_pruning_ratio(root, step=self.iterative_steps))
-            target = spp.target_count(size, min(max(ratio, 0.0), 1.0 - 1e-12), self.rounding)
+            ratio = min(max(float(self.get_target_pruning_ratio(root, step=self.iterative_steps)), 0.0), 1.0 - 1e-12)
+            target = spp.target_count(size, ratio, self.params.rounding)
             if self.round_to and target > 0:
                 target = min(size - 1, self._round_to(target, size, self.round_to))
-            state = spp.SPPState(size, ratio=min(max(ratio, 0.0), 1.0 - 1e-12), A=self.A, u=self.u,
-                                 target=target)
+            state = self.schedule.add(name, n, ratio, copies=ch_groups, target=target)
             tracked = _Tracked(name, root, handler, group, ch_groups, size, state, items)
             norm_modules = {m for m, _, _ in items if isinstance(m, _NORM_TYPES)}
             for module, _, _ in items:
@@ -333,6 +340,7 @@ class SPPPruner(tp.pruner.BasePruner):
                     tracked.scaled.append(module)
             self._tracked.append(tracked)
             self._by_root[root] = tracked
+            self._by_name[name] = tracked
 
     def _hooked(self) -> List[nn.Module]:
         """Layers whose outputs carry the masks: every normalisation layer, and convolutions /
@@ -386,8 +394,9 @@ class SPPPruner(tp.pruner.BasePruner):
     # ------------------------------------------------------------------ masks
     def _module_masks(self, alive_only: bool) -> Dict[nn.Module, torch.Tensor]:
         masks: Dict[nn.Module, torch.Tensor] = {}
+        vecs = self.schedule.masks(alive_only=alive_only)
         for t in self._tracked:
-            vec = ~t.state.removed if alive_only else t.state.keep
+            vec = vecs[t.name]
             if bool(vec.all()):
                 continue
             for module, idxs, entries in t.items:
@@ -423,17 +432,19 @@ class SPPPruner(tp.pruner.BasePruner):
                     param.mul_(_along(vec, param, dim))
 
     def _zero_removed(self) -> None:
+        alive = self.schedule.masks(alive_only=True)
         for t in self._tracked:
-            if t.state.n_removed:
-                alive = (~t.state.removed).double()
-                self._scale(t, alive, {m for m, _, _ in t.items})
+            if not bool(alive[t.name].all()):
+                self._scale(t, alive[t.name].double(), {m for m, _, _ in t.items})
 
-    def _norms(self, t: _Tracked) -> torch.Tensor:
-        norms = group_l1(t.group)
-        if norms is None:  # nothing scorable: keep the ranking by index
-            return torch.zeros(t.size, dtype=torch.float64)
-        norms = norms.double()
-        return norms.view(t.ch_groups, t.size).mean(0) if t.ch_groups > 1 else norms
+    def _norms(self, names: List[str]) -> Dict[str, torch.Tensor]:
+        """L1 norms of the named groups' channels (:func:`group_l1`; zeros, i.e. the ranking by
+        index, for a group with nothing scorable); the schedule averages the channel copies."""
+        out = {}
+        for name in names:
+            norms = group_l1(self._by_name[name].group)
+            out[name] = torch.zeros(self._by_name[name].size, dtype=torch.float64) if norms is None else norms.double()
+        return out
 
     def _tracked_for(self, group) -> Optional[_Tracked]:
         t = self._by_root.get(group[0].dep.target.module)
@@ -447,13 +458,23 @@ class SPPPruner(tp.pruner.BasePruner):
     @property
     def finished(self) -> bool:
         """``True`` when every tracked group has its target count of channels at ``p = 1``."""
-        return all(t.state.finished for t in self._tracked)
+        return self.schedule.finished
+
+    @property
+    def steps(self) -> int:
+        """:meth:`update` calls so far."""
+        return self.schedule.steps
+
+    @property
+    def generator(self) -> torch.Generator:
+        """The schedule's generator of every keep-mask."""
+        return self.schedule.generator
 
     def update(self) -> None:
         """Advance one training iteration; call it after every ``optimizer.step()``.
 
-        Every ``interval`` calls the probabilities of unfinished groups are updated from the
-        current L1 norms; channels reaching ``p = 1`` are zeroed for good (and stay zero: the
+        The schedule updates the probabilities of unfinished groups from the current L1 norms
+        every ``interval`` calls; channels reaching ``p = 1`` are zeroed for good (and stay zero: the
         optimizer's momentum or weight decay cannot revive them). Then the next iteration's
         keep-masks are drawn.
 
@@ -464,31 +485,20 @@ class SPPPruner(tp.pruner.BasePruner):
         if self.pruned:
             raise RuntimeError("SPPPruner.update() was called after step(): the channels are already "
                                "removed; build a new SPPPruner to prune again")
-        self.steps += 1
-        if self.steps % self.interval == 0:
-            with torch.no_grad():
-                # every norm first: NaN weights raise (naming the layer) before any state changes
-                norms = [None if t.state.closed else self._norms(t) for t in self._tracked]
-                for t, norm in zip(self._tracked, norms):
-                    if t.state.closed:
-                        continue
-                    result = t.state.update(norm)
-                    if result.finished and self.rescale_survivors:
-                        self._scale(t, result.survivor_keep, set(t.scaled))
-        for t in self._tracked:
-            t.state.sample_keep_mask(self.generator)
+        result = self.schedule.step(self._norms)  # every norm first: NaN weights raise before any change
+        if self.params.rescale_survivors:
+            for name, keep in result.finished.items():
+                self._scale(self._by_name[name], keep, set(self._by_name[name].scaled))
         self._zero_removed()
         self._refresh_masks()
 
     def probabilities(self) -> Dict[str, torch.Tensor]:
         """``{root layer name: pruning probability per channel group}`` (float64 copies)."""
-        return {t.name: t.state.probabilities.clone() for t in self._tracked}
+        return self.schedule.probabilities()
 
     def summary(self) -> Dict[str, dict]:
         """Per tracked group: ``channels``, ``target``, ``removed``, ``finished_at`` (update number)."""
-        return {t.name: {"channels": t.size * t.ch_groups, "target": t.state.target * t.ch_groups,
-                         "removed": t.state.n_removed * t.ch_groups, "finished_at": t.state.finished_at}
-                for t in self._tracked}
+        return self.schedule.summary("channels")
 
     # ------------------------------------------------------------------ pruning
     def step(self, interactive: bool = False):
@@ -503,17 +513,14 @@ class SPPPruner(tp.pruner.BasePruner):
             warnings.warn("SPPPruner.step() was already called; nothing left to prune", stacklevel=2)
             return iter(()) if interactive else None
         if not self.finished:
-            done = sum(t.state.finished for t in self._tracked)
-            warnings.warn(f"SPPPruner.step() before every group reached its target ({done} of "
-                          f"{len(self._tracked)} groups done); pruning only the channels already at "
+            warnings.warn(f"SPPPruner.step() before every group reached its target ({self.schedule.n_finished} "
+                          f"of {len(self.schedule.names)} groups done); pruning only the channels already at "
                           "p = 1 (keep calling update() after optimizer.step() until pruner.finished)",
                           stacklevel=2)
         return super().step(interactive=interactive)
 
     def _close(self) -> None:
-        for t in self._tracked:
-            if not t.state.closed:
-                t.state.finish()  # an early stop keeps the survivors as they are
+        self.schedule.stop()  # an early stop keeps the survivors as they are
         self._zero_removed()
         for handle in self._handles:
             handle.remove()
@@ -525,12 +532,7 @@ class SPPPruner(tp.pruner.BasePruner):
     def _prune(self):
         if self.pruned:
             return
-        plan = []
-        for t in self._tracked:
-            dead = t.state.removed.nonzero().flatten().tolist()
-            if dead:
-                idxs = sorted(e + g * t.size for g in range(t.ch_groups) for e in dead)
-                plan.append((t, idxs))
+        plan = [(self._by_name[name], idxs.tolist()) for name, idxs in self.schedule.removal_plan().items()]
         self._close()
         for t, idxs in plan:
             pruning_group = self.DG.get_pruning_group(t.root, t.handler, idxs)
@@ -543,9 +545,7 @@ class SPPPruner(tp.pruner.BasePruner):
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> Dict[str, Any]:
         """Probabilities, removed flags, current masks, counters and the generator state."""
-        return {"steps": self.steps, "pruned": self.pruned, "generator": self.generator.get_state(),
-                "config": {"interval": self.interval, "A": self.A, "u": self.u, "seed": self.seed},
-                "groups": {t.name: t.state.state_dict() for t in self._tracked}}
+        return {**self.schedule.state_dict(), "pruned": self.pruned}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Resume from :meth:`state_dict`: the next masks and updates are the ones the saved
@@ -555,8 +555,6 @@ class SPPPruner(tp.pruner.BasePruner):
         if state.get("pruned"):
             raise ValueError("this SPPPruner state was saved after step(): its channels are removed; "
                              "load the pruned model instead")
-        spp.load_states({t.name: t.state for t in self._tracked}, state["groups"])
-        self.steps = int(state["steps"])
-        self.generator.set_state(state["generator"])
+        self.schedule.load_state_dict(state, owner="SPPPruner")
         self._zero_removed()
         self._refresh_masks()
