@@ -379,14 +379,16 @@ def test_pruner_state_dict_restores_the_masks():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"blocks": 0}, r"conv1: blocks must be an integer >= 1, got 0"),
+    ({"blocks": 0}, r"blocks must be an integer >= 1, got 0"),
     ({"blocks": {"fc1": 0.5}}, r"fc1: blocks must be an integer >= 1, got 0.5"),
     ({"blocks": {"conv2": 9}}, r"conv2: blocks=9 exceeds min\(out, in\) = min\(8, 12\) = 8"),
     ({"blocks": 4}, r"conv1: blocks=4 exceeds min\(out, in\) = min\(12, 3\) = 3"),
     ({"blocks": {"nope": 2}}, r"blocks names 'nope', which is not a layer of the model"),
     ({"compression": 0.5}, r"compression must be a number >= 1, got 0.5"),
-    ({"compression": 4.0, "blocks": 2}, r"give exactly one of compression="),
-    ({}, r"give exactly one of compression="),
+    ({"compression": 4.0, "blocks": 2}, r"give compression or blocks, not both; got compression=4.0, blocks=2"),
+    ({"compression": 4.0, "blocks": {"fc1": 2}}, r"give compression or blocks, not both"),
+    ({"blocks": 2, "ignored_layers": ["nope"]}, r"ignored_layers names 'nope', which is not a layer of the model"),
+    ({"blocks": 2, "seed": 1.5, "fold": 1}, r"seed must be an integer, got 1.5; fold must be true or false, got 1"),
     ({"blocks": 2, "permutation": "sorted"}, r"permutation must be one of random, magnitude; got 'sorted'"),
     ({"blocks": 2, "round_to": 0}, r"round_to must be None or an integer >= 1, got 0"),
 ])
@@ -394,6 +396,13 @@ def test_bad_arguments_name_the_layer_and_value(kwargs, match):
     model = SmallNet()
     with pytest.raises(MPDError, match=match):
         MPDPruner(model, torch.randn(2, 3, 8, 8), **kwargs)
+
+
+def test_without_a_size_the_pruner_takes_mpdparams_default_compression():
+    model = build_model("lenet300", in_channels=1, image_size=32)
+    pruner = MPDPruner(model, torch.randn(1, 1, 32, 32))
+    assert pruner.compression == mpd.MPDParams().compression == 10.0
+    assert {n: p.blocks for n, p in pruner.plans.items()} == {"fc1": 10, "fc2": 10}
 
 
 def test_grouped_convolutions_are_refused_by_name_and_skipped_model_wide():

@@ -11,7 +11,7 @@ from nni.compression.pruning import LinearPruner
 from nni.compression.quantization import QATQuantizer
 from nni.compression.utils import TorchEvaluator
 
-from pfgdf_plugin.methods.mpd import MPDError
+from pfgdf_plugin.methods.mpd import MPDError, MPDParams
 from pfgdf_plugin.models import build_model
 from pfgdf_plugin.modules import BlockDiagonalLinear, PermutedGroupConv2d
 from pfgdf_plugin.nni.mpd import MPDPruner, blocks_for_ratio, convert
@@ -207,18 +207,28 @@ def test_convert_matches_the_masked_conv_net(fold):
     assert ("features.3 -> features.7" in report["folded"]) is fold
 
 
+def test_without_a_size_the_layers_without_a_ratio_take_mpdparams_default_compression():
+    model = _lenet()
+    pruner = MPDPruner(model, [{"op_names": ["fc1"]}, {"op_names": ["fc2"], "sparse_ratio": 0.75}])
+    assert {n: p.blocks for n, p in pruner.plans.items()} == {"fc1": 10, "fc2": 4}
+    assert pruner.plans["fc1"].blocks == MPDParams().compression
+    pruner.unwrap_model()
+
+
 def test_bad_input_names_the_layer_and_leaves_the_model_alone():
     model = _lenet()
     with pytest.raises(MPDError, match=r"fc1: no block count; give the config entry a 'sparse_ratio'"):
-        MPDPruner(model, [{"op_names": ["fc1"]}])
+        MPDPruner(model, [{"op_names": ["fc1", "fc2"]}], blocks={"fc2": 4})
     with pytest.raises(MPDError, match=r"fc3: blocks=20 exceeds min\(out, in\) = min\(10, 100\) = 10"):
         MPDPruner(model, [{"op_names": ["fc3"]}], blocks=20)
     with pytest.raises(ValueError, match=r"config_list\[0\] has 'blocks': NNI's config schema rejects unknown keys"):
         MPDPruner(model, [{"op_names": ["fc1"], "blocks": 4}])
-    with pytest.raises(MPDError, match=r"blocks must be an integer >= 1 or a dict"):
+    with pytest.raises(MPDError, match=r"blocks must be an integer >= 1, got 0"):
         MPDPruner(model, [{"op_names": ["fc1"]}], blocks=0)
-    with pytest.raises(MPDError, match=r"give at most one of blocks= and compression="):
+    with pytest.raises(MPDError, match=r"give compression or blocks, not both; got compression=4.0, blocks=2"):
         MPDPruner(model, [{"op_names": ["fc1"]}], blocks=2, compression=4.0)
+    with pytest.raises(MPDError, match=r"blocks names 'fc3', which is not a layer of the model among fc1"):
+        MPDPruner(model, [{"op_names": ["fc1"]}], blocks={"fc3": 2})
     assert not any(hasattr(m, "_nni_wrapper") for m in model.modules())
     net = nn.Sequential(nn.Conv2d(4, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=8))
     with pytest.raises(MPDError, match=r"2: Conv2d with groups=8 \(depthwise or grouped\)"):

@@ -26,6 +26,7 @@ from nni.compression.base.target_space import PruningTargetSpace
 from nni.compression.base.wrapper import ModuleWrapper
 from nni.compression.utils.evaluator import Evaluator
 
+from ..graph import find_fold_links
 from ..methods import mpd
 from ..methods.mpd import BlockPlan, MPDError
 from ._common import copy_config, settings, weight_targets
@@ -63,10 +64,14 @@ class MPDPruner(Pruner):
 
     Every configured ``Linear``/``Conv2d`` weight gets a :class:`~pfgdf_plugin.methods.mpd.BlockPlan`
     and the weight-shaped (fine-grained) mask ``M = P . blockdiag(ones) . Q``. A layer's block
-    count ``c`` is, in this order: ``blocks`` (an int for every configured layer, or
-    ``{module name: c}``), or chosen by ``compression`` over the configured layers
+    count ``c`` is, in this order (:func:`~pfgdf_plugin.methods.mpd.choose_layers`, the layer
+    choice the Torch-Pruning adapter uses too): ``blocks`` (an int for every configured layer,
+    or ``{module name: c}``), or chosen by ``compression`` over the configured layers
     (:func:`~pfgdf_plugin.methods.mpd.choose_blocks`), or the entry's ``sparse_ratio`` as
-    ``c = round(1 / (1 - sparse_ratio))`` (0.9 -> 10 blocks, density 1/c).
+    ``c = round(1 / (1 - sparse_ratio))`` (0.9 -> 10 blocks, density 1/c). With neither
+    ``blocks`` nor ``compression``, the layers whose entry has no ``sparse_ratio`` share
+    :class:`~pfgdf_plugin.methods.mpd.MPDParams`'s default ``compression`` (10.0); with a
+    ``blocks`` mapping, a configured layer it does not name needs a ``sparse_ratio``.
 
     ``compress()`` without a training budget writes the masks (one shot). With an evaluator and
     ``compress(max_steps, max_epochs)`` it trains through the evaluator with the masks on, and
@@ -96,8 +101,9 @@ class MPDPruner(Pruner):
         round_to: block sizes in units of this many channels.
 
     Raises:
-        MPDError: bad knobs, a layer without a block count, ``c`` above a layer's
-            ``min(out, in)``, a grouped/depthwise convolution, a refused config key.
+        MPDError: bad knobs (every problem at once, as :class:`~pfgdf_plugin.methods.mpd.MPDParams`
+            lists them), a layer without a block count, ``c`` above a layer's ``min(out, in)``,
+            a grouped/depthwise convolution, a refused config key.
 
     Example:
         >>> from pfgdf_plugin.models import build_model
@@ -117,19 +123,12 @@ class MPDPruner(Pruner):
                  blocks: Union[int, Mapping[str, int], None] = None, compression: Optional[float] = None,
                  permutation: str = "random", seed: int = 0, round_to: Optional[int] = None) -> None:
         # validate before NNI wraps the model, so a bad argument leaves the model untouched
-        if blocks is not None and compression is not None:
-            raise MPDError(f"give at most one of blocks= and compression=, got blocks={blocks!r}, "
-                           f"compression={compression!r}")
-        if compression is not None:
-            compression = mpd.check_compression(compression)
-        if blocks is not None and not isinstance(blocks, Mapping) and (not mpd._is_int(blocks) or blocks < 1):
-            raise MPDError(f"blocks must be an integer >= 1 or a dict {{module name: int}}, got {blocks!r}")
-        mpd.check_permutation(permutation)
+        params, layer_blocks = mpd.pruner_params(compression, blocks, permutation=permutation, seed=seed,
+                                                 round_to=round_to)
         self.round_to = mpd.check_round_to(round_to)
-        if not mpd._is_int(seed):
-            raise MPDError(f"seed must be an integer, got {seed!r}")
         config_list = _checked_config(config_list)
-        self.blocks, self.compression, self.permutation, self.seed = blocks, compression, permutation, int(seed)
+        self.blocks = params.blocks if layer_blocks is None else layer_blocks
+        self.compression, self.permutation, self.seed = compression, permutation, int(seed)
         self.plans: Dict[str, BlockPlan] = {}
         self._goals: Dict[str, Optional[float]] = {}
         self._priority: Dict[str, torch.Tensor] = {}
@@ -169,41 +168,27 @@ class MPDPruner(Pruner):
             yield module_name, target_space
 
     def _build_plans(self) -> None:
-        targets = list(self._weight_targets())
-        modules = {name: self._module_wrappers[name].module for name, _ in targets}
-        shapes = {}
-        for name, module in modules.items():
-            o, i, k = mpd.check_layer(name, module)
-            shapes[name] = (o, i, max(1, math.prod(k)))
-        if isinstance(self.blocks, Mapping):
-            unknown = sorted(set(self.blocks) - set(shapes))
-            if unknown:
-                raise MPDError(f"blocks names {', '.join(unknown)}, not among the configured layers "
-                               f"({', '.join(shapes)})")
-        chosen: Dict[str, int] = {}
-        if self.compression is not None:
-            chosen = mpd.choose_blocks(shapes, self.compression, self.round_to)
-        for name, ts in targets:
-            o, i, _ = shapes[name]
-            self._goals[name] = None if ts.sparse_ratio is None else float(ts.sparse_ratio)
-            if isinstance(self.blocks, Mapping):
-                c = self.blocks.get(name)
-                if c is None:
-                    c = blocks_for_ratio(ts.sparse_ratio) if ts.sparse_ratio is not None else None
-            elif self.blocks is not None:
-                c = self.blocks
-            elif self.compression is not None:
-                c = chosen[name]
-            else:
-                c = blocks_for_ratio(ts.sparse_ratio) if ts.sparse_ratio is not None else None
-            if c is None:
-                raise MPDError(f"{name}: no block count; give the config entry a 'sparse_ratio' or the pruner "
-                               f"blocks=/compression= ({_USAGE})")
-            c = mpd.check_blocks(name, c, o, i, self.round_to)
-            plan = mpd.make_plan(name, ts.target.detach(), c, self.permutation, self.seed, self.round_to)
+        """A plan per configured layer, in the model's order, with its block count from
+        :func:`~pfgdf_plugin.methods.mpd.choose_layers` (the entries' ``sparse_ratio`` as the
+        fallback); each layer is planned before the next one's count is checked."""
+        targets = dict(self._weight_targets())
+        modules = {name: self._module_wrappers[name].module for name in targets}
+        self._goals = {name: None if ts.sparse_ratio is None else float(ts.sparse_ratio)
+                       for name, ts in targets.items()}
+        ratios_used = self.compression is None and (self.blocks is None or isinstance(self.blocks, Mapping))
+        fallback = {name: blocks_for_ratio(goal) for name, goal in self._goals.items()
+                    if goal is not None and ratios_used}
+        counts = mpd.iter_layers(modules, self.compression, self.blocks, round_to=self.round_to, model_wide=False,
+                                 fallback=fallback)
+        for name, c in counts:
+            plan = mpd.make_plan(name, targets[name].target.detach(), c, self.permutation, self.seed, self.round_to)
             self.plans[name] = plan
             gen = mpd.layer_generator(name, self.seed + 1)
             self._priority[name] = torch.rand(plan.weight_shape, generator=gen, dtype=torch.float64)
+        missing = [name for name in targets if name not in self.plans]
+        if missing:
+            raise MPDError(f"{missing[0]}: no block count; give the config entry a 'sparse_ratio' or the pruner "
+                           f"blocks= for it ({_USAGE})")
 
     # ------------------------------------------------------------------ NNI hooks
     def _collect_data(self) -> _DATA:
@@ -294,11 +279,9 @@ class MPDPruner(Pruner):
 
     # ------------------------------------------------------------------ queries
     def summary(self) -> Dict[str, Any]:
-        """Per masked layer ``blocks``, ``dense``, ``kept``, ``compression``, and the total ``compression``."""
-        layers = {name: plan.summary() for name, plan in self.plans.items()}
-        dense = sum(v["dense"] for v in layers.values())
-        kept = sum(v["kept"] for v in layers.values())
-        return {"layers": layers, "dense": dense, "kept": kept, "compression": dense / kept if kept else 1.0}
+        """Per masked layer ``blocks``, ``dense``, ``kept``, ``compression``, and the total ``compression``
+        (:func:`~pfgdf_plugin.methods.mpd.plan_summary`)."""
+        return mpd.plan_summary(self.plans)
 
 
 def convert(model: nn.Module, masks_or_pruner: Union[Pruner, Mapping[str, Mapping[str, torch.Tensor]]],
@@ -317,7 +300,7 @@ def convert(model: nn.Module, masks_or_pruner: Union[Pruner, Mapping[str, Mappin
             ``get_masks()`` to use.
         example_inputs: an input batch, needed when ``fold`` (for Torch-Pruning's dependency
             graph).
-        fold: fold adjacent permutations (see :func:`pfgdf_plugin.torch_pruning.mpd.find_fold_links`).
+        fold: fold adjacent permutations (see :func:`pfgdf_plugin.graph.find_fold_links`).
 
     Returns:
         The conversion report (:func:`~pfgdf_plugin.methods.mpd.summarize` plus ``folded``).
@@ -350,8 +333,6 @@ def convert(model: nn.Module, masks_or_pruner: Union[Pruner, Mapping[str, Mappin
         if example_inputs is None:
             raise ValueError("convert(..., fold=True) needs example_inputs to build the dependency graph; pass an "
                              "input batch or fold=False")
-        from ..torch_pruning.mpd import find_fold_links
-
         links = find_fold_links(model, example_inputs, names=list(plans))
     with torch.no_grad():
         for module, bias_mask in bias_masks:

@@ -1,136 +1,31 @@
-"""MPDCompress with Torch-Pruning: :class:`MPDPruner` and :func:`find_fold_links`.
+"""MPDCompress with Torch-Pruning: :class:`MPDPruner`.
 
-The plans, masks and conversion live in :mod:`pfgdf_plugin.methods.mpd`. This module holds
-the masks on a model while it trains (zeroed weights, masked gradients, re-applied after every
-optimizer step), and uses Torch-Pruning's dependency graph for what the graph knows: which
-layer feeds which, and so which permutations may be folded into a neighbour and which layers
-produce the model's output.
+The layer choice, plans, masks and conversion live in :mod:`pfgdf_plugin.methods.mpd`. This
+module holds the masks on a model while it trains (zeroed weights, masked gradients, re-applied
+after every optimizer step), and uses Torch-Pruning's dependency graph
+(:mod:`pfgdf_plugin.graph`, shared with the NNI adapter and re-exported here) for what the
+graph knows: which permutations may be folded into a neighbour
+(:func:`~pfgdf_plugin.graph.find_fold_links`) and which layers produce the model's output.
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
-import torch_pruning as tp
 
+from ..graph import CHANNELWISE_OPS, build_graph, find_fold_links, output_layers
 from ..methods import mpd
 from ..methods.mpd import BlockPlan, FoldLink, MPDError
-
-# Operations a permutation of the channels passes through unchanged (by grad_fn name, without
-# the trailing version digit): activations and pooling. Anything else stops a fold.
-CHANNELWISE_OPS = frozenset({
-    "ReluBackward", "LeakyReluBackward", "GeluBackward", "SiluBackward", "SigmoidBackward", "TanhBackward",
-    "HardswishBackward", "HardsigmoidBackward", "HardtanhBackward", "EluBackward", "MishBackward",
-    "SoftplusBackward", "ClampBackward", "ClampMinBackward", "ThresholdBackward", "CeluBackward", "SeluBackward",
-    "MaxPool2DWithIndicesBackward", "AvgPool2DBackward", "AdaptiveAvgPool2DBackward",
-    "AdaptiveMaxPool2DBackward", "CloneBackward",
-})
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
-_LAYERS = (nn.Linear, nn.Conv2d)
-
-
-def _grad_fn_kind(module: nn.Module) -> Optional[str]:
-    if not isinstance(module, tp.ops._ElementWiseOp):
-        return None
-    return str(module._grad_fn).rstrip("0123456789")
-
-
-def _data_inputs(node) -> list:
-    """A node's inputs without the weight transposes Torch-Pruning records for ``nn.Linear``."""
-    return [i for i in node.inputs if not (_grad_fn_kind(i.module) in ("TBackward", "PermuteBackward")
-                                           and not i.inputs)]
-
-
-def build_graph(model: nn.Module, example_inputs: Any) -> "tp.DependencyGraph":
-    """Torch-Pruning's dependency graph of ``model``, leaving each module's train/eval mode as it was."""
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)  # Torch-Pruning calls model(*inputs) first: a bare batch would unpack
-    modes = {m: m.training for m in model.modules()}
-    try:
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
-
-
-def find_fold_links(model: nn.Module, example_inputs: Any = None, names: Optional[Iterable[str]] = None,
-                    graph: Optional["tp.DependencyGraph"] = None) -> List[FoldLink]:
-    """Pairs of layers whose permutations can be folded, from the dependency graph.
-
-    Layer ``i`` links to layer ``j`` (both in ``names``, both ``Linear`` or both ``Conv2d``)
-    when ``i``'s output reaches ``j`` through a chain where every node has exactly one
-    consumer and one data input, and every node is a BatchNorm or a channel-wise,
-    parameter-free operation (:data:`CHANNELWISE_OPS`). A residual addition, a concatenation,
-    a reshape or a second consumer stops the chain, so no link crosses them.
-
-    Example:
-        >>> net = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2))
-        >>> find_fold_links(net, torch.randn(1, 8), names=["0", "2"])
-        [FoldLink(producer='0', consumer='2', norms=[])]
-    """
-    if graph is None:
-        if example_inputs is None:
-            raise ValueError("find_fold_links needs example_inputs (or a built dependency graph)")
-        graph = build_graph(model, example_inputs)
-    named = dict(model.named_modules())
-    wanted = set(named) if names is None else set(names)
-    name_of = {m: n for n, m in named.items()}
-    links = []
-    for name in [n for n in named if n in wanted]:
-        module = named[name]
-        if not isinstance(module, _LAYERS) or module not in graph.module2node:
-            continue
-        node, norms = graph.module2node[module], []
-        while True:
-            outs = {id(o): o for o in node.outputs}
-            if len(outs) != 1:
-                break
-            nxt = next(iter(outs.values()))
-            if len(_data_inputs(nxt)) != 1:
-                break
-            target = nxt.module
-            if isinstance(target, _LAYERS) and name_of.get(target) in wanted:
-                if type(target) is type(module) or (isinstance(target, nn.Conv2d) and isinstance(module, nn.Conv2d)):
-                    links.append(FoldLink(name, name_of[target], norms))
-                break
-            if isinstance(target, _NORMS) and target in name_of:
-                norms = norms + [name_of[target]]
-            elif _grad_fn_kind(target) not in CHANNELWISE_OPS:
-                break
-            node = nxt
-    return links
-
-
-def output_layers(model: nn.Module, graph: "tp.DependencyGraph") -> Set[str]:
-    """Names of the ``Linear``/``Conv2d`` layers from which no other such layer is reachable
-    (the classifier, for a plain network)."""
-    name_of = {m: n for n, m in model.named_modules()}
-    out = set()
-    for module, node in graph.module2node.items():
-        if not isinstance(module, _LAYERS) or module not in name_of:
-            continue
-        seen, stack, reaches = set(), list(node.outputs), False
-        while stack and not reaches:
-            cur = stack.pop()
-            if id(cur) in seen:
-                continue
-            seen.add(id(cur))
-            if isinstance(cur.module, _LAYERS):
-                reaches = True
-            stack.extend(cur.outputs)
-        if not reaches:
-            out.add(name_of[module])
-    return out
 
 
 class MPDPruner:
     """MPDCompress on a model: block-diagonal masks while training, then block-diagonal layers.
 
     On construction the pruner picks each targeted layer's blocks (``blocks`` or
-    ``compression``, see :func:`pfgdf_plugin.methods.mpd.choose_blocks`) and permutations
+    ``compression``, see :func:`pfgdf_plugin.methods.mpd.choose_layers`) and permutations
     (:func:`pfgdf_plugin.methods.mpd.make_plan`), zeroes the masked weights in place and hooks
     every masked weight's gradient (``grad * mask``). With SGD (momentum, weight decay) and
     Adam/AdamW a masked weight then stays exactly zero; :meth:`update` (call it after
@@ -143,7 +38,9 @@ class MPDPruner:
     Args:
         model: the network (modified in place).
         example_inputs: an input batch, for the dependency graph.
-        compression: target ratio of dense to kept weights over the targeted layers (>= 1).
+        compression: target ratio of dense to kept weights over the targeted layers (>= 1);
+            with neither ``compression`` nor ``blocks``, 10.0
+            (:class:`~pfgdf_plugin.methods.mpd.MPDParams`'s default).
         blocks: ``c`` for every targeted layer (int), or ``{layer name: c}`` (only those layers;
             a classifier may be named).
         permutation: ``"random"`` (the paper) or ``"magnitude"`` (blocks that keep the most
@@ -158,9 +55,12 @@ class MPDPruner:
             dense too, with a warning.
 
     Raises:
-        MPDError: no or both targets, ``blocks < 1``, ``blocks`` above a layer's
-            ``min(out, in)``, a grouped/depthwise convolution named in ``blocks``, an unknown
-            layer name, a bad ``permutation``/``compression``/``round_to``.
+        MPDError: both targets, ``blocks < 1``, ``blocks`` above a layer's ``min(out, in)``, a
+            grouped/depthwise convolution named in ``blocks``, an unknown layer name (in
+            ``blocks`` or ``ignored_layers``), no layer to mask, a bad
+            ``permutation``/``compression``/``round_to``/``seed``/``fold``/``dense_output``
+            (every problem of the arguments at once, as :class:`~pfgdf_plugin.methods.mpd.MPDParams`
+            lists them).
 
     Attributes:
         plans: ``{layer name: BlockPlan}`` of the masked layers.
@@ -183,28 +83,18 @@ class MPDPruner:
                  blocks: Union[int, Mapping[str, int], None] = None, permutation: str = "random",
                  ignored_layers: Optional[Sequence[Union[nn.Module, str]]] = None, seed: int = 0,
                  round_to: Optional[int] = None, fold: bool = True, dense_output: bool = True) -> None:
-        if (compression is None) == (blocks is None):
-            raise MPDError("give exactly one of compression= (e.g. 10.0) or blocks= (an int, or {layer name: int}); "
-                           f"got compression={compression!r}, blocks={blocks!r}")
-        if compression is not None:
-            compression = mpd.check_compression(compression)
-        mpd.check_permutation(permutation)
-        self.round_to = mpd.check_round_to(round_to)
-        if not mpd._is_int(seed):
-            raise MPDError(f"seed must be an integer, got {seed!r}")
-        self.model, self.seed, self.permutation, self.fold = model, int(seed), permutation, bool(fold)
-        self.compression = compression
+        self.params, layer_blocks = mpd.pruner_params(compression, blocks, permutation=permutation, seed=seed,
+                                                      round_to=round_to, fold=fold, dense_output=dense_output)
+        self.model, self.seed, self.permutation = model, int(seed), permutation
+        self.round_to, self.fold, self.compression = mpd.check_round_to(round_to), fold, self.params.compression
         named = dict(model.named_modules())
-        ignored = set()
+        ignored: List[str] = []
         for item in ignored_layers or ():
-            if isinstance(item, str):
-                if item not in named:
-                    raise MPDError(f"ignored_layers names {item!r}, which is not a layer of the model")
-                ignored.add(item)
-            else:
-                ignored.update(n for n, m in named.items() if m is item)
+            ignored += [item] if isinstance(item, str) else [n for n, m in named.items() if m is item]
         self.graph = build_graph(model, example_inputs)
-        chosen = self._choose(named, ignored, compression, blocks, dense_output)
+        chosen = mpd.choose_layers(named, self.params.compression, self.params.blocks if layer_blocks is None
+                                   else layer_blocks, ignored=ignored, output_layers=output_layers(model, self.graph),
+                                   dense_output=dense_output, round_to=self.round_to)
         self.plans: Dict[str, BlockPlan] = {}
         self.dense_layers: List[str] = [n for n, c in chosen.items() if c == 1]
         for name, c in chosen.items():
@@ -219,39 +109,6 @@ class MPDPruner:
         self._install()
 
     # ------------------------------------------------------------------ set-up
-    def _choose(self, named, ignored, compression, blocks, dense_output) -> Dict[str, int]:
-        if isinstance(blocks, Mapping):
-            out = {}
-            for name, c in blocks.items():
-                if name not in named:
-                    layers = [n for n, m in named.items() if isinstance(m, _LAYERS)]
-                    raise MPDError(f"blocks names {name!r}, which is not a layer of the model; layers: "
-                                   f"{', '.join(layers)}")
-                o, i, _ = mpd.check_layer(name, named[name])
-                out[name] = mpd.check_blocks(name, c, o, i, self.round_to)
-            return out
-        outputs = output_layers(self.model, self.graph) if dense_output else set()
-        shapes, skipped = {}, []
-        for name, m in named.items():
-            if not isinstance(m, _LAYERS) or name in ignored or name in outputs:
-                continue
-            if isinstance(m, nn.Conv2d) and m.groups != 1:
-                skipped.append(f"{name} (groups={m.groups})")
-                continue
-            if isinstance(m, nn.modules.linear.NonDynamicallyQuantizableLinear):
-                skipped.append(f"{name} (the output projection of an nn.MultiheadAttention)")
-                continue
-            o, i, k = mpd.check_layer(name, m)
-            shapes[name] = (o, i, max(1, int(torch.Size(k).numel())))
-        if skipped:
-            warnings.warn(f"MPDPruner leaves these layers dense: {', '.join(skipped)}",
-                          stacklevel=3)
-        if not shapes:
-            raise MPDError("no layer to mask: every Linear/Conv2d is ignored, grouped, or produces the output")
-        if compression is not None:
-            return mpd.choose_blocks(shapes, compression, self.round_to)
-        return {name: mpd.check_blocks(name, blocks, o, i, self.round_to) for name, (o, i, _) in shapes.items()}
-
     def _install(self) -> None:
         for name, plan in self.plans.items():
             weight = self.model.get_submodule(name).weight
@@ -300,14 +157,9 @@ class MPDPruner:
     def summary(self) -> Dict[str, Any]:
         """The plan: per masked layer ``blocks``, ``dense``, ``kept``, ``compression``; totals over
         the masked layers (``compression``) and over every Linear/Conv2d of the model
-        (``model_compression``, dense layers counted as kept)."""
-        layers = {name: plan.summary() for name, plan in self.plans.items()}
-        dense = sum(v["dense"] for v in layers.values())
-        kept = sum(v["kept"] for v in layers.values())
-        other = sum(m.weight.numel() for n, m in self.model.named_modules()
-                    if isinstance(m, _LAYERS) and n not in self.plans)
-        return {"layers": layers, "dense": dense, "kept": kept, "compression": dense / kept if kept else 1.0,
-                "model_compression": (dense + other) / (kept + other) if kept + other else 1.0}
+        (``model_compression``, dense layers counted as kept); see
+        :func:`~pfgdf_plugin.methods.mpd.plan_summary`."""
+        return mpd.plan_summary(self.plans, self.model)
 
     # ------------------------------------------------------------------ conversion
     def step(self) -> Dict[str, Any]:
