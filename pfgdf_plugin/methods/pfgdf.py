@@ -16,11 +16,18 @@ project's reading of it (see docs/pfgdf.md):
   band, ``2 * (1 - Phi(k))``, 31.7% for k = 1).
 
 The per-layer pruning ratio is the share of insignificant filters, capped so that at least
-``min_channels`` filters (and at most ``max_ratio`` of them) remain.
+``min_channels`` filters remain and at most ``max_ratio`` of them go.
+
+Where things are: :func:`layer_statistics` measures one layer (scores, ``mu``, ``sigma``, the
+per-filter statistic); :func:`decide_group` is the whole decision for one group of channels
+given its scores (threshold, zero-variance guard, ``min_channels`` per channel group, caps,
+expansion over channel groups). :func:`decide` is the two together for one weight tensor, and
+both framework adapters call the same two functions.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, List, Optional, Sequence
@@ -28,6 +35,7 @@ from typing import Any, Callable, ClassVar, List, Optional, Sequence
 import torch
 
 from ..errors import PFGDFError
+from .channels import expand, group_mean
 from .params import Params, is_int, is_number, one_of
 
 STATISTICS = ("mean", "abs_mean", "l2")
@@ -44,11 +52,17 @@ def param_problems(k: Any = 1.0, statistic: Any = "mean", mode: Any = "band", mi
     found += one_of("statistic", statistic, STATISTICS) + one_of("mode", mode, MODES)
     if not is_int(min_channels) or min_channels < 1:
         found.append(f"min_channels must be an integer >= 1, got {min_channels!r}")
-    if not is_number(max_ratio) or not 0.0 <= max_ratio <= 1.0:
-        found.append(f"max_ratio must be in [0, 1], got {max_ratio!r}")
+    found += ratio_problems(max_ratio)
     if tail_threshold is not None and (not is_number(tail_threshold) or not 0.0 <= tail_threshold <= 1.0):
         found.append(f"tail_threshold must be in [0, 1], got {tail_threshold!r}")
     return found
+
+
+def ratio_problems(max_ratio: Any, name: str = "max_ratio") -> List[str]:
+    """``[]`` when ``max_ratio`` (the largest share of a layer's filters removed) is in ``[0, 1]``."""
+    if is_number(max_ratio) and 0.0 <= max_ratio <= 1.0:
+        return []
+    return [f"{name} must be in [0, 1], got {max_ratio!r}"]
 
 
 def check_params(k: float, statistic: str = "mean", mode: str = "band", min_channels: int = 1,
@@ -91,6 +105,33 @@ class PFGDFParams(Params):
     def problems(self) -> List[str]:
         return (param_problems(self.k, self.statistic, self.mode, self.min_channels, 1.0, self.tail_threshold)
                 + one_of("group_reduction", self.group_reduction, REDUCTIONS))
+
+
+def make_params(max_ratio: Any = 1.0, ratio_name: str = "max_ratio", **knobs: Any) -> PFGDFParams:
+    """A :class:`PFGDFParams` from a pruner's keyword arguments; one ``PFGDFError`` lists every problem.
+
+    ``max_ratio`` (a pruner's cap on the share of a layer removed, named ``ratio_name`` in the
+    message) is checked in the same error. An int ``k`` or ``tail_threshold`` becomes a float.
+
+    Example:
+        >>> make_params(k=2).k
+        2.0
+        >>> make_params(1.5, k=0, mode="bands")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        pfgdf_plugin.errors.PFGDFError: k must be > 0, got 0; mode must be ...; max_ratio must be in [0, 1], got 1.5
+    """
+    found = ratio_problems(max_ratio, ratio_name)
+    try:
+        params = PFGDFParams(**knobs)
+    except PFGDFError as err:
+        found = list(getattr(err, "problems", [str(err)])) + found
+    if found:
+        err = PFGDFError("; ".join(found))
+        err.problems = found
+        raise err
+    tail = None if params.tail_threshold is None else float(params.tail_threshold)
+    return dataclasses.replace(params, k=float(params.k), tail_threshold=tail)
 
 
 def _check_finite(weight: torch.Tensor, layer: str) -> None:
@@ -233,10 +274,139 @@ def select(scores: torch.Tensor, insignificant: torch.Tensor, min_channels: int 
     return order[:count]
 
 
-def decide(weight: torch.Tensor, k: float = 1.0, statistic: str = "mean", mode: str = "band",
-           min_channels: int = 1, max_ratio: float = 1.0, tail_threshold: Optional[float] = None,
-           layer: str = "?", round_to: Optional[int] = None) -> LayerDecision:
-    """Apply PFGDF to one layer's filters.
+@dataclass
+class LayerStats:
+    """What PFGDF measures on one layer (the numbers a pruner reports for it).
+
+    Attributes:
+        scores: importance per filter, float64 (higher = keep): ``|s_i - mu| / sigma`` for
+            ``band``, the share of the filter's weights outside ``mu +- k*sigma`` for ``tail``;
+            all zeros when ``sigma == 0``.
+        mu, sigma: the fitted Gaussian: of the per-filter statistic (``band``) or of all the
+            layer's weights (``tail``).
+        statistic: per filter, ``s_i`` (``band``) or the tail share (``tail``), float64.
+    """
+
+    scores: torch.Tensor
+    mu: float
+    sigma: float
+    statistic: torch.Tensor
+
+
+def layer_statistics(weight: torch.Tensor, params: Optional[PFGDFParams] = None, layer: str = "?") -> LayerStats:
+    """Measure one layer's filters (``weight`` is ``[out, ...]``) under ``params``' ``mode``.
+
+    Example:
+        >>> s = layer_statistics(torch.tensor([[-2.], [0.], [2.]]))
+        >>> s.mu, round(s.sigma, 4), [round(v, 4) for v in s.scores.tolist()]
+        (0.0, 1.633, [1.2247, 0.0, 1.2247])
+    """
+    p = params if params is not None else PFGDFParams()
+    if p.mode == "band":
+        stat = filter_statistic(weight, p.statistic, layer)
+        mu, sigma = fit_gaussian(stat)
+        return LayerStats(band_scores(stat, mu, sigma), mu, sigma, stat)
+    share, mu, sigma = tail_share(weight, p.k, layer)
+    return LayerStats(share, mu, sigma, share)
+
+
+def is_degenerate(scores: torch.Tensor) -> bool:
+    """``True`` when the scores tell no filter apart: all 0 (zero variance) or some NaN/Inf."""
+    return float(scores.abs().sum()) == 0.0 or not bool(torch.isfinite(scores).all())
+
+
+@dataclass
+class GroupDecision:
+    """PFGDF's verdict on one group of channels (a layer, or coupled layers scored together).
+
+    Attributes:
+        scores: importance per position (the mean over the channel groups), higher = keep.
+        candidates: bool per position: inside the band, before the caps (all ``False`` when
+            ``degenerate``).
+        prune: channel indices to remove, least important position first, repeated in every
+            channel group (``position + g * positions`` for ``g`` in ``range(channel_groups)``).
+        channel_groups: interleaved copies the channels come in.
+        degenerate: ``True`` when the scores tell no filter apart: nothing is pruned.
+        notes: why fewer channels go than the band holds (zero variance, caps).
+    """
+
+    scores: torch.Tensor
+    candidates: torch.Tensor
+    prune: torch.Tensor
+    channel_groups: int = 1
+    degenerate: bool = False
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def channels(self) -> int:
+        return self.scores.numel() * self.channel_groups
+
+    @property
+    def ratio(self) -> float:
+        return self.prune.numel() / self.channels if self.channels else 0.0
+
+    def keep(self) -> torch.Tensor:
+        """Bool per channel: ``False`` for the pruned ones."""
+        mask = torch.ones(self.channels, dtype=torch.bool, device=self.prune.device)
+        mask[self.prune] = False
+        return mask
+
+
+def decide_group(scores: torch.Tensor, params: Optional[PFGDFParams] = None, channel_groups: int = 1,
+                 max_ratio: float = 1.0, round_to: Optional[int] = None) -> GroupDecision:
+    """PFGDF's decision for one group of channels, given its per-channel importance scores.
+
+    The rule, all of it: average the scores over the ``channel_groups`` copies; a position is a
+    candidate when its score is at most :func:`threshold` (``k`` for ``band``, the tail cut-off
+    for ``tail``); scores that tell nothing apart (:func:`is_degenerate`) prune nothing; every
+    channel group keeps ``ceil(min_channels / channel_groups)`` (at least 1) positions; at most
+    ``max_ratio`` of the positions go and, with ``round_to``, the kept count is rounded up to a
+    multiple; the chosen positions are removed from every channel group.
+
+    Args:
+        scores: ``channel_groups * positions`` scores (any shape; flattened), higher = keep.
+            Not converted: compared with the threshold in their own dtype.
+        params: the PFGDF knobs (``k``, ``mode``, ``tail_threshold``, ``min_channels`` are used).
+        channel_groups: interleaved copies (grouped convolutions, Torch-Pruning's channel
+            groups, NNI metric blocks).
+        max_ratio: largest share of the positions removed, in ``[0, 1]``.
+        round_to: keep a multiple of this many positions.
+
+    Example:
+        >>> d = decide_group(torch.tensor([0.25, 3.0, 0.5, 0.75, 1.0, 0.25]), channel_groups=2)
+        >>> d.scores.tolist(), d.candidates.tolist(), d.prune.tolist()
+        ([0.5, 2.0, 0.375], [True, False, True], [2, 0, 5, 3])
+    """
+    p = params if params is not None else PFGDFParams()
+    found = ratio_problems(max_ratio)
+    if not is_int(channel_groups) or channel_groups < 1:
+        found.append(f"channel_groups must be an integer >= 1, got {channel_groups!r}")
+    if found:
+        raise PFGDFError("; ".join(found))
+    flat = scores.detach().reshape(-1)
+    if flat.numel() % channel_groups:
+        raise PFGDFError(f"{flat.numel()} scores do not split into {channel_groups} equal channel groups")
+    per_position = group_mean(flat, channel_groups)
+    n = per_position.numel()
+    if is_degenerate(per_position):
+        return GroupDecision(per_position, torch.zeros(n, dtype=torch.bool, device=flat.device),
+                             torch.zeros(0, dtype=torch.long, device=flat.device), channel_groups, True,
+                             ["zero variance: every filter looks alike, none is pruned"])
+    candidates = per_position <= threshold(p.k, p.mode, p.tail_threshold)
+    keep_floor = max(1, -(-p.min_channels // channel_groups))  # per channel group, rounded up
+    chosen = select(per_position, candidates, keep_floor, max_ratio, round_to)
+    notes = []
+    if len(chosen) < int(candidates.sum()):
+        unit = "filters" if channel_groups == 1 else f"positions (of {channel_groups} channel groups)"
+        notes.append(f"capped at {len(chosen)} of {int(candidates.sum())} insignificant {unit}")
+    return GroupDecision(per_position, candidates, expand(chosen, channel_groups, n), channel_groups, False, notes)
+
+
+def decide(weight: torch.Tensor, k: float = PFGDFParams.k, statistic: str = PFGDFParams.statistic,
+           mode: str = PFGDFParams.mode, min_channels: int = PFGDFParams.min_channels, max_ratio: float = 1.0,
+           tail_threshold: Optional[float] = PFGDFParams.tail_threshold, layer: str = "?",
+           round_to: Optional[int] = None) -> LayerDecision:
+    """Apply PFGDF to one layer's filters: :func:`layer_statistics`, then :func:`decide_group`.
 
     Args:
         weight: ``[out, ...]`` filters.
@@ -249,53 +419,34 @@ def decide(weight: torch.Tensor, k: float = 1.0, statistic: str = "mean", mode: 
         layer: name for error messages.
         round_to: keep a multiple of this many filters.
 
+    Raises:
+        PFGDFError: bad parameters (every problem listed), no filters, NaN/Inf weights.
+
     Example:
         >>> w = torch.tensor([-3., -1., -0.5, 0., 0.5, 1., 3.]).view(7, 1)
         >>> d = decide(w, k=1.0)
         >>> d.prune.tolist()   # filters within one sigma of the mean, closest first
         [3, 2, 4, 1, 5]
     """
-    check_params(k, statistic, mode, min_channels, max_ratio, tail_threshold)
+    params = make_params(max_ratio, k=k, statistic=statistic, mode=mode, min_channels=min_channels,
+                         tail_threshold=tail_threshold)
     if weight.dim() < 1 or weight.shape[0] == 0:
         raise PFGDFError(f"layer {layer!r}: no filters to score (weight shape {tuple(weight.shape)})")
-    notes: List[str] = []
-    if mode == "band":
-        stat = filter_statistic(weight, statistic, layer)
-        mu, sigma = fit_gaussian(stat)
-        scores = band_scores(stat, mu, sigma)
-        insignificant = scores <= threshold(k, mode)
-    else:
-        stat, mu, sigma = tail_share(weight, k, layer)
-        scores = stat
-        insignificant = scores <= threshold(k, mode, tail_threshold)
-    degenerate = sigma <= 0 or not math.isfinite(sigma)
-    n = scores.numel()
-    if degenerate:
-        notes.append("zero variance: every filter looks alike, none is pruned")
-        insignificant = torch.zeros(n, dtype=torch.bool)
-        prune = torch.zeros(0, dtype=torch.long)
-    else:
-        prune = select(scores, insignificant, min_channels, max_ratio, round_to)
-        if len(prune) < int(insignificant.sum()):
-            notes.append(f"capped at {len(prune)} of {int(insignificant.sum())} insignificant filters")
-    return LayerDecision(scores=scores.float(), insignificant=insignificant, prune=prune, mu=mu,
-                         sigma=sigma, statistic=stat.float(), degenerate=degenerate, notes=notes)
+    stats = layer_statistics(weight, params, layer)
+    group = decide_group(stats.scores, params, max_ratio=max_ratio, round_to=round_to)
+    return LayerDecision(scores=stats.scores.float(), insignificant=group.candidates, prune=group.prune,
+                         mu=stats.mu, sigma=stats.sigma, statistic=stats.statistic.float(),
+                         degenerate=group.degenerate, notes=group.notes)
 
 
-def importance(weight: torch.Tensor, k: float = 1.0, statistic: str = "mean", mode: str = "band",
-               layer: str = "?") -> torch.Tensor:
-    """Per-filter importance (higher = keep), as :func:`decide` ranks them.
+def importance(weight: torch.Tensor, k: float = PFGDFParams.k, statistic: str = PFGDFParams.statistic,
+               mode: str = PFGDFParams.mode, layer: str = "?") -> torch.Tensor:
+    """Per-filter importance (higher = keep), as :func:`decide` ranks them, float32.
 
     ``band``: ``|s_i - mu| / sigma``; ``tail``: share of the filter's weights outside the band.
     A zero-variance layer scores all zeros.
     """
-    if mode == "band":
-        stat = filter_statistic(weight, statistic, layer)
-        mu, sigma = fit_gaussian(stat)
-        return band_scores(stat, mu, sigma).float()
-    if mode == "tail":
-        return tail_share(weight, k, layer)[0].float()
-    raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+    return layer_statistics(weight, make_params(k=k, statistic=statistic, mode=mode), layer).scores.float()
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """PFGDF as an NNI 3.0 pruner: :class:`PFGDFPruner`.
 
-The rule itself lives in :mod:`pfgdf_plugin.methods.pfgdf`; this module only moves NNI's
+The rule itself lives in :mod:`pfgdf_plugin.methods.pfgdf` (``layer_statistics`` scores a
+layer, ``decide_group`` decides a layer or dependency group); this module only moves NNI's
 target spaces (one per configured weight) into those functions and the resulting keep/prune
 decisions back into NNI masks. It follows the structure of NNI's own ``_NormPruner``
 (``nni/compression/pruning/basic_pruner.py``): ``_collect_data`` -> ``_calculate_metrics`` ->
@@ -41,12 +42,18 @@ from nni.compression.pruning.tools.sparse_gen import _expand_masks
 from nni.compression.utils.evaluator import Evaluator
 
 from ..methods import pfgdf
+from ..methods.pfgdf import PFGDFParams
 from ._common import copy_config, follow_aligned
 
 _DATA = Dict[str, Dict[str, torch.Tensor]]
 
 # PFGDF's own knobs: NNI's config schema rejects unknown keys, so they are constructor arguments.
 _KNOBS = ("k", "statistic", "mode", "min_channels", "tail_threshold")
+
+
+def _knob(name: str, doc: str) -> property:
+    """A read-only view of ``self.params.<name>``: the knobs live in one place."""
+    return property(lambda self: getattr(self.params, name), doc=doc)
 
 
 def _float_ratios(config_list: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -76,11 +83,13 @@ class PFGDFPruner(Pruner):
     How many filters go is decided per ``config_list`` entry:
 
     * no ``sparse_ratio`` / ``sparse_threshold`` (e.g. ``{"op_types": ["Conv2d"]}``): the PFGDF
-      band. A layer loses ``pfgdf.select(scores, scores <= pfgdf.threshold(k, mode,
-      tail_threshold), min_channels, max_ratio)``, where ``max_ratio`` is the entry's
-      ``max_sparse_ratio`` (default 1.0). A layer whose filters all score 0 (zero variance)
-      loses none. ``min_sparse_ratio`` is ignored here (the band sets the ratio). Entries
-      sharing a ``dependency_group_id`` are decided together on their mean importance.
+      band. A layer loses what ``pfgdf.decide_group(scores, params, blocks, max_ratio)``
+      chooses: the filters whose score is at most the band's threshold (``k``, or
+      ``tail_threshold`` for ``mode="tail"``), keeping ``min_channels``; ``max_ratio`` is the
+      entry's ``max_sparse_ratio`` (default 1.0) and ``blocks`` its ``internal_metric_block``.
+      A layer whose filters all score 0 (zero variance) loses none. ``min_sparse_ratio`` is
+      ignored here (the band sets the ratio). Entries sharing a ``dependency_group_id`` are
+      decided together on their mean importance.
     * ``sparse_ratio`` / ``sparse_threshold`` (with ``dependency_group_id``, ``global_group_id``,
       ``min/max_sparse_ratio`` as NNI defines them): NNI's ``generate_sparsity`` on the PFGDF
       importance, i.e. a fixed ratio ranked by the Gaussian score.
@@ -126,19 +135,22 @@ class PFGDFPruner(Pruner):
         True
     """
 
+    k = _knob("k", "band half-width in standard deviations")
+    statistic = _knob("statistic", "per-filter statistic (``mode='band'``)")
+    # not ``mode``: NNI's Compressor.mode is the compressor kind ('pruning')
+    pfgdf_mode = _knob("mode", "PFGDF's ``band`` or ``tail``")
+    min_channels = _knob("min_channels", "filters every band-decided layer keeps")
+    tail_threshold = _knob("tail_threshold", "``mode='tail'`` cut-off (``None``: the Gaussian's own)")
+
     def __init__(self, model: torch.nn.Module, config_list: List[Dict], evaluator: Evaluator | None = None,
-                 existed_wrappers: Dict[str, ModuleWrapper] | None = None, *, k: float = 1.0,
-                 statistic: str = "mean", mode: str = "band", min_channels: int = 1,
-                 tail_threshold: Optional[float] = None):
+                 existed_wrappers: Dict[str, ModuleWrapper] | None = None, *, k: float = PFGDFParams.k,
+                 statistic: str = PFGDFParams.statistic, mode: str = PFGDFParams.mode,
+                 min_channels: int = PFGDFParams.min_channels,
+                 tail_threshold: Optional[float] = PFGDFParams.tail_threshold):
         # validate before NNI wraps the model, so a bad argument leaves the model untouched
-        pfgdf.check_params(k, statistic, mode, min_channels, 1.0, tail_threshold)
+        self.params = pfgdf.make_params(k=k, statistic=statistic, mode=mode, min_channels=min_channels,
+                                        tail_threshold=tail_threshold)
         config_list = _float_ratios(config_list)
-        self.k = float(k)
-        self.statistic = statistic
-        # not ``self.mode``: NNI's Compressor.mode is the compressor kind ('pruning')
-        self.pfgdf_mode = mode
-        self.min_channels = int(min_channels)
-        self.tail_threshold = None if tail_threshold is None else float(tail_threshold)
         self.decisions: Dict[str, Dict[str, Any]] = {}
         self._fits: Dict[Tuple[str, str], Tuple[float, float]] = {}
         super().__init__(model, config_list, evaluator, existed_wrappers)
@@ -218,15 +230,9 @@ class PFGDFPruner(Pruner):
             for target_name, weight in module_data.items():
                 ts = self._target_spaces[module_name][target_name]
                 shape = self._metric_shape(module_name, target_name, ts, weight)
-                scores = pfgdf.importance(weight, self.k, self.statistic, self.pfgdf_mode, layer=module_name)
-                metrics[module_name][target_name] = scores.to(weight.device).reshape(shape)
-                if self.pfgdf_mode == "band":
-                    stat = pfgdf.filter_statistic(weight, self.statistic, module_name)
-                    fit = pfgdf.fit_gaussian(stat)
-                else:
-                    stat = scores
-                    fit = pfgdf.fit_gaussian(weight)
-                self._fits[(module_name, target_name)] = (*fit, stat.float().tolist())
+                stats = pfgdf.layer_statistics(weight, self.params, layer=module_name)
+                metrics[module_name][target_name] = stats.scores.float().to(weight.device).reshape(shape)
+                self._fits[(module_name, target_name)] = (stats.mu, stats.sigma, stats.statistic.float().tolist())
         return metrics
 
     def _generate_sparsity(self, metrics: _DATA) -> _DATA:
@@ -273,18 +279,9 @@ class PFGDFPruner(Pruner):
         scores = reduce(torch.add, flats) / len(flats) if len(flats) > 1 else flats[0]
         blocks = reduce(math.lcm, [int(ts.internal_metric_block or 1) for _, _, ts in group], 1)
         max_ratio = min(float(ts.max_sparse_ratio) if ts.max_sparse_ratio else 1.0 for _, _, ts in group)
-        size = scores.numel() // blocks
-        # grouped convolutions: one decision shared by every group of channels (as Torch-Pruning does)
-        dim_scores = scores.reshape(blocks, size).mean(0) if blocks > 1 else scores
-        insignificant = dim_scores <= pfgdf.threshold(self.k, self.pfgdf_mode, self.tail_threshold)
-        if float(dim_scores.abs().sum()) == 0.0:
-            insignificant = torch.zeros_like(insignificant)  # zero variance: nothing distinguishes
-        idxs = pfgdf.select(dim_scores.cpu(), insignificant.cpu(), max(1, -(-self.min_channels // blocks)), max_ratio)
-        if blocks > 1:
-            idxs = torch.cat([idxs + g * size for g in range(blocks)])
-        keep = torch.ones(scores.numel(), dtype=first.dtype, device=first.device)
-        keep[idxs.to(first.device)] = 0.0
-        return keep.reshape(first.shape)
+        # grouped convolutions: one decision shared by every block of channels (as Torch-Pruning does)
+        decision = pfgdf.decide_group(scores.cpu(), self.params, blocks, max_ratio)
+        return decision.keep().to(dtype=first.dtype, device=first.device).reshape(first.shape)
 
     def _record(self, masks: _DATA, rules: Dict[Tuple[str, str], str]) -> None:
         self.decisions = {}

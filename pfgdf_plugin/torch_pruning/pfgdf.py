@@ -1,7 +1,8 @@
 """PFGDF inside Torch-Pruning: :class:`GaussianImportance` and :class:`PFGDFPruner`.
 
-The rule itself lives in :mod:`pfgdf_plugin.methods.pfgdf`; this module only turns a
-dependency group into filter tensors and back.
+The rule itself lives in :mod:`pfgdf_plugin.methods.pfgdf` (``layer_statistics`` scores a
+layer, ``decide_group`` decides a group); this module only turns a dependency group into score
+tensors and the decision back into a pruning group.
 """
 
 from __future__ import annotations
@@ -14,9 +15,13 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from ..methods import pfgdf
+from ..methods.pfgdf import PFGDFParams
 from ._group import IN, NORM, OUT, group_tensors, layer_name, reduce_to_root, skip_misread_group
 
-REDUCTIONS = ("mean", "max", "first")
+
+def _knob(name: str, doc: str) -> property:
+    """A read-only view of ``self.params.<name>``: the knobs live in one place."""
+    return property(lambda self: getattr(self.params, name), doc=doc)
 
 
 class GaussianImportance(tp.importance.Importance):
@@ -45,15 +50,14 @@ class GaussianImportance(tp.importance.Importance):
         >>> pruner.step()
     """
 
-    def __init__(self, k: float = 1.0, statistic: str = "mean", mode: str = "band",
-                 group_reduction: str = "mean") -> None:
-        pfgdf.check_params(k, statistic, mode)
-        if group_reduction not in REDUCTIONS:
-            raise ValueError(f"group_reduction must be one of {', '.join(REDUCTIONS)}; got {group_reduction!r}")
-        self.k = float(k)
-        self.statistic = statistic
-        self.mode = mode
-        self.group_reduction = group_reduction
+    k = _knob("k", "band half-width in standard deviations")
+    statistic = _knob("statistic", "per-filter statistic (``mode='band'``)")
+    mode = _knob("mode", "``band`` or ``tail``")
+    group_reduction = _knob("group_reduction", "how coupled layers' scores combine")
+
+    def __init__(self, k: float = PFGDFParams.k, statistic: str = PFGDFParams.statistic,
+                 mode: str = PFGDFParams.mode, group_reduction: str = PFGDFParams.group_reduction) -> None:
+        self.params = pfgdf.make_params(k=k, statistic=statistic, mode=mode, group_reduction=group_reduction)
         self.layer_names: Dict[nn.Module, str] = {}
         self._warned_flat: set = set()
 
@@ -74,8 +78,8 @@ class GaussianImportance(tp.importance.Importance):
         per_item = []
         for it in chosen:
             name = self._name(it.module, group)
-            full = pfgdf.importance(it.slices, self.k, self.statistic, self.mode, layer=name)
-            if float(full.abs().sum()) == 0.0 and it.slices.shape[0] > 1 and name not in self._warned_flat:
+            full = pfgdf.layer_statistics(it.slices, self.params, layer=name).scores.float()
+            if pfgdf.is_degenerate(full) and it.slices.shape[0] > 1 and name not in self._warned_flat:
                 self._warned_flat.add(name)
                 warnings.warn(f"layer {name!r}: its filter statistic has zero variance; every filter "
                               "scores 0 (PFGDFPruner prunes none of them)", stacklevel=2)
@@ -116,16 +120,25 @@ class PFGDFPruner(tp.pruner.BasePruner):
         >>> pruner.step()
     """
 
-    def __init__(self, model: nn.Module, example_inputs, k: float = 1.0, statistic: str = "mean",
-                 mode: str = "band", min_channels: int = 1, tail_threshold: Optional[float] = None,
-                 ignored_layers: Optional[List[nn.Module]] = None, group_reduction: str = "mean",
-                 **kwargs) -> None:
+    k = _knob("k", "band half-width in standard deviations")
+    statistic = _knob("statistic", "per-filter statistic (``mode='band'``)")
+    mode = _knob("mode", "``band`` or ``tail``")
+    min_channels = _knob("min_channels", "filters every layer keeps")
+    tail_threshold = _knob("tail_threshold", "``mode='tail'`` cut-off (``None``: the Gaussian's own)")
+
+    def __init__(self, model: nn.Module, example_inputs, k: float = PFGDFParams.k,
+                 statistic: str = PFGDFParams.statistic, mode: str = PFGDFParams.mode,
+                 min_channels: int = PFGDFParams.min_channels,
+                 tail_threshold: Optional[float] = PFGDFParams.tail_threshold,
+                 ignored_layers: Optional[List[nn.Module]] = None,
+                 group_reduction: str = PFGDFParams.group_reduction, **kwargs) -> None:
         for key in ("pruning_ratio", "pruning_ratio_dict", "importance", "global_pruning"):
             if key in kwargs:
                 raise TypeError(f"PFGDFPruner chooses per-layer ratios itself; {key!r} is not accepted "
                                 "(use tp.pruner.MetaPruner(importance=GaussianImportance(), ...) for a fixed ratio)")
-        max_ratio = kwargs.get("max_pruning_ratio", 1.0)
-        pfgdf.check_params(k, statistic, mode, min_channels, max_ratio, tail_threshold)
+        self.params = pfgdf.make_params(kwargs.get("max_pruning_ratio", 1.0), "max_pruning_ratio", k=k,
+                                        statistic=statistic, mode=mode, min_channels=min_channels,
+                                        tail_threshold=tail_threshold, group_reduction=group_reduction)
         # Torch-Pruning's BasePruner mutates these dict defaults: always hand it fresh ones.
         for key in ("in_channel_groups", "out_channel_groups", "num_heads"):
             kwargs[key] = dict(kwargs.get(key) or {})
@@ -133,50 +146,39 @@ class PFGDFPruner(tp.pruner.BasePruner):
         super().__init__(model, example_inputs, importance=importance, pruning_ratio=0.0,
                          ignored_layers=ignored_layers, **kwargs)
         importance.layer_names = {m: n for m, n in self.DG._module2name.items()}
-        self.k, self.statistic, self.mode = float(k), statistic, mode
-        self.min_channels, self.tail_threshold = int(min_channels), tail_threshold
         self.report: Dict[str, dict] = {}
 
     def _prune(self):
-        thr = pfgdf.threshold(self.k, self.mode, self.tail_threshold)
         self.report = {}
         groups = list(self.DG.get_all_groups(ignored_layers=self.ignored_layers,
                                              root_module_types=self.root_module_types))
         plan = []
-        for group in groups:  # score everything first: pruning one group changes its neighbours
-            root = group[0].dep.target.module
-            fn = group[0].dep.handler
-            name = self.DG._module2name.get(root, type(root).__name__)
-            imp = self.estimate_importance(group)
-            if imp is None:
-                continue
-            ch_groups = self._get_channel_groups(group)
-            dim_imp = imp.view(ch_groups, -1).mean(0) if ch_groups > 1 else imp
-            candidates = dim_imp <= thr
-            if float(dim_imp.abs().sum()) == 0.0:
-                candidates = torch.zeros_like(candidates)  # zero variance: nothing distinguishes
-            idxs = pfgdf.select(dim_imp, candidates, max(1, -(-self.min_channels // ch_groups)),
-                                self.max_pruning_ratio, self.round_to)
-            if ch_groups > 1:
-                size = dim_imp.numel()
-                idxs = torch.cat([idxs + g * size for g in range(ch_groups)])
-            entry = {"channels": int(imp.numel()), "pruned": int(idxs.numel()),
-                     "ratio": idxs.numel() / max(1, imp.numel()), "pruned_idxs": idxs.tolist()}
-            if isinstance(root, (nn.modules.conv._ConvNd, nn.Linear)) and self.DG.is_out_channel_pruning_fn(fn):
-                if self.mode == "band":
-                    stat = pfgdf.filter_statistic(root.weight, self.statistic, name)
-                    entry["mu"], entry["sigma"] = pfgdf.fit_gaussian(stat)
-                else:
-                    stat = pfgdf.tail_share(root.weight, self.k, name)[0]
-                    entry["mu"], entry["sigma"] = pfgdf.fit_gaussian(root.weight)
-                entry["statistic"] = stat.float().tolist()
-            self.report[name] = entry
-            if idxs.numel():
-                plan.append((root, fn, idxs.tolist()))
+        for group in groups:  # decide everything first: pruning one group changes its neighbours
+            idxs = self._decide(group)
+            if idxs:
+                plan.append((group[0].dep.target.module, group[0].dep.handler, idxs))
         for root, fn, idxs in plan:
             pruning_group = self.DG.get_pruning_group(root, fn, idxs)
             if self.DG.check_pruning_group(pruning_group):
                 yield pruning_group
+
+    def _decide(self, group) -> Optional[List[int]]:
+        """The root channels to remove from ``group`` (``None`` if unscored); fills ``self.report``."""
+        root, fn = group[0].dep.target.module, group[0].dep.handler
+        name = self.DG._module2name.get(root, type(root).__name__)
+        imp = self.estimate_importance(group)
+        if imp is None:
+            return None
+        decision = pfgdf.decide_group(imp, self.params, self._get_channel_groups(group),
+                                      self.max_pruning_ratio, self.round_to)
+        idxs = decision.prune.tolist()
+        entry = {"channels": int(imp.numel()), "pruned": len(idxs),
+                 "ratio": len(idxs) / max(1, imp.numel()), "pruned_idxs": idxs}
+        if isinstance(root, (nn.modules.conv._ConvNd, nn.Linear)) and self.DG.is_out_channel_pruning_fn(fn):
+            stats = pfgdf.layer_statistics(root.weight, self.params, name)
+            entry.update(mu=stats.mu, sigma=stats.sigma, statistic=stats.statistic.float().tolist())
+        self.report[name] = entry
+        return idxs
 
 
 def auto_k_prune(model: nn.Module, example_inputs, finetune: Callable[[nn.Module], None],
