@@ -130,7 +130,8 @@ def parse_params(method: Method, params: Dict[str, Any],
 
     Example:
         >>> p, errors = parse_params(METHODS.get("pfgdf"), {"k": -1, "mode": "wide"})
-        >>> print("\n".join(errors))
+        >>> for e in errors:
+        ...     print(e)
         prune.params.k must be > 0, got -1.0
         prune.params.mode must be one of band, tail; got 'wide'
     """
