@@ -25,13 +25,12 @@ import torch.nn as nn
 
 from . import measure
 from .config import ConfigError, from_dict, load_yaml, set_by_path, to_dict
-from .data import build_dataset, make_loaders
-from .models import build_model
-from .pruning import METHODS, PruneContext, prune, prune_like, prune_matching
+from .pruning import METHODS, PruneContext, PruneResult, prune, prune_like, prune_matching
 from .quantize import QuantizeConfig, onnx_int8, quantize
 from .recipe import DataSection, ModelSection
 from .report import fmt_count, markdown_table
-from .train import TrainConfig, atomic_save, seed_everything, train
+from .runner.steps import Data, dense_weights, finetune, load_data, measure_model, new_model, prune_and_score
+from .train import TrainConfig, seed_everything, train
 
 
 @dataclass
@@ -106,67 +105,72 @@ def _key(cfg: BenchConfig) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
 
+def _dense(cfg: BenchConfig, data: Data) -> nn.Module:
+    """The dense model, trained once per model/data/training setting and kept in ``work_dir``."""
+    m = cfg.model
+    model = new_model(m, data)
+    cache = os.path.join(cfg.work_dir, f"dense-{_key(cfg)}.pt")
+    cached = os.path.exists(cache)
+    if cached:
+        print(f"reusing the dense model {cache}", flush=True)
+    else:
+        print(f"training the dense model: {m.name} width {m.width:g}, {len(data.spec.train)} images, "
+              f"{cfg.train.epochs:g} epochs", flush=True)
+    dense_weights(model, cache, lambda: train(model, data.train_loader, cfg.train, desc="train dense",
+                                              progress=cfg.progress), cached=cached, wrap=False)
+    return model
+
+
+def _prune_entry(entry: BenchEntry, model: nn.Module, cfg: BenchConfig, data: Data,
+                 rows: Dict[str, Dict[str, Any]]) -> PruneResult:
+    """Prune a copy of ``model`` as ``entry`` says: with its own method, like an earlier entry, or at
+    an earlier entry's budget."""
+    if entry.ratios_from:
+        return prune_like(copy.deepcopy(model).eval(), data.example, entry.method, entry.framework,
+                          rows[entry.ratios_from]["layers"], cfg.ignored_layers)
+    if entry.match_from:
+        goal = rows[entry.match_from]["summary"][entry.match_metric]
+        return prune_matching(model, data.example, entry.method, entry.framework, entry.match_metric, goal,
+                              cfg.ignored_layers)
+    ctx = PruneContext(train_loader=data.train_loader, train_cfg=cfg.finetune, progress=cfg.progress)
+    return prune(model, data.example, entry.method, entry.framework, entry.params, entry.ratio, cfg.ignored_layers,
+                 ctx=ctx)
+
+
 def run_bench(config_path: Optional[str] = None, overrides: Optional[List[str]] = None,
               out_dir: str = "docs") -> Dict[str, Any]:
     """Run the benchmark and write ``benchmarks.md``, ``bench/<name>.json`` and plots under ``out_dir``."""
     cfg = load_bench_config(config_path, overrides)
     t0 = time.perf_counter()
     seed_everything(cfg.seed)
-    d, m = cfg.data, cfg.model
-    spec = build_dataset(d.name, root=d.root, image_size=d.image_size, in_channels=d.in_channels,
-                         limit_train=d.limit_train, limit_test=d.limit_test, seed=cfg.seed)
-    train_loader, test_loader = make_loaders(spec, d.batch_size, workers=d.workers, seed=cfg.seed)
-    example = next(iter(test_loader))[0][:1]
-    model = build_model(m.name, num_classes=spec.num_classes, in_channels=spec.in_channels, width=m.width)
-    ckpt = os.path.join(cfg.work_dir, f"dense-{_key(cfg)}.pt")
-    if os.path.exists(ckpt):
-        print(f"reusing the dense model {ckpt}", flush=True)
-        model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
-    else:
-        print(f"training the dense model: {m.name} width {m.width:g}, {len(spec.train)} images, "
-              f"{cfg.train.epochs:g} epochs", flush=True)
-        train(model, train_loader, cfg.train, desc="train dense", progress=cfg.progress)
-        atomic_save(model.state_dict(), ckpt)
-    model.eval()
-    dense = measure.summarize(model, example)
-    dense.update(measure.evaluate(model, test_loader, progress=cfg.progress, desc="eval dense"))
+    data = load_data(cfg.data, cfg.seed)
+    model = _dense(cfg, data)
+    dense = measure_model(model, data, "cpu", "eval dense", cfg.progress)
     rows: Dict[str, Dict[str, Any]] = {}
     models = {"dense": model}
     int8: Dict[str, str] = {}  # label -> int8 ONNX file of the quantized entry
     for entry in cfg.entries:
         print(f"== {entry.label}", flush=True)
         seed_everything(cfg.seed)
-        t = time.perf_counter()
-        if entry.ratios_from:
-            res = prune_like(copy.deepcopy(model).eval(), example, entry.method, entry.framework,
-                             rows[entry.ratios_from]["layers"], cfg.ignored_layers)
-        elif entry.match_from:
-            goal = rows[entry.match_from]["summary"][entry.match_metric]
-            res = prune_matching(model, example, entry.method, entry.framework, entry.match_metric, goal,
-                                 cfg.ignored_layers)
-        else:
-            ctx = PruneContext(train_loader=train_loader, train_cfg=cfg.finetune, progress=cfg.progress)
-            res = prune(model, example, entry.method, entry.framework, entry.params, entry.ratio, cfg.ignored_layers,
-                        ctx=ctx)
-        prune_s = time.perf_counter() - t
+        res, after_prune, prune_s = prune_and_score(lambda e=entry: _prune_entry(e, model, cfg, data, rows), data,
+                                                    "cpu", cfg.progress)
         pm = res.model
-        acc_pruned = measure.evaluate(pm, test_loader, progress=cfg.progress, desc="eval pruned")["accuracy"]
-        train(pm, train_loader, cfg.finetune, desc=f"fine-tune {entry.method}", progress=cfg.progress)
-        pm.eval()
-        s = measure.summarize(pm, example)
-        s.update(measure.evaluate(pm, test_loader, progress=cfg.progress, desc="eval fine-tuned"))
-        rows[entry.label] = {"entry": to_dict(entry), "summary": s, "accuracy_after_prune": acc_pruned,
-                             "prune_s": prune_s, "layers": res.layers,
+        finetune(pm, data.train_loader, cfg.finetune, "cpu", f"fine-tune {entry.method}", cfg.progress)
+        rows[entry.label] = {"entry": to_dict(entry), "summary": measure_model(pm, data, "cpu", "eval fine-tuned",
+                                                                               cfg.progress),
+                             "accuracy_after_prune": after_prune["accuracy"], "prune_s": prune_s,
+                             "layers": res.layers,
                              "extra": {k: v for k, v in res.extra.items()
                                        if k.startswith(("matched_", "dbp_removed", "mpd_compression"))}}
         models[entry.label] = pm
         if cfg.quantize.method:
-            rows[entry.label].update(_quantized(pm, entry.label, cfg, train_loader, test_loader, example, int8))
-    lat = _latencies(models, example, cfg, int8)
+            rows[entry.label].update(_quantized(pm, entry.label, cfg, data.train_loader, data.test_loader,
+                                                data.example, int8))
+    lat = _latencies(models, data.example, cfg, int8)
     results = {"config": to_dict(cfg), "command": "pfgdf-plugin bench " + " ".join(sys.argv[2:]),
                "dense": dense, "rows": rows, "latency": lat, "threads": torch.get_num_threads(),
                "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-               "data_sizes": [len(spec.train), len(spec.test)], "minutes": (time.perf_counter() - t0) / 60}
+               "data_sizes": [len(data.spec.train), len(data.spec.test)], "minutes": (time.perf_counter() - t0) / 60}
     _write(results, out_dir, cfg)
     return results
 

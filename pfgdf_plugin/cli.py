@@ -40,6 +40,20 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+def one_line(error: BaseException) -> str:
+    """An error's message on one line; a list of problems is joined with ``; ``.
+
+    Example:
+        >>> from pfgdf_plugin.errors import ConfigError
+        >>> one_line(ConfigError(["a must be > 0, got -1", "b must be str, got 2"], "r.yaml"))
+        'r.yaml: 2 problem(s): a must be > 0, got -1; b must be str, got 2'
+    """
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else type(error).__name__
+    return f"{lines[0]} " + "; ".join(line[2:] if line.startswith("- ") else line for line in lines[1:])
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     from .errors import PluginError
@@ -91,7 +105,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 run_bench(args.config, args.overrides, args.out)
             return 0
     except (PluginError, ValueError, TypeError) as e:  # the plugin's errors, and bad arguments: one line
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

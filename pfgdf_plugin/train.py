@@ -125,6 +125,119 @@ def _epoch_seed(base: int, epoch: int) -> int:
     return (base * 1_000_003 + epoch) % (2**63 - 1)
 
 
+@dataclass
+class _Position:
+    """Where a training run stands: what a checkpoint saves and a resumed run starts from."""
+
+    step: int = 0
+    epoch: int = 0
+    skip: int = 0  # batches of the current epoch already trained on
+    base: int = 0  # the seed every epoch's batch order is drawn from
+    running: Optional[float] = None  # smoothed loss
+    rng: Optional[torch.Tensor] = None  # torch's RNG state to restore before the next batch
+
+
+def _restore(checkpoint: Optional[Checkpointing], model: nn.Module, opt, sched, pos: _Position) -> None:
+    """Load model, optimiser, schedule and position from ``checkpoint.path`` when it exists."""
+    state = read_checkpoint(checkpoint.path) if checkpoint is not None else None
+    if state is None:
+        return
+    try:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise ValueError(f"checkpoint {checkpoint.path} does not fit this model or optimiser "
+                         f"({' '.join(str(e).splitlines()[:2])}); delete it to start that stage over") from None
+    pos.step, pos.epoch, pos.skip, pos.base = state["step"], state["epoch"], state["batch"], state["base_seed"]
+    pos.running, pos.rng = state["running_loss"], state["rng"]
+
+
+def _save(checkpoint: Checkpointing, model: nn.Module, opt, sched, pos: _Position, batch_in_epoch: int) -> None:
+    from . import distributed as dist
+
+    if not dist.is_main():
+        return
+    blob = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "step": pos.step, "epoch": pos.epoch, "batch": batch_in_epoch, "base_seed": pos.base,
+            "running_loss": pos.running, "rng": torch.get_rng_state(),
+            "extra": checkpoint.extra() if checkpoint.extra else {}}
+    atomic_save(blob, checkpoint.path)
+
+
+def _loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, teacher: Optional[nn.Module],
+          loss_fn: Optional[Callable[[tuple, nn.Module], torch.Tensor]], desc: str, step: int) -> torch.Tensor:
+    """Cross-entropy (with distillation from ``teacher``), or ``loss_fn``; an error when not finite."""
+    if loss_fn is not None:
+        loss = loss_fn((x, y), net)
+    else:
+        out = net(x)
+        loss = F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing)
+        if teacher is not None and cfg.distill_weight > 0:
+            with torch.no_grad():
+                t_out = teacher(x)
+            T = cfg.distill_temperature
+            kd = F.kl_div(F.log_softmax(out / T, 1), F.softmax(t_out / T, 1), reduction="batchmean") * T * T
+            loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * kd
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"{desc}: loss became {loss.item()} at step {step}; lower the learning rate")
+    return loss
+
+
+@dataclass
+class _Loop:
+    """The fixed parts of one training run, for :func:`_run_epoch`."""
+
+    model: nn.Module
+    net: nn.Module  # the model, or its DistributedDataParallel wrapper
+    loader: object
+    cfg: TrainConfig
+    device: str
+    desc: str
+    opt: torch.optim.Optimizer
+    sched: object
+    bar: object
+    teacher: Optional[nn.Module]
+    loss_fn: Optional[Callable]
+    on_step: Optional[Callable[[int, float], None]]
+    on_epoch: Optional[Callable[[int], None]]
+    checkpoint: Optional[Checkpointing]
+
+
+def _run_epoch(lp: _Loop, pos: _Position, total: int) -> bool:
+    """Train the rest of the current epoch; return whether training is over (``total`` reached or
+    ``on_step`` said stop)."""
+    steps_per_epoch = len(lp.loader)
+    for i, (x, y) in enumerate(lp.loader):
+        if i < pos.skip:  # batches this epoch already trained on before the checkpoint
+            continue
+        if pos.rng is not None:
+            torch.set_rng_state(pos.rng)  # as it was when the checkpoint was written
+            pos.rng = None
+        x, y = x.to(lp.device), y.to(lp.device)
+        loss = _loss(lp.net, x, y, lp.cfg, lp.teacher, lp.loss_fn, lp.desc, pos.step)
+        lp.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        lp.opt.step()
+        lp.sched.step()
+        pos.step += 1
+        pos.running = loss.item() if pos.running is None else 0.9 * pos.running + 0.1 * loss.item()
+        lp.bar.set_postfix(loss=f"{pos.running:.3f}")
+        lp.bar.update(1)
+        stop = lp.on_step(pos.step, loss.item()) if lp.on_step is not None else False
+        end_of_epoch = i == steps_per_epoch - 1
+        if end_of_epoch:  # a full epoch ended, including the last one
+            if lp.on_epoch is not None:
+                lp.on_epoch(pos.epoch)
+            pos.epoch += 1
+        every = lp.checkpoint.every if lp.checkpoint is not None else 0
+        if lp.checkpoint is not None and (end_of_epoch or (every and pos.step % every == 0)):
+            _save(lp.checkpoint, lp.model, lp.opt, lp.sched, pos, 0 if end_of_epoch else i + 1)
+        if pos.step >= total or stop:
+            return True
+    return False
+
+
 def train(model: nn.Module, loader, cfg: TrainConfig, device: str = "cpu", desc: str = "train",
           teacher: Optional[nn.Module] = None, progress: bool = True,
           on_step: Optional[Callable[[int, float], None]] = None,
@@ -170,8 +283,7 @@ def train(model: nn.Module, loader, cfg: TrainConfig, device: str = "cpu", desc:
     errors = cfg.validate()
     if errors:
         raise ValueError("; ".join(errors))
-    steps_per_epoch = len(loader)
-    total = int(round(cfg.epochs * steps_per_epoch))
+    total = int(round(cfg.epochs * len(loader)))
     stats = {"steps": 0, "loss": float("nan")}
     if total == 0:
         return stats
@@ -182,80 +294,25 @@ def train(model: nn.Module, loader, cfg: TrainConfig, device: str = "cpu", desc:
 
     use_ddp = dist.active() if distributed is None else bool(distributed) and dist.active()
     net = dist.wrap(model, device) if use_ddp else model
-    sampler = getattr(loader, "sampler", None)
     opt = optimizer if optimizer is not None else make_optimizer(model, cfg)
     sched = make_scheduler(opt, cfg, total)
     gen = getattr(loader, "generator", None)
-    base = int(torch.randint(0, 2**31 - 1, (1,), generator=gen).item()) if gen is not None else 0
-    step, epoch, skip, running, rng = 0, 0, 0, None, None
-    state = read_checkpoint(checkpoint.path) if checkpoint is not None else None
-    if state is not None:
-        try:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-        except (KeyError, RuntimeError, ValueError) as e:
-            raise ValueError(f"checkpoint {checkpoint.path} does not fit this model or optimiser "
-                             f"({' '.join(str(e).splitlines()[:2])}); delete it to start that stage over") from None
-        step, epoch, skip, base = state["step"], state["epoch"], state["batch"], state["base_seed"]
-        running, rng = state["running_loss"], state["rng"]
-    bar = tqdm(total=total, initial=step, desc=desc, leave=False, disable=not progress, unit="step")
-
-    def save(batch_in_epoch: int) -> None:
-        if not dist.is_main():
-            return
-        blob = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "step": step, "epoch": epoch, "batch": batch_in_epoch, "base_seed": base, "running_loss": running,
-                "rng": torch.get_rng_state(), "extra": checkpoint.extra() if checkpoint.extra else {}}
-        atomic_save(blob, checkpoint.path)
-
-    while step < total:
+    pos = _Position(base=int(torch.randint(0, 2**31 - 1, (1,), generator=gen).item()) if gen is not None else 0)
+    _restore(checkpoint, model, opt, sched, pos)
+    bar = tqdm(total=total, initial=pos.step, desc=desc, leave=False, disable=not progress, unit="step")
+    lp = _Loop(model, net, loader, cfg, device, desc, opt, sched, bar,
+               teacher, loss_fn, on_step, on_epoch, checkpoint)
+    sampler = getattr(loader, "sampler", None)
+    while pos.step < total:
         if gen is not None:
-            gen.manual_seed(_epoch_seed(base, epoch))
+            gen.manual_seed(_epoch_seed(pos.base, pos.epoch))
         if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        for i, (x, y) in enumerate(loader):
-            if i < skip:  # batches this epoch already trained on before the checkpoint
-                continue
-            if rng is not None:
-                torch.set_rng_state(rng)  # as it was when the checkpoint was written
-                rng = None
-            x, y = x.to(device), y.to(device)
-            if loss_fn is not None:
-                loss = loss_fn((x, y), net)
-            else:
-                out = net(x)
-                loss = F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing)
-            if loss_fn is None and teacher is not None and cfg.distill_weight > 0:
-                with torch.no_grad():
-                    t_out = teacher(x)
-                T = cfg.distill_temperature
-                kd = F.kl_div(F.log_softmax(out / T, 1), F.softmax(t_out / T, 1), reduction="batchmean") * T * T
-                loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * kd
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{desc}: loss became {loss.item()} at step {step}; lower the learning rate")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
-            bar.set_postfix(loss=f"{running:.3f}")
-            bar.update(1)
-            stop = on_step(step, loss.item()) if on_step is not None else False
-            end_of_epoch = i == steps_per_epoch - 1
-            if end_of_epoch:  # a full epoch ended, including the last one
-                if on_epoch is not None:
-                    on_epoch(epoch)
-                epoch += 1
-            if checkpoint is not None and (end_of_epoch or (checkpoint.every and step % checkpoint.every == 0)):
-                save(0 if end_of_epoch else i + 1)
-            if step >= total or stop:
-                total = step
-                break
-        skip = 0
+            sampler.set_epoch(pos.epoch)
+        if _run_epoch(lp, pos, total):
+            break
+        pos.skip = 0
     bar.close()
     if use_ddp:  # BatchNorm statistics are per rank under DDP: take rank 0's, like DDP's forward does
         dist.broadcast_buffers(model)
-    stats.update(steps=step, loss=float(running))
+    stats.update(steps=pos.step, loss=float(pos.running))
     return stats

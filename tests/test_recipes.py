@@ -112,7 +112,7 @@ def test_pruned_outputs_match_between_run_and_reload(tmp_path):
 @pytest.mark.parametrize("data,match", [
     ({"prune": {"methd": "pfgdf"}}, r"unknown key 'prune.methd'"),
     ({"prune": {"method": "pfdgf"}}, r"prune.method 'pfdgf' is unknown; known: .*pfgdf"),
-    ({"prune": {"params": {"k": -1}}}, r"prune.params: k must be > 0, got -1"),
+    ({"prune": {"params": {"k": -1}}}, r"prune.params.k must be > 0, got -1"),
     ({"prune": {"params": {"k": "big"}}}, r"prune.params.k must be float, got 'big'"),
     ({"prune": {"method": "l1"}}, r"prune.ratio is required"),
     ({"prune": {"method": "l1", "ratio": 1.5}}, r"prune.ratio must be in \(0, 1\), got 1.5"),

@@ -1,0 +1,121 @@
+"""MPDCompress's recipe entry: ``prune.params`` is :class:`MPDRecipeParams` (MPD's knobs plus
+``max_epochs``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch.nn as nn
+
+from ..methods.mpd import MPDParams
+from ..methods.params import is_number
+from ..train import Checkpointing
+from .common import module_names, needs_data, nni_train, train_config
+from .registry import Method, PruneResult, register, resolve_layers
+
+
+@dataclasses.dataclass(frozen=True)
+class MPDRecipeParams(MPDParams):
+    """MPD's knobs plus the recipe's masked-training budget.
+
+    Attributes:
+        max_epochs: masked training before conversion (>= 0; 0 converts the dense weights), with
+            the ``finetune`` section's optimiser settings.
+    """
+
+    max_epochs: float = 1.0
+
+    def problems(self) -> List[str]:
+        found = super().problems()
+        if not is_number(self.max_epochs) or self.max_epochs < 0:
+            found.append(f"max_epochs must be >= 0, got {self.max_epochs!r}")
+        return found
+
+    def sizes(self) -> Dict[str, Any]:
+        """``{"blocks": n}`` or ``{"compression": x}``, whichever is set."""
+        return {"blocks": self.blocks} if self.blocks is not None else {"compression": self.compression}
+
+
+def _snapshot(model: nn.Module, plans: Dict[str, Any]) -> Dict[str, Any]:
+    """The first masked layer's weight (|W| summed over the kernel) and its block labels, for the report."""
+    if not plans:
+        return {}
+    name, plan = next(iter(plans.items()))
+    w = dict(model.named_modules())[name].weight.detach().float().abs()
+    w = w.reshape(w.shape[0], w.shape[1], -1).sum(-1) if w.dim() > 2 else w
+    return {"layer": name, "weight": w.tolist(), "out_labels": plan.out_labels.tolist(),
+            "in_labels": plan.in_labels.tolist(), "blocks": plan.blocks}
+
+
+def _result(model: nn.Module, report: Dict[str, Any], snapshot: Dict[str, Any]) -> PruneResult:
+    layers = {n: {k: v for k, v in e.items() if k in ("blocks", "dense", "kept", "stored", "compression")}
+              for n, e in report["layers"].items()}
+    return PruneResult(model, layers, extra={"mpd_snapshot": snapshot, "mpd_compression": report["compression"],
+                                             "mpd_folded": report.get("folded", [])})
+
+
+def _tp_mpd(model, example_inputs, p: MPDRecipeParams, ratio, ignored, ctx) -> PruneResult:
+    """MPDCompress through Torch-Pruning's graph: masked training, then block-diagonal layers."""
+    from ..torch_pruning.mpd import MPDPruner
+    from ..train import train
+
+    pruner = MPDPruner(model, example_inputs, permutation=p.permutation, ignored_layers=ignored, seed=p.seed,
+                       round_to=p.round_to, fold=p.fold, dense_output=p.dense_output, **p.sizes())
+    if p.max_epochs > 0:
+        needs_data(ctx, "mpd", "trains with its masks for prune.params.max_epochs")
+        # the plans are a function of the dense weights and the seed: a resumed run rebuilds them
+        ckpt = Checkpointing(ctx.checkpoint, ctx.checkpoint_every) if ctx.checkpoint else None
+        train(model, ctx.train_loader, train_config(ctx, p.max_epochs), device=ctx.device,
+              desc="mpd (masked training)", progress=ctx.progress, on_step=lambda step, loss: pruner.update(),
+              checkpoint=ckpt)
+        model.cpu().eval()
+    snapshot = _snapshot(model, pruner.plans)
+    return _result(model, pruner.step(), snapshot)
+
+
+def _nni_mpd(model, example_inputs, p: MPDRecipeParams, ratio, ignored, ctx) -> PruneResult:
+    """MPDCompress through NNI: fine-grained masks trained under a TorchEvaluator (optionally fused
+    with a quantizer), then converted to block-diagonal layers."""
+    from ..nni.mpd import MPDPruner, convert
+    from ..quantize import torch_evaluator
+
+    names = module_names(model)
+    entry: Dict[str, Any] = {"op_types": ["Linear", "Conv2d"]}
+    excl = [names[m] for m in ignored]
+    if p.dense_output:
+        excl += [n for n in (names[m] for m in resolve_layers(model, None)) if n not in excl]
+    if excl:
+        entry["exclude_op_names"] = excl
+    cfg = train_config(ctx, p.max_epochs)
+    evaluator = None
+    if p.max_epochs > 0:
+        needs_data(ctx, "mpd", "trains with its masks for prune.params.max_epochs")
+        evaluator = torch_evaluator(model, ctx.train_loader, cfg, ctx.device, ctx.progress,
+                                    "mpd (masked training, NNI)")
+    pruner = MPDPruner(model, [entry], evaluator, permutation=p.permutation, seed=p.seed, round_to=p.round_to,
+                       **p.sizes())
+    steps = max(1, int(round(cfg.epochs * len(ctx.train_loader)))) if evaluator is not None else None
+    _, calibration = nni_train(pruner, evaluator, ctx, steps)
+    model.cpu().eval()
+    snapshot = _snapshot(model, dict(pruner.plans))
+    result = _result(model, convert(model, pruner, example_inputs, fold=p.fold), snapshot)
+    result.fused_calibration = calibration
+    return result
+
+
+def report(result: PruneResult, plot_dir: Optional[str]) -> Tuple[Dict[str, Any], List[str]]:
+    """MPD's metrics (compression reached, folded permutations) and its block-structure plot."""
+    x = result.extra
+    metrics = {"mpd": {"compression": x["mpd_compression"], "folded": x["mpd_folded"]}}
+    if plot_dir is None or not x.get("mpd_snapshot"):
+        return metrics, []
+    from ..report import plot_mpd_blocks
+
+    return metrics, [plot_mpd_blocks(x["mpd_snapshot"], result.layers, os.path.join(plot_dir, "mpd_blocks.png"))]
+
+
+METHOD = register(Method(
+    "mpd", "MPDCompress: permuted block-diagonal masks in training, then block-diagonal / grouped layers",
+    params=MPDRecipeParams, run={"torch_pruning": _tp_mpd, "nni": _nni_mpd}, fusable=("nni",), report=report))

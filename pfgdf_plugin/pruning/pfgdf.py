@@ -1,0 +1,71 @@
+"""PFGDF's recipe entry: ``prune.params`` is :class:`~pfgdf_plugin.methods.pfgdf.PFGDFParams`."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Optional, Tuple
+
+from ..measure import filters_per_layer
+from ..methods.pfgdf import PFGDFParams
+from .common import channel_report, nni_config, nni_finish
+from .registry import Method, PruneResult, register
+
+_FIT = ("mu", "sigma", "statistic")  # the per-layer Gaussian fit the report plots
+
+
+def _add_fit(layers: Dict[str, dict], fits: Dict[str, dict]) -> None:
+    for name, entry in fits.items():
+        if name in layers:
+            layers[name].update({k: v for k, v in entry.items() if k in _FIT})
+
+
+def _tp_pfgdf(model, example_inputs, p: PFGDFParams, ratio, ignored, ctx) -> PruneResult:
+    import torch_pruning as tp
+
+    from ..torch_pruning import GaussianImportance, PFGDFPruner
+
+    before = filters_per_layer(model)
+    if ratio is not None:  # fixed ratio, ranked by the Gaussian score
+        imp = GaussianImportance(k=p.k, statistic=p.statistic, mode=p.mode, group_reduction=p.group_reduction)
+        tp.pruner.MetaPruner(model, example_inputs, importance=imp, pruning_ratio=ratio,
+                             ignored_layers=ignored).step()
+        return PruneResult(model, channel_report(before, model))
+    pruner = PFGDFPruner(model, example_inputs, ignored_layers=ignored, **p.to_dict())
+    pruner.step()
+    layers = channel_report(before, model)
+    _add_fit(layers, pruner.report)
+    return PruneResult(model, layers, extra={"k": p.k, "mode": p.mode, "statistic": p.statistic,
+                                             "pruning_history": pruner.pruning_history()})
+
+
+def _nni_pfgdf(model, example_inputs, p: PFGDFParams, ratio, ignored, ctx) -> PruneResult:
+    from ..nni import PFGDFPruner
+
+    before = filters_per_layer(model)
+    config = nni_config(model, example_inputs, ignored, ratio)
+    pruner = PFGDFPruner(model, config, k=p.k, statistic=p.statistic, mode=p.mode, min_channels=p.min_channels,
+                         tail_threshold=p.tail_threshold)
+    _, masks = pruner.compress()
+    pruner.unwrap_model()
+    result = nni_finish(model, masks, example_inputs, config, before)
+    _add_fit(result.layers, getattr(pruner, "decisions", {}))
+    result.extra.update({"k": p.k, "mode": p.mode, "statistic": p.statistic})
+    return result
+
+
+def report(result: PruneResult, plot_dir: Optional[str]) -> Tuple[Dict[str, Any], List[str]]:
+    """PFGDF's plot: every layer's statistic with its fitted Gaussian and the pruned band."""
+    if plot_dir is None:
+        return {}, []
+    from ..report import plot_gaussians
+
+    x = result.extra
+    path = plot_gaussians(result.layers, float(x.get("k", 1.0)), os.path.join(plot_dir, "pfgdf_gaussian.png"),
+                          x.get("mode", "band"), x.get("statistic", "mean"))
+    return {}, [path] if path else []
+
+
+METHOD = register(Method(
+    "pfgdf", "Gaussian-distribution filter pruning; per-layer ratios from the k-sigma band",
+    params=PFGDFParams, run={"torch_pruning": _tp_pfgdf, "nni": _nni_pfgdf},
+    framework_only={"group_reduction": ("torch_pruning",)}, report=report))

@@ -1,0 +1,126 @@
+"""The building blocks of a run that a recipe and a bench share: data, the dense model with its
+cache, pruning, fine-tuning and measuring.
+
+The recipe's stages (:mod:`.stages`) call these with a run's settings; ``pfgdf-plugin bench``
+calls them once for the dense model and once per entry.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from .. import measure
+from ..data import build_dataset, make_loaders
+from ..errors import RunError
+from ..models import build_model
+from ..pruning import PruneResult
+from ..train import Checkpointing, TrainConfig, atomic_save, train
+
+
+@dataclass
+class Data:
+    """A data set with its loaders and one example input (batch of 1) for tracing and measuring."""
+
+    spec: Any
+    train_loader: Any
+    test_loader: Any
+    example: torch.Tensor
+
+    @property
+    def input_shape(self) -> tuple:
+        return tuple(self.example.shape[1:])
+
+    def describe(self, name: str) -> str:
+        return f"{name} ({len(self.spec.train)} train / {len(self.spec.test)} test, {self.input_shape})"
+
+
+def load_data(section, seed: int) -> Data:
+    """Build the data set of a recipe's (or a bench's) ``data`` section and its seeded loaders."""
+    d = section
+    spec = build_dataset(d.name, root=d.root, image_size=d.image_size, in_channels=d.in_channels,
+                         limit_train=d.limit_train, limit_test=d.limit_test, seed=seed)
+    train_loader, test_loader = make_loaders(spec, d.batch_size, workers=d.workers, seed=seed)
+    return Data(spec, train_loader, test_loader, next(iter(test_loader))[0][:1])
+
+
+def new_model(section, data: Data) -> nn.Module:
+    """The untrained model of a ``model`` section, sized for ``data``."""
+    return build_model(section.name, num_classes=data.spec.num_classes, in_channels=data.spec.in_channels,
+                       width=section.width)
+
+
+def load_checkpoint(model: nn.Module, path: str) -> None:
+    """Load a plain state dict (or a dict with ``state_dict``) with ``weights_only=True``."""
+    if not os.path.exists(path):
+        raise RunError(f"model.checkpoint: no such file {path}")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise RunError(f"model.checkpoint {path}: cannot be loaded safely ({type(e).__name__}: {e})") from None
+    state = blob.get("state_dict", blob) if isinstance(blob, dict) else None
+    if not isinstance(state, dict):
+        raise RunError(f"model.checkpoint {path}: expected a state dict")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        detail = " ".join(str(e).splitlines()[:2])
+        raise RunError(f"model.checkpoint {path} does not fit model {type(model).__name__}: {detail}") from None
+
+
+def dense_weights(model: nn.Module, cache: str, fit: Optional[Callable[[], Any]], checkpoint: Optional[str] = None,
+                  cached: Optional[bool] = None, write: bool = True, wrap: bool = True) -> None:
+    """Give ``model`` its dense weights: from ``cache`` when it holds them, else from ``checkpoint``,
+    else by calling ``fit`` (no call: the weights stay as built); then write the cache.
+
+    Args:
+        cache: the file the dense weights are kept in (a run's ``dense.pt``, a bench's keyed file).
+        fit: trains ``model`` in place.
+        checkpoint: a user's state dict to start from instead of training.
+        cached: whether ``cache`` is to be read (``None``: whether it exists); distributed runs
+            decide it once for every rank.
+        write: write ``cache`` (only one rank of a distributed run does).
+        wrap: write ``{"state_dict": ...}`` rather than a bare state dict.
+    """
+    cached = os.path.exists(cache) if cached is None else cached
+    if cached:
+        load_checkpoint(model, cache)
+    elif checkpoint:
+        load_checkpoint(model, checkpoint)
+    elif fit is not None:
+        fit()
+    model.cpu().eval()
+    if write and not cached:
+        state = model.state_dict()
+        atomic_save({"state_dict": state} if wrap else state, cache)
+
+
+def measure_model(model: nn.Module, data: Data, device: str, desc: str, progress: bool) -> Dict[str, Any]:
+    """Size (params, MACs, filters) and test accuracy of ``model``."""
+    out = measure.summarize(model, data.example)
+    out.update(measure.evaluate(model, data.test_loader, device, desc, progress))
+    return out
+
+
+def prune_and_score(make: Callable[[], PruneResult], data: Data, device: str,
+                    progress: bool) -> Tuple[PruneResult, Dict[str, Any], float]:
+    """``(result, test metrics right after pruning, seconds pruning took)`` of ``make()``."""
+    t = time.perf_counter()
+    result = make()
+    seconds = time.perf_counter() - t
+    return result, measure.evaluate(result.model, data.test_loader, device, "eval pruned", progress), seconds
+
+
+def finetune(model: nn.Module, loader, cfg: TrainConfig, device: str, desc: str, progress: bool,
+             teacher: Optional[nn.Module] = None, on_epoch: Optional[Callable[[int], None]] = None,
+             checkpoint: Optional[Checkpointing] = None) -> None:
+    """Fine-tune a pruned ``model`` in place (optionally distilling from ``teacher``); leave it on the CPU
+    in eval mode."""
+    train(model, loader, cfg, device=device, desc=desc, teacher=teacher, progress=progress, on_epoch=on_epoch,
+          checkpoint=checkpoint)
+    model.cpu().eval()
