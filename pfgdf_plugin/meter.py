@@ -15,15 +15,18 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 import torch.nn as nn
 
 from . import measure
 from .errors import TargetError
+from .methods.target import SearchResult, Target, search
 
 ENGINES = ("pytorch", "onnxruntime")
 
@@ -35,6 +38,43 @@ def check_engine(engine: Any, threads: Any, batch_size: Any) -> None:
     for name, value in (("threads", threads), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise TargetError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How latency targets are timed: engine, threads, batch size, warm-up and timed runs (medians).
+
+    Example:
+        >>> Timing.parse({"engine": "onnxruntime", "threads": 2})
+        Timing(engine='onnxruntime', threads=2, batch_size=1, warmup=5, repeats=30)
+    """
+
+    engine: str = "pytorch"
+    threads: int = 1
+    batch_size: int = 1
+    warmup: int = 5
+    repeats: int = 30
+
+    def __post_init__(self) -> None:
+        check_engine(self.engine, self.threads, self.batch_size)
+        for name, value, low in (("warmup", self.warmup, 0), ("repeats", self.repeats, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise TargetError(f"{name} must be an integer >= {low}, got {value!r}")
+
+    @classmethod
+    def parse(cls, spec: Union["Timing", Mapping[str, Any], None]) -> "Timing":
+        """A :class:`Timing` from ``None`` (the defaults), a ``Timing`` or a dict of its fields."""
+        if spec is None:
+            return cls()
+        if isinstance(spec, Timing):
+            return spec
+        if not isinstance(spec, Mapping):
+            raise TargetError(f"timing must be a dict such as {{'engine': 'pytorch', 'threads': 1}}; got {spec!r}")
+        unknown = sorted(set(spec) - {"engine", "threads", "batch_size", "warmup", "repeats"})
+        if unknown:
+            raise TargetError(f"timing: unknown key(s) {', '.join(unknown)}; known: engine, threads, batch_size, "
+                              "warmup, repeats")
+        return cls(**spec)
 
 
 def _input_shape(example_inputs: Any) -> tuple:
@@ -80,3 +120,56 @@ def ratio_meter(kind: str, dense: nn.Module, example_inputs: Any, engine: str = 
         return lambda candidate: latency_ratio(dense, candidate, example_inputs, engine, threads, batch_size,
                                                warmup, repeats)
     raise TargetError(f"unknown target kind {kind!r}; known: latency, macs, params")
+
+
+def meet_target(model: nn.Module, example_inputs: Any, target: Any, prune_copy: Callable[[nn.Module, Any], nn.Module],
+                lo: float, hi: float, *, integer: bool = False, steps: int = 12, knob_name: str = "knob",
+                timing: Optional[Union[Timing, Mapping[str, Any]]] = None) -> SearchResult:
+    """The least pruning knob whose result meets ``target``, found on copies; ``model`` is never touched.
+
+    Args:
+        model: the dense network (only deep-copied and measured).
+        example_inputs: a batch for counting MACs and for timing (``[N, C, H, W]``).
+        target: ``{"latency": r}``, ``{"macs": r}`` or ``{"params": r}`` (or a :class:`Target`).
+        prune_copy: ``(copy_of_model, knob) -> pruned model``; the ratio it reaches must grow with the knob.
+        lo, hi: the knob's range (``hi``: the most pruning allowed).
+        integer: the knob is a whole number (a block count).
+        steps: bisection steps.
+        knob_name: the knob's name in messages (``k``, ``pruning_ratio``, ``blocks``).
+        timing: latency settings (:class:`Timing` or its fields; defaults: PyTorch, 1 thread, batch 1).
+
+    Raises:
+        TargetError: malformed target or timing, or a target even ``hi`` does not reach (naming the best).
+
+    Example:
+        >>> import torch.nn as nn
+        >>> def thin(m, width):   # a stand-in pruner: a narrower copy
+        ...     return nn.Sequential(nn.Conv2d(3, 16 - width, 3), nn.Conv2d(16 - width, 4, 3))
+        >>> dense = thin(None, 0)
+        >>> res = meet_target(dense, torch.randn(1, 3, 8, 8), {"params": 2.0}, thin, 0, 15, integer=True)
+        >>> res.knob, res.reached >= 2.0
+        (9, True)
+    """
+    goal = Target.parse(target)
+    t = Timing.parse(timing)
+    meter = ratio_meter(goal.kind, model, example_inputs, t.engine, t.threads, t.batch_size, t.warmup, t.repeats)
+    return search(lambda knob: meter(prune_copy(copy.deepcopy(model), knob)), goal, lo, hi, integer, steps, knob_name)
+
+
+def modules_of(copied: nn.Module, original: nn.Module, modules: Optional[Any]) -> list:
+    """The modules of ``copied`` at the names ``modules`` have in ``original`` (for ``ignored_layers`` of a copy).
+
+    Raises:
+        TargetError: a module that is not part of ``original``.
+    """
+    names = {id(m): n for n, m in original.named_modules()}
+    found = dict(copied.named_modules())
+    out = []
+    for m in modules or ():
+        if isinstance(m, str):
+            out.append(m)
+            continue
+        if id(m) not in names:
+            raise TargetError(f"ignored_layers holds a {type(m).__name__} that is not a module of the model")
+        out.append(found[names[id(m)]])
+    return out

@@ -18,29 +18,17 @@ from typing import Any, Dict, List, Mapping, Optional
 import torch.nn as nn
 import torch_pruning as tp
 
-from ..meter import ratio_meter
-from ..methods.target import Target, search
+from ..meter import Timing, meet_target, modules_of, ratio_meter
 
 _REFUSED = ("pruning_ratio", "pruning_ratio_dict", "importance", "iterative_steps")
 
 
-def _module_names(model: nn.Module, modules: Optional[List[nn.Module]]) -> List[str]:
-    names = {id(m): n for n, m in model.named_modules()}
-    out = []
-    for m in modules or ():
-        if id(m) not in names:
-            raise ValueError(f"ignored_layers holds a {type(m).__name__} that is not a module of the model")
-        out.append(names[id(m)])
-    return out
-
-
-def _pruned(model: nn.Module, example_inputs: Any, importance, ratio: float, ignored: List[str],
+def _pruned(model: nn.Module, example_inputs: Any, importance, ratio: float, ignored: List[nn.Module],
             kwargs: Mapping[str, Any]) -> nn.Module:
     """``model`` itself pruned at ``ratio`` (call it on a copy to measure)."""
-    modules = dict(model.named_modules())
     fresh = {k: (dict(v) if isinstance(v, dict) else v) for k, v in kwargs.items()}  # BasePruner mutates dicts
-    tp.pruner.MetaPruner(model, example_inputs, importance=importance, pruning_ratio=ratio,
-                         ignored_layers=[modules[n] for n in ignored], **fresh).step()
+    tp.pruner.MetaPruner(model, example_inputs, importance=importance, pruning_ratio=ratio, ignored_layers=ignored,
+                         **fresh).step()
     return model
 
 
@@ -76,17 +64,17 @@ def prune_to_target(model: nn.Module, example_inputs: Any, importance, target: M
     for key in _REFUSED:
         if key in metapruner_kwargs:
             raise TypeError(f"prune_to_target chooses {key!r} itself; pass a target instead")
-    goal = Target.parse(target)
-    ignored = _module_names(model, ignored_layers)
-    meter = ratio_meter(goal.kind, model, example_inputs, engine, threads, batch_size, warmup, repeats)
+    timing = Timing(engine, threads, batch_size, warmup, repeats)
+    modules_of(model, model, ignored_layers)  # every ignored layer must belong to the model
 
-    def measure(ratio: float) -> float:
-        candidate = _pruned(copy.deepcopy(model), example_inputs, importance, ratio, ignored, metapruner_kwargs)
-        return meter(candidate)
+    def prune_copy(candidate: nn.Module, ratio: float) -> nn.Module:
+        return _pruned(candidate, example_inputs, importance, ratio, modules_of(candidate, model, ignored_layers),
+                       metapruner_kwargs)
 
-    result = search(measure, goal, 0.0, max_ratio, steps=steps, knob_name="global pruning ratio")
-    dense = copy.deepcopy(model) if goal.kind == "latency" else None
-    _pruned(model, example_inputs, importance, result.knob, ignored, metapruner_kwargs)
+    result = meet_target(model, example_inputs, target, prune_copy, 0.0, max_ratio, steps=steps,
+                         knob_name="global pruning ratio", timing=timing)
+    dense = copy.deepcopy(model) if result.target.kind == "latency" else None
+    _pruned(model, example_inputs, importance, result.knob, list(ignored_layers or ()), metapruner_kwargs)
     info = result.report()
     info["ratio"] = info.pop("knob")
     if dense is not None:  # the budget says what the final model does, measured afresh

@@ -19,7 +19,7 @@ from pfgdf_plugin.runner import run_recipe
 from pfgdf_plugin.train import TrainConfig, train
 
 torch.set_num_threads(1)
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from pfgdf_plugin.runner import RunError, run_recipe
 from pfgdf_plugin.train import Checkpointing, TrainConfig, read_checkpoint, train
 
 torch.set_num_threads(1)
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RECIPE = os.path.join(ROOT, "recipes", "pfgdf_vgg16.yaml")
 SETTINGS = ["data.name=digits", "model.width=0.25", "data.limit_train=1024", "data.limit_test=128",
             "data.batch_size=32", "train.epochs=1", "finetune.epochs=4", "checkpoint_every=4",

@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RECIPE = os.path.join(ROOT, "recipes", "spp_resnet56.yaml")
 SETTINGS = ["data.name=digits", "model.name=resnet20", "model.width=0.25", "data.limit_train=256",
             "data.limit_test=128", "data.batch_size=64", "train.epochs=1", "finetune.epochs=2",

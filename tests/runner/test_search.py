@@ -12,7 +12,7 @@ import yaml
 from pfgdf_plugin.search import SearchError, load_experiment, run_search, run_trial
 
 torch.set_num_threads(1)
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXPERIMENTS = sorted(glob.glob(os.path.join(ROOT, "recipes", "nni", "*.yml")))
 RECIPE = os.path.join(ROOT, "recipes", "pfgdf_vgg16.yaml")
 TINY = ["data.name=digits", "model.width=0.25", "data.limit_train=256", "data.limit_test=128", "data.batch_size=64",

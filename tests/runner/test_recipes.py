@@ -16,8 +16,10 @@ from pfgdf_plugin.persist import PrunedFileError, load_pruned, read_pruned
 from pfgdf_plugin.recipe import load_recipe, recipe_from_dict
 from pfgdf_plugin.runner import RunError, run_recipe
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RECIPES = sorted(glob.glob(os.path.join(ROOT, "recipes", "*.yaml")))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ALL_YAML = sorted(glob.glob(os.path.join(ROOT, "recipes", "**", "*.yaml"), recursive=True))
+BENCH_CONFIGS = [p for p in ALL_YAML if os.path.basename(os.path.dirname(p)) == "bench"]
+RECIPES = [p for p in ALL_YAML if p not in BENCH_CONFIGS]
 PFGDF_RECIPE = os.path.join(ROOT, "recipes", "pfgdf_vgg16.yaml")
 TINY = ["data.name=digits", "model.width=0.25", "data.limit_train=256", "data.limit_test=128", "data.batch_size=64",
         "train.epochs=1", "finetune.epochs=1", "report.repeats=2", "report.warmup=1", "progress=false"]
@@ -40,6 +42,23 @@ def test_recipes_are_found():
     assert {"pfgdf_vgg16.yaml", "pfgdf_vgg16_nni.yaml", "spp_resnet56.yaml", "spp_resnet56_nni.yaml",
             "dbp_vgg16.yaml", "dbp_resnet56.yaml", "dbp_vgg16_nni.yaml",
             "mpd_lenet300.yaml", "mpd_vgg16.yaml", "mpd_lenet300_nni.yaml"} <= names
+
+
+def test_every_yaml_under_recipes_is_a_recipe_or_a_bench_config():
+    assert BENCH_CONFIGS and RECIPES
+    assert all(os.path.dirname(p) == os.path.join(ROOT, "recipes") for p in RECIPES), \
+        "a YAML file in a new folder under recipes/ is neither a recipe nor a bench config: teach this test"
+
+
+@pytest.mark.parametrize("path", BENCH_CONFIGS, ids=os.path.basename)
+def test_bench_config_validates_and_states_its_command(path):
+    from pfgdf_plugin.bench import load_bench_config
+
+    cfg = load_bench_config(path)
+    assert cfg.entries
+    with open(path) as f:
+        first = f.readline()
+    assert first.startswith("# pfgdf-plugin bench --config recipes/bench/" + os.path.basename(path))
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=os.path.basename)
