@@ -7,15 +7,22 @@ always without pretrained weights.
 
 Every model traces with ``torch.fx.symbolic_trace`` and builds a Torch-Pruning
 dependency graph: forward passes use modules and plain tensor arithmetic only.
+
+Models follow the data: ``image_size`` (and ``in_channels``) size the input layers of the
+registered models (LeNet-300-100 at 28x28 has 784 inputs). :func:`input_size_problem` says,
+before anything is built, whether a registered model can take a given image side, and
+:func:`check_input` runs one example through a built model, turning a shape mismatch into a
+:class:`~pfgdf_plugin.errors.ConfigError` naming the model and the size.
 """
 
 from __future__ import annotations
 
-from typing import Any, List, Sequence, Union
+from typing import Any, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 
+from .errors import ConfigError
 from .methods.dbp.blocks import register_block_type
 from .registry import Registry, UnknownNameError
 
@@ -27,6 +34,8 @@ __all__ = [
     "LeNet5",
     "VGG",
     "build_model",
+    "check_input",
+    "input_size_problem",
     "torchvision_model_names",
 ]
 
@@ -61,6 +70,71 @@ def _kaiming_init(model: nn.Module) -> None:
             nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+
+
+# --------------------------------------------------------------------------- input sizes
+
+# The smallest square input side each registered model can take: VGG-16's five 2x2 poolings
+# need 32, LeNet-5's two 5x5 convolutions and poolings need 16; the others take any side.
+MIN_IMAGE_SIZE = {"vgg16_bn": 32, "lenet5": 16, "resnet20": 1, "resnet56": 1, "lenet300": 1}
+
+
+def input_size_problem(name: str, image_size: object) -> Optional[str]:
+    """Why registered model ``name`` cannot take ``image_size`` x ``image_size`` inputs, or ``None``.
+
+    Torchvision models (and unknown names) are not judged here: :func:`check_input` runs an
+    example through the built model instead.
+
+    Example:
+        >>> input_size_problem("lenet5", 12)
+        'model lenet5 needs data.image_size >= 16, got 12'
+        >>> input_size_problem("lenet300", 28) is None
+        True
+    """
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        return f"model {name} needs data.image_size to be a positive int, got {image_size!r}"
+    least = MIN_IMAGE_SIZE.get(name)
+    if least is not None and image_size < least:
+        return f"model {name} needs data.image_size >= {least}, got {image_size}"
+    return None
+
+
+def _check_image_size(name: str, image_size: object) -> None:
+    problem = input_size_problem(name, image_size)
+    if problem is not None:
+        raise ValueError(problem)
+
+
+def check_input(model: nn.Module, name: str, example: torch.Tensor) -> None:
+    """Run ``example`` through ``model`` once (no gradients); a shape it cannot take is a ConfigError.
+
+    The model's train/eval mode and weights are left as they were (the forward pass runs in
+    eval mode, so BatchNorm statistics do not move).
+
+    Raises:
+        ConfigError: the model rejects the input; the message names the model and the input shape.
+
+    Example:
+        >>> check_input(build_model("lenet300", in_channels=1, image_size=28), "lenet300",
+        ...             torch.zeros(1, 1, 28, 28))
+        >>> check_input(build_model("lenet300", in_channels=1), "lenet300", torch.zeros(1, 1, 28, 28))
+        Traceback (most recent call last):
+        ...
+        pfgdf_plugin.errors.ConfigError: model: model.name 'lenet300' cannot take inputs of shape (1, 28, 28) ...
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example)
+    except (RuntimeError, ValueError, IndexError) as e:
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        shape = tuple(example.shape[1:])
+        raise ConfigError([f"model.name {name!r} cannot take inputs of shape {shape} (data.image_size="
+                           f"{shape[-1]}, {shape[0]} channel(s)): {detail}; choose another data.image_size "
+                           "or model"], "model") from None
+    finally:
+        model.train(was_training)
 
 
 # --------------------------------------------------------------------------- VGG
@@ -114,6 +188,7 @@ def vgg16_bn(num_classes: int = 10, in_channels: int = 3, width: float = 1.0, im
         >>> vgg16_bn(width=0.25)(torch.randn(2, 3, 32, 32)).shape
         torch.Size([2, 10])
     """
+    _check_image_size("vgg16_bn", image_size)
     return VGG(VGG16_CFG, num_classes=num_classes, in_channels=in_channels, width=width)
 
 
@@ -221,6 +296,7 @@ def resnet20(num_classes: int = 10, in_channels: int = 3, width: float = 1.0, im
         >>> resnet20()(torch.randn(1, 3, 32, 32)).shape
         torch.Size([1, 10])
     """
+    _check_image_size("resnet20", image_size)
     return CifarResNet(3, num_classes=num_classes, in_channels=in_channels, width=width)
 
 
@@ -232,6 +308,7 @@ def resnet56(num_classes: int = 10, in_channels: int = 3, width: float = 1.0, im
         >>> resnet56(width=0.25)(torch.randn(1, 3, 32, 32)).shape
         torch.Size([1, 10])
     """
+    _check_image_size("resnet56", image_size)
     return CifarResNet(9, num_classes=num_classes, in_channels=in_channels, width=width)
 
 
@@ -272,8 +349,7 @@ class LeNet5(nn.Module):
 
     def __init__(self, num_classes: int = 10, in_channels: int = 3, width: float = 1.0, image_size: int = 32) -> None:
         super().__init__()
-        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 16:
-            raise ValueError(f"image_size must be an int >= 16 for lenet5, got {image_size!r}")
+        _check_image_size("lenet5", image_size)
         c1, c2 = _scaled(6, width), _scaled(16, width)
         f1, f2 = _scaled(120, width), _scaled(84, width)
         side = ((image_size - 4) // 2 - 4) // 2
@@ -306,8 +382,7 @@ def lenet300(num_classes: int = 10, in_channels: int = 3, width: float = 1.0, im
         >>> lenet300(in_channels=1)(torch.randn(2, 1, 32, 32)).shape
         torch.Size([2, 10])
     """
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+    _check_image_size("lenet300", image_size)
     return LeNet300(in_channels * image_size * image_size, num_classes=num_classes, width=width)
 
 
@@ -319,6 +394,7 @@ def lenet5(num_classes: int = 10, in_channels: int = 3, width: float = 1.0, imag
         >>> lenet5(in_channels=1)(torch.randn(2, 1, 32, 32)).shape
         torch.Size([2, 10])
     """
+    _check_image_size("lenet5", image_size)
     return LeNet5(num_classes=num_classes, in_channels=in_channels, width=width, image_size=image_size)
 
 
@@ -395,9 +471,11 @@ def build_model(
         width: Channel multiplier of registered models (each layer keeps at
             least one channel); must be 1.0 for torchvision models.
         **kwargs: Extra arguments: ``image_size`` (default 32; sets the input
-            size of ``lenet300``/``lenet5``, ignored by the others); anything
-            else goes to the torchvision constructor (``weights`` must stay
-            None).
+            size of ``lenet300``/``lenet5`` and is checked against
+            :data:`MIN_IMAGE_SIZE` for every registered model; torchvision
+            models take any size their layers allow, see :func:`check_input`);
+            anything else goes to the torchvision constructor (``weights``
+            must stay None).
 
     Returns:
         The model, freshly initialised.

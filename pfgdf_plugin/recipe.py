@@ -81,7 +81,7 @@ class Recipe:
 
 def _semantic_errors(r: Recipe) -> List[str]:
     from .data import DATASETS
-    from .models import MODELS, torchvision_model_names
+    from .models import MODELS, input_size_problem, torchvision_model_names
     from .pruning import FRAMEWORKS, METHODS, validate_params
 
     errors: List[str] = []
@@ -108,6 +108,10 @@ def _semantic_errors(r: Recipe) -> List[str]:
         v = getattr(d, key)
         if v is not None and v < 1:
             errors.append(f"data.{key} must be >= 1 or null, got {v!r}")
+    if m.name in MODELS and d.image_size >= 1:
+        problem = input_size_problem(m.name, d.image_size)
+        if problem is not None:
+            errors.append(f"data.image_size: {problem}")
     if d.in_channels is not None and d.in_channels not in (1, 3):
         errors.append(f"data.in_channels must be 1, 3 or null, got {d.in_channels!r}")
     if d.workers < 0:

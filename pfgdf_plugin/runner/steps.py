@@ -17,8 +17,8 @@ import torch.nn as nn
 
 from .. import measure
 from ..data import build_dataset, make_loaders
-from ..errors import RunError
-from ..models import build_model
+from ..errors import ConfigError, RunError
+from ..models import build_model, check_input
 from ..pruning import PruneResult
 from ..train import Checkpointing, TrainConfig, atomic_save, train
 
@@ -50,9 +50,21 @@ def load_data(section, seed: int) -> Data:
 
 
 def new_model(section, data: Data) -> nn.Module:
-    """The untrained model of a ``model`` section, sized for ``data``."""
-    return build_model(section.name, num_classes=data.spec.num_classes, in_channels=data.spec.in_channels,
-                       width=section.width)
+    """The untrained model of a ``model`` section, sized for ``data`` (classes, channels, image side).
+
+    Raises:
+        ConfigError: the model cannot take the data's inputs (too small for its poolings, or a
+            layer whose size does not follow the input); raised before any training, naming the
+            model and the size.
+    """
+    try:
+        model = build_model(section.name, num_classes=data.spec.num_classes, in_channels=data.spec.in_channels,
+                            width=section.width, image_size=data.spec.image_size)
+    except ValueError as e:
+        raise ConfigError([f"model.name {section.name!r} cannot be built for {data.input_shape} inputs: {e}"],
+                          "model") from None
+    check_input(model, section.name, data.example)
+    return model
 
 
 def load_checkpoint(model: nn.Module, path: str) -> None:
