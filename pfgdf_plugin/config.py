@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
-from typing import Any, Dict, List, Tuple, Type, TypeVar
+from typing import Any, Dict, List, Optional, Tuple, Type, TypeVar
 
 import yaml
 
@@ -23,6 +24,13 @@ def _type_name(tp) -> str:
     if origin in (dict, Dict):
         return "mapping"
     return getattr(tp, "__name__", str(tp))
+
+
+def _finite(value: Any) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an int beyond float's range
+        return False
 
 
 def _convert(value: Any, tp, path: str, errors: List[str]) -> Any:
@@ -46,7 +54,9 @@ def _convert(value: Any, tp, path: str, errors: List[str]) -> Any:
             errors.append(f"{path} must be {_type_name(tp)}, got {value!r}")
             return None
         (inner,) = typing.get_args(tp)[:1] or (Any,)
-        return [_convert(v, inner, f"{path}[{i}]", errors) for i, v in enumerate(value)]
+        before = len(errors)
+        out = [_convert(v, inner, f"{path}[{i}]", errors) for i, v in enumerate(value)]
+        return None if len(errors) > before else out  # a list with a bad entry keeps its default
     if origin in (dict, Dict):
         if not isinstance(value, dict):
             errors.append(f"{path} must be a mapping, got {value!r}")
@@ -62,7 +72,10 @@ def _convert(value: Any, tp, path: str, errors: List[str]) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            if _finite(value):
+                return float(value)
+            errors.append(f"{path} must be a finite number, got {value!r}")
+            return None
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -160,3 +173,37 @@ def load_yaml(path: str) -> Dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError([f"the top level must be a mapping, got {type(data).__name__}"], path)
     return data
+
+
+def range_problem(key: str, value: Any, low: Optional[float] = None, high: Optional[float] = None,
+                  low_open: bool = False, high_open: bool = False, integer: bool = False) -> Optional[str]:
+    """Why ``value`` is not a finite number (an int with ``integer``) in the given range, or ``None``.
+
+    ``low``/``high`` are inclusive unless ``low_open``/``high_open``; ``None`` leaves that side open.
+
+    Example:
+        >>> range_problem("train.label_smoothing", 1.5, 0, 1, high_open=True)
+        'train.label_smoothing must be in [0, 1), got 1.5'
+        >>> range_problem("report.warmup", "5", 0, integer=True)
+        "report.warmup must be an int >= 0, got '5'"
+        >>> range_problem("train.lr", 0.1, 0, low_open=True) is None
+        True
+    """
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    ok_type = is_int if integer else (is_int or isinstance(value, float)) and _finite(value)
+    below = low is not None and ok_type and (value <= low if low_open else value < low)
+    above = high is not None and ok_type and (value >= high if high_open else value > high)
+    if ok_type and not below and not above:
+        return None
+    kind = "an int" if integer else "a finite number"
+    if low is not None and high is not None:
+        where = f"in {'(' if low_open else '['}{_num(low)}, {_num(high)}{')' if high_open else ']'}"
+        return f"{key} must be {where}, got {value!r}" if ok_type else f"{key} must be {kind} {where}, got {value!r}"
+    bound = (f"{'>' if low_open else '>='} {_num(low)}" if low is not None
+             else f"{'<' if high_open else '<='} {_num(high)}" if high is not None else "")
+    return f"{key} must be {bound}, got {value!r}" if ok_type else f"{key} must be {kind} {bound}".rstrip() + \
+        f", got {value!r}"
+
+
+def _num(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else str(v)

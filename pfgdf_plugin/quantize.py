@@ -67,24 +67,26 @@ class QuantizeConfig:
     fused: bool = False
 
     def validate(self, prefix: str = "quantize") -> List[str]:
+        """Every problem of these settings, each naming ``<prefix>.<key>`` and the value."""
+        from .config import range_problem
+
         errors = []
         if self.method is not None and self.method not in METHODS:
             errors.append(f"{prefix}.method must be one of {', '.join(METHODS)} or null; got {self.method!r}")
-        if not 2 <= self.bits <= 8:
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
             errors.append(f"{prefix}.bits must be in 2..8, got {self.bits!r}")
         if self.scheme is not None and self.scheme not in SCHEMES:
             errors.append(f"{prefix}.scheme must be one of {', '.join(SCHEMES)} or null; got {self.scheme!r}")
         if self.method == "lsq" and self.scheme == "affine":
             errors.append(f"{prefix}.scheme: NNI's LsqQuantizer supports only 'symmetric', got 'affine'")
-        bad = [t for t in self.targets if t not in TARGETS]
+        bad = [t for t in self.targets if not isinstance(t, str) or t not in TARGETS]
         if bad or not self.targets:
             errors.append(f"{prefix}.targets must be a non-empty list of {', '.join(TARGETS)}; got {self.targets!r}")
-        if self.epochs <= 0:
-            errors.append(f"{prefix}.epochs must be > 0, got {self.epochs!r}")
-        if self.lr <= 0:
-            errors.append(f"{prefix}.lr must be > 0, got {self.lr!r}")
-        if self.calibration_batches < 1:
-            errors.append(f"{prefix}.calibration_batches must be >= 1, got {self.calibration_batches!r}")
+        for key, kw in (("epochs", dict(low=0, low_open=True)), ("lr", dict(low=0, low_open=True)),
+                        ("calibration_batches", dict(low=1, integer=True))):
+            problem = range_problem(f"{prefix}.{key}", getattr(self, key), **kw)
+            if problem:
+                errors.append(problem)
         if self.fused and self.method not in ("qat", "lsq"):
             errors.append(f"{prefix}.fused needs a training quantizer (qat or lsq), got method {self.method!r}")
         return errors

@@ -8,11 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from .config import ConfigError, from_dict, load_yaml, set_by_path, to_dict
+from .config import ConfigError, from_dict, load_yaml, range_problem, set_by_path, to_dict
 from .quantize import QuantizeConfig
 from .train import TrainConfig
 
 DEVICES = ("cpu", "cuda")
+MAX_WIDTH = 64.0  # channel multiplier; above it a model's layers would not fit in memory
 
 
 @dataclass
@@ -87,6 +88,8 @@ def _semantic_errors(r: Recipe) -> List[str]:
     errors: List[str] = []
     if not r.name or any(c in r.name for c in "/\\") or r.name.startswith("."):
         errors.append(f"name must be a plain folder name, got {r.name!r}")
+    if not 0 <= r.seed < 2**32:
+        errors.append(f"seed must be in [0, 2**32), got {r.seed!r}")
     if r.checkpoint_every < 0:
         errors.append(f"checkpoint_every must be >= 0, got {r.checkpoint_every!r}")
     if r.device not in DEVICES:
@@ -98,6 +101,8 @@ def _semantic_errors(r: Recipe) -> List[str]:
                       "or any torchvision classification model")
     if m.width <= 0:
         errors.append(f"model.width must be > 0, got {m.width!r}")
+    elif m.width > MAX_WIDTH:
+        errors.append(f"model.width must be <= {MAX_WIDTH:g}, got {m.width!r}")
     d = r.data
     if d.name not in DATASETS:
         errors.append(f"data.name {d.name!r} is unknown; known: {', '.join(DATASETS.names())}")
@@ -132,13 +137,18 @@ def _semantic_errors(r: Recipe) -> List[str]:
             where = f"prune.framework {', '.join(fusable)}" if fusable else "a training-aware NNI method"
             errors.append(f"quantize.fused: method {p.method!r} via {p.framework!r} has no training loop to share; "
                           f"it needs {where}")
-    rep = r.report
-    if any(b < 1 for b in rep.batch_sizes):
-        errors.append(f"report.batch_sizes must all be >= 1, got {rep.batch_sizes!r}")
-    if rep.repeats < 1:
-        errors.append(f"report.repeats must be >= 1, got {rep.repeats!r}")
-    if rep.warmup < 0:
-        errors.append(f"report.warmup must be >= 0, got {rep.warmup!r}")
+    return errors + _report_errors(r.report)
+
+
+def _report_errors(rep: ReportSection) -> List[str]:
+    errors = [p for i, b in enumerate(rep.batch_sizes)
+              if (p := range_problem(f"report.batch_sizes[{i}]", b, 1, integer=True))]
+    if not rep.batch_sizes:
+        errors.append("report.batch_sizes must list at least one batch size, got []")
+    for key, low in (("repeats", 1), ("warmup", 0)):
+        problem = range_problem(f"report.{key}", getattr(rep, key), low, integer=True)
+        if problem:
+            errors.append(problem)
     if rep.threads is not None and rep.threads < 1:
         errors.append(f"report.threads must be >= 1 or null, got {rep.threads!r}")
     return errors

@@ -61,17 +61,23 @@ class TrainConfig:
     distill_temperature: float = 4.0
 
     def validate(self, prefix: str = "train") -> List[str]:
-        errors = []
-        if self.epochs < 0:
-            errors.append(f"{prefix}.epochs must be >= 0, got {self.epochs!r}")
-        if self.lr <= 0:
-            errors.append(f"{prefix}.lr must be > 0, got {self.lr!r}")
+        """Every problem of these settings, each naming ``<prefix>.<key>`` and the value.
+
+        Example:
+            >>> TrainConfig(lr=0.0, label_smoothing=1.5).validate("finetune")
+            ['finetune.lr must be > 0, got 0.0', 'finetune.label_smoothing must be in [0, 1), got 1.5']
+        """
+        from .config import range_problem
+
+        checks = (("epochs", dict(low=0)), ("lr", dict(low=0, low_open=True)),
+                  ("momentum", dict(low=0, high=1, high_open=True)), ("weight_decay", dict(low=0)),
+                  ("label_smoothing", dict(low=0, high=1, high_open=True)), ("distill_weight", dict(low=0, high=1)),
+                  ("distill_temperature", dict(low=0, low_open=True)))
+        errors = [p for key, kw in checks if (p := range_problem(f"{prefix}.{key}", getattr(self, key), **kw))]
         if self.optimizer not in OPTIMIZERS:
             errors.append(f"{prefix}.optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
         if self.schedule not in SCHEDULES:
             errors.append(f"{prefix}.schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}")
-        if not 0 <= self.distill_weight <= 1:
-            errors.append(f"{prefix}.distill_weight must be in [0, 1], got {self.distill_weight!r}")
         return errors
 
 
