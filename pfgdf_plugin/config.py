@@ -114,8 +114,9 @@ def from_dict(cls: Type[T], data: Any, path: str = "", errors: List[str] = None)
             given = {k: getattr(sub, k) for k in data[name] if k in {x.name for x in dataclasses.fields(tp_)}}
             kwargs[name] = dataclasses.replace(base, **given)
             continue
+        before = len(errors)
         kwargs[name] = _convert(data[name], tp_, prefix + name, errors)
-        if kwargs[name] is None and data[name] is not None:
+        if len(errors) > before:  # a wrong value (null for a required key included) keeps the default
             del kwargs[name]
     obj = cls(**kwargs)
     if own and errors:

@@ -131,7 +131,7 @@ def _entry_problem(d: Any) -> Optional[str]:
     if not isinstance(d, dict):
         return f"must be a mapping, got {type(d).__name__}"
     kind = d.get("type")
-    if kind not in _REQUIRED:
+    if not isinstance(kind, str) or kind not in _REQUIRED:
         return f"unknown layer type {kind!r}; known: {', '.join(_REQUIRED)}"
     for key in _REQUIRED[kind]:
         if key not in d:

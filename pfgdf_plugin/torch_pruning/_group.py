@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Optional
+from typing import Any, Callable, Iterator, List, Optional, Type
 
 import torch
 import torch.nn as nn
@@ -199,3 +199,95 @@ def reduce_to_root(group, per_item: List[tuple], reduction: str = "mean") -> tor
     if out.numel() != n:  # the contract Torch-Pruning does not check
         raise RuntimeError(f"importance has {out.numel()} scores for a group of {n} channels")
     return out.float()
+
+
+def _describe_inputs(example_inputs: Any) -> str:
+    if isinstance(example_inputs, torch.Tensor):
+        return f"a {example_inputs.dtype} tensor of shape {tuple(example_inputs.shape)}"
+    if isinstance(example_inputs, (tuple, list)):
+        return f"a {type(example_inputs).__name__} of {len(example_inputs)} item(s)"
+    return f"a {type(example_inputs).__name__}"
+
+
+def check_pruner_inputs(model: nn.Module, example_inputs: Any, ignored_layers: Any = None,
+                        error: Type[Exception] = ValueError, who: str = "pruner") -> None:
+    """Check what a Torch-Pruning pruner is about to be built from; raise ``error`` naming the bad part.
+
+    ``ignored_layers`` must be ``None`` or a list/tuple of modules of ``model``; ``example_inputs``
+    must be a tensor (or a tuple/list/dict of arguments) that ``model`` runs on. The model is run
+    once without gradients, and every module's train/eval mode and every weight and buffer are as
+    they were afterwards, whatever happens.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten())
+        >>> check_pruner_inputs(net, torch.zeros(1, 3, 8, 8), [net[0]])
+        >>> check_pruner_inputs(net, torch.zeros(1, 3, 8, 8), ["0"])
+        Traceback (most recent call last):
+        ...
+        ValueError: pruner: ignored_layers[0] must be a module of the model, got str ('0')
+    """
+    if ignored_layers is not None:
+        if not isinstance(ignored_layers, (list, tuple)):
+            raise error(f"{who}: ignored_layers must be a list of modules of the model, got "
+                        f"{type(ignored_layers).__name__}")
+        own = {id(m) for m in model.modules()}
+        for i, layer in enumerate(ignored_layers):
+            if not isinstance(layer, nn.Module):
+                raise error(f"{who}: ignored_layers[{i}] must be a module of the model, got "
+                            f"{type(layer).__name__} ({str(layer)[:40]!r})")
+            if id(layer) not in own:
+                raise error(f"{who}: ignored_layers[{i}] ({type(layer).__name__}) is not a module of the model; "
+                            "pass the model's own layers, e.g. model.classifier")
+    if not isinstance(example_inputs, (torch.Tensor, tuple, list, dict)):
+        raise error(f"{who}: example_inputs must be a tensor (or a tuple/list/dict of the model's arguments), "
+                    f"got {_describe_inputs(example_inputs)}")
+    modes = {m: m.training for m in model.modules()}
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    try:
+        with torch.no_grad():
+            if isinstance(example_inputs, dict):
+                model(**example_inputs)
+            elif isinstance(example_inputs, (tuple, list)):
+                model(*example_inputs)
+            else:
+                model(example_inputs)
+    except Exception as e:
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise error(f"{who}: the model cannot run on example_inputs ({_describe_inputs(example_inputs)}): "
+                    f"{detail}; pass a batch shaped like the training data") from None
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+        with torch.no_grad():
+            for k, v in model.state_dict().items():
+                if k in state and v.shape == state[k].shape:
+                    v.copy_(state[k])  # BatchNorm statistics of a training-mode run
+
+
+def checked_pruner(pruner_cls: Callable, model: nn.Module, example_inputs: Any, *,
+                   error: Type[Exception] = ValueError, **kwargs: Any):
+    """``pruner_cls(model, example_inputs, **kwargs)`` after :func:`check_pruner_inputs`.
+
+    Any failure of the construction itself (Torch-Pruning's tracing) is raised as ``error`` too,
+    and every module's train/eval mode is restored whether it succeeds or not.
+
+    Example:
+        >>> import torch_pruning as tp
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3))
+        >>> p = checked_pruner(tp.pruner.MetaPruner, net, torch.zeros(1, 3, 8, 8), pruning_ratio=0.5,
+        ...                    importance=tp.importance.MagnitudeImportance(), ignored_layers=[net[2]])
+        >>> type(p).__name__, net.training
+        ('BasePruner', True)
+    """
+    who = getattr(pruner_cls, "__name__", "pruner")  # tp.pruner.MetaPruner is BasePruner
+    check_pruner_inputs(model, example_inputs, kwargs.get("ignored_layers"), error, who)
+    modes = {m: m.training for m in model.modules()}
+    try:
+        return pruner_cls(model, example_inputs, **kwargs)
+    except error:
+        raise
+    except Exception as e:
+        raise error(f"{who}: cannot build the dependency graph ({type(e).__name__}: {e})") from None
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
