@@ -28,6 +28,7 @@ from pfgdf_plugin.measure import (
 )
 from pfgdf_plugin.models import MODELS, build_model
 from pfgdf_plugin.registry import UnknownNameError
+from pfgdf_plugin.train import TrainConfig, train
 
 DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -215,8 +216,22 @@ def test_evaluate_restores_mode():
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
     model.train()
     res = evaluate(model, test, progress=False)
-    assert 0.0 <= res["accuracy"] <= 1.0 and res["loss"] > 0
     assert model.training
+    with torch.no_grad():
+        model.eval()
+        pairs = [(model(x).argmax(1), y) for x, y in test]
+    assert res["accuracy"] == sum(int((p == y).sum()) for p, y in pairs) / 20 and res["loss"] > 0
+
+
+def test_lenet_learns_digits_above_80_percent():
+    torch.manual_seed(0)
+    spec = build_dataset("digits", image_size=32, limit_train=512, limit_test=256)
+    train_loader, test_loader = make_loaders(spec, 64)
+    model = build_model("lenet5", num_classes=spec.num_classes, in_channels=spec.in_channels)
+    before = evaluate(model, test_loader, progress=False)["accuracy"]
+    train(model, train_loader, TrainConfig(epochs=5, lr=0.003, optimizer="adam"), progress=False)
+    after = evaluate(model, test_loader, progress=False)["accuracy"]
+    assert after > 0.8 and after > before + 0.5, (before, after)
 
 
 def test_measure_latency_two_tiny_models():

@@ -33,9 +33,9 @@ def pruned(digits):
     (train_loader, _), spec = digits
     torch.manual_seed(0)
     model = build_model("lenet5", num_classes=spec.num_classes, in_channels=spec.in_channels)
-    train(model, train_loader, TrainConfig(epochs=3, lr=0.05), progress=False)
+    train(model, train_loader, TrainConfig(epochs=5, lr=0.003, optimizer="adam"), progress=False)
     small = prune(model, torch.randn(1, spec.in_channels, 32, 32), "l1", ratio=0.3).model
-    train(small, train_loader, TrainConfig(epochs=1, lr=0.01), progress=False)
+    train(small, train_loader, TrainConfig(epochs=1, lr=0.001, optimizer="adam"), progress=False)
     return small
 
 
@@ -48,7 +48,8 @@ def test_prune_then_quantize_calibrates_every_layer_and_runs(method, digits, pru
     (train_loader, test_loader), _ = digits
     model = copy.deepcopy(pruned)
     float_acc = measure.evaluate(model, test_loader, "cpu", "", False)["accuracy"]
-    res = quantize(model, QuantizeConfig(method=method, epochs=1), train_loader)
+    epochs = 3 if method == "lsq" else 1  # LSQ learns its step sizes: give it a few epochs
+    res = quantize(model, QuantizeConfig(method=method, epochs=epochs), train_loader)
     assert sorted(res.calibration) == sorted(_layers(pruned))
     for name, targets in res.calibration.items():
         assert set(targets) == {"_input_0", "weight", "_output_0"}, name
@@ -60,8 +61,11 @@ def test_prune_then_quantize_calibrates_every_layer_and_runs(method, digits, pru
         y_q = model(x)
     assert y_q.shape == (x.shape[0], 10) and bool(torch.isfinite(y_q).all())
     acc = measure.evaluate(model, test_loader, "cpu", "", False)["accuracy"]
+    assert float_acc > 0.8  # the pruned, fine-tuned LeNet has learnt digits
     if method in ("qat", "ptq"):  # 8-bit affine keeps a trained LeNet's accuracy
         assert acc >= float_acc - 0.05, (acc, float_acc)
+    else:  # 8-bit symmetric LSQ, with a learnt step size, too
+        assert acc >= float_acc - 0.1, (acc, float_acc)
     res.quantizer.unwrap_model()
     assert not any(hasattr(m, "_nni_wrapper") for m in model.modules())
 
@@ -116,6 +120,7 @@ def test_fused_spp_and_qat_recipe_reports_both_calibrations(tmp_path):
     model, _ = load_pruned(os.path.join(metrics["run_dir"], "pruned.pt"))
     assert q["fused"] and q["fused_layers"] == q["layers"] == len(_layers(model)) == 22  # 21 convs + fc
     assert metrics["spp"]["finished"] and metrics["after"]["params"] < metrics["before"]["params"]
-    assert 0.0 <= q["accuracy"] <= 1.0
+    # the tiny budget does not train resnet20 far; the quantized model must still score like the float one
+    assert abs(q["accuracy"] - metrics["after"]["accuracy"]) <= 0.1, (q["accuracy"], metrics["after"]["accuracy"])
     report = open(os.path.join(metrics["run_dir"], "report.md")).read()
     assert "fused with pruning" in report and "8-bit QAT" in report
