@@ -80,7 +80,8 @@ class DBPPruner:
         timing: how latency is timed (:class:`pfgdf_plugin.meter.Timing` or its fields: engine
             ``pytorch`` | ``onnxruntime``, threads, batch size, warm-up, repeats; defaults
             PyTorch, 1 thread, batch 1).
-        ignored_layers: layers width pruning leaves alone (default: the last ``nn.Linear``).
+        ignored_layers: layers width pruning leaves alone, besides the classifier (the last
+            ``nn.Linear``), which it always leaves alone.
         max_width_ratio: the largest global channel ratio the width step tries.
 
     Raises:
@@ -141,7 +142,8 @@ class DBPPruner:
         self.width_importance = width_importance
         self.depth_share = float(depth_share) if self._width_on() else 1.0
         self.max_width_ratio = max_width_ratio
-        self.ignored_layers = _classifier(model) if ignored_layers is None else list(ignored_layers)
+        head = _classifier(model)
+        self.ignored_layers = head + [m for m in ignored_layers or () if not any(m is h for h in head)]
         modules_of(model, model, self.ignored_layers)  # each must belong to the model
         if self.target.kind == "latency" and latency_fn is None:
             latency_fn = paired_timer(example_inputs, self.timing)
