@@ -118,8 +118,9 @@ def report(result: PruneResult, plot_dir: Optional[str]) -> Tuple[Dict[str, Any]
     with the depth and width steps) and its block chart."""
     x = result.extra
     metrics = {"dbp": {"removed": x["dbp_removed"], "macs_ratio": x["dbp_macs_ratio"],
-                       "latency_ratio": x["dbp_latency_ratio"], "blocks": x["dbp_blocks"],
-                       "target": x.get("dbp_target")}}
+                       "latency_ratio": x["dbp_latency_ratio"], "blocks": x["dbp_blocks"]}}
+    if x.get("dbp_target") is not None:
+        metrics["dbp"]["target"] = x["dbp_target"]
     if plot_dir is None or not x.get("dbp_blocks"):
         return metrics, []
     from ..report import plot_dbp_blocks
