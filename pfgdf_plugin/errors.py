@@ -69,6 +69,11 @@ class TargetError(PluginError, ValueError):
     best ratio reached, and the model is left untouched."""
 
 
+class DBPTargetError(DBPError, TargetError):
+    """DBP cannot reach its target (by blocks, or by blocks then width); both a :class:`DBPError` and a
+    :class:`TargetError`. The message names the target and the best reached; the model is untouched."""
+
+
 class PrunedFileError(PluginError, ValueError):
     """The file is not a pruned model of this package, or does not fit the base model."""
 

@@ -3,8 +3,10 @@
 The method lives in :mod:`pfgdf_plugin.methods.dbp`; this module reads an NNI ``config_list``
 (which blocks, what share of them to remove), takes the probes' labelled batches from an NNI
 evaluator or from ``data=``, and calls :func:`pfgdf_plugin.methods.dbp.prune_` with the project's
-MACs counter (:func:`pfgdf_plugin.measure.count_macs`) and latency timer
-(:func:`pfgdf_plugin.measure.paired_latency`).
+MACs and parameter counters (:func:`pfgdf_plugin.measure.count_macs`, ``count_params``) and
+latency timer (:func:`pfgdf_plugin.pair_timing.paired_timer`). NNI's DBP is depth only: a target
+that removing every selected block cannot reach is a
+:class:`~pfgdf_plugin.errors.DBPTargetError` (the Torch-Pruning ``DBPPruner`` then prunes width).
 
 Why it is not an ``nni.compression`` ``Pruner``: NNI's pruners express their decision as masks
 over weights, inputs and outputs of wrapped modules, and ``ModelSpeedup`` then shrinks tensors.
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import re
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -25,7 +27,9 @@ from nni.compression.utils.evaluator import Evaluator
 
 from .. import measure
 from .. import models as _models  # noqa: F401  (registers the residual block types DBP can remove)
+from ..meter import Timing
 from ..methods import dbp
+from ..pair_timing import paired_timer
 from ._common import copy_config
 
 _D = dbp.DBPParams()
@@ -145,9 +149,12 @@ class DBPPruner:
       the least discriminative ones); ints are cast to float. A block matched by several entries
       belongs to the last one, as in NNI.
 
-    Or give ``target=`` (``{"blocks": n}``, ``{"macs": ratio}``, ``{"latency": ratio}``) for all
-    selected blocks together; entries then carry no ``sparse_ratio``. DBP's other knobs are
-    constructor arguments, because NNI's config schema rejects unknown keys.
+    Or give ``target=`` (``{"blocks": n}``, ``{"macs": r}``, ``{"params": r}``, ``{"latency": r}``)
+    for all selected blocks together; entries then carry no ``sparse_ratio``. This pruner removes
+    blocks only: a ratio target that removing every selected block cannot reach raises
+    :class:`~pfgdf_plugin.errors.DBPTargetError` (use the Torch-Pruning ``DBPPruner`` for depth
+    then width). DBP's other knobs are constructor arguments, because NNI's config schema rejects
+    unknown keys.
 
     The probes' labelled batches come from ``data=`` or, without it, from the evaluator's
     training loop (:func:`capture_batches`: a copy of the model runs up to ``num_batches`` training
@@ -161,12 +168,14 @@ class DBPPruner:
         example_inputs: a batch for the shape pass (default: the evaluator's dummy input, else the
             first data batch's first sample).
         target: a global target instead of per-entry ``sparse_ratio``.
-        num_batches, num_classes, seed, holdout, reference, weight_decay, max_iter, latency_*,
-            progress, latency_fn: see :class:`pfgdf_plugin.torch_pruning.dbp.DBPPruner`.
+        num_batches, num_classes, seed, holdout, reference, weight_decay, max_iter, progress,
+            latency_fn, timing: see :class:`pfgdf_plugin.torch_pruning.dbp.DBPPruner`.
 
-    After :meth:`compress`: ``removed``, ``report`` and ``result`` as in the Torch-Pruning
-    ``DBPPruner``. MACs ratios use :func:`pfgdf_plugin.measure.count_macs`, as the Torch-Pruning
-    ``DBPPruner`` does, so one ``{"macs": r}`` target removes the same blocks in both frameworks.
+    After :meth:`compress`: ``removed``, ``report``, ``result`` and ``target_report`` (its
+    ``width`` always ``None``, ``width_ratio`` 0.0) as in the Torch-Pruning ``DBPPruner``. MACs
+    ratios use :func:`pfgdf_plugin.measure.count_macs`, as the Torch-Pruning ``DBPPruner`` does,
+    so one ``{"macs": r}`` target removes the same blocks in both frameworks (when blocks alone
+    reach it).
 
     Example:
         >>> import torch
@@ -183,9 +192,9 @@ class DBPPruner:
                  *, data: Optional[Iterable] = None, example_inputs: Any = None, target: Any = None,
                  num_batches: Optional[int] = _D.num_batches, num_classes: Optional[int] = None,
                  seed: int = _D.seed, holdout: float = _D.holdout, reference: str = _D.reference,
-                 weight_decay: float = 1e-3, max_iter: int = 100, latency_warmup: int = 5,
-                 latency_repeats: int = 30, latency_threads: Optional[int] = None, progress: bool = False,
-                 latency_fn: Optional[Callable[[nn.Module, nn.Module], Tuple[float, float]]] = None) -> None:
+                 weight_decay: float = 1e-3, max_iter: int = 100, progress: bool = False,
+                 latency_fn: Optional[Callable[[nn.Module, nn.Module], Tuple[float, float]]] = None,
+                 timing: Optional[Union[Timing, Mapping[str, Any]]] = None) -> None:
         if evaluator is not None and not isinstance(evaluator, Evaluator):
             raise TypeError(f"evaluator must be an nni.compression Evaluator, got {type(evaluator).__name__}")
         if data is None and evaluator is None:
@@ -199,6 +208,7 @@ class DBPPruner:
         if reference not in dbp.REFERENCES:
             raise ValueError(f"reference must be one of {', '.join(dbp.REFERENCES)}; got {reference!r}")
         self.target = None if target is None else dbp.Target.parse(target)
+        self.timing = Timing.parse(timing)
         self.config_list = _parse_config(config_list, self.target is not None)
         self.bound_model = model
         self.evaluator = evaluator
@@ -214,8 +224,7 @@ class DBPPruner:
             raise TypeError("DBPPruner needs example_inputs=... (the evaluator has no dummy input)")
         self.example_inputs = example_inputs
         if self.target is not None and self.target.kind == "latency" and latency_fn is None:
-            latency_fn = measure.paired_latency(dbp.latency_input_shape(example_inputs), latency_warmup,
-                                                latency_repeats, latency_threads)
+            latency_fn = paired_timer(example_inputs, self.timing)
         self._options = dict(num_batches=num_batches, num_classes=num_classes, holdout=float(holdout),
                              seed=int(seed), weight_decay=float(weight_decay), max_iter=int(max_iter),
                              reference=reference, latency_fn=latency_fn, progress=progress)
@@ -224,6 +233,8 @@ class DBPPruner:
         self.result: Optional[dbp.DBPResult] = None
         self.report: Dict[str, Dict[str, Any]] = {}
         self.removed: List[str] = []
+        self.width_ratio = 0.0
+        self.target_report: Dict[str, Any] = {}
 
     def _macs(self, model: nn.Module) -> float:
         return float(measure.count_macs(model, self.example_inputs))
@@ -307,7 +318,10 @@ class DBPPruner:
         else:
             target, groups = dbp.Target("blocks", sum(c for _, c in self.groups)), self.groups
         self.result = dbp.prune_(self.bound_model, self.example_inputs, self._batches(), target, blocks=self.blocks,
-                                 groups=groups, macs_fn=self._macs, **self._options)
+                                 groups=groups, macs_fn=self._macs, params_fn=measure.count_params,
+                                 **self._options)
         self.report = self.result.report()
         self.removed = list(self.result.removed)
+        reached = len(self.removed) if target.kind == "blocks" else self.result.plan.ratio(target.kind)
+        self.target_report = dbp.target_report(self.result, reached)
         return self.bound_model, {}

@@ -14,21 +14,24 @@ from ..methods.params import is_int, is_number
 from .common import channel_report, needs_data, train_config
 from .registry import Method, PruneContext, PruneResult, register
 
-TARGETS = ("blocks", "macs", "latency")
+TARGETS = ("blocks", "macs", "params", "latency")
 
 
 @dataclasses.dataclass(frozen=True)
 class DBPRecipeParams(DBPParams):
-    """DBP's knobs plus its target, given as exactly one of three keys.
+    """DBP's knobs plus its target, given as exactly one of four keys.
 
     Attributes:
         blocks: remove this many blocks (>= 1).
-        macs: remove blocks until dense MACs / pruned MACs reaches this ratio (>= 1).
-        latency: remove blocks until the measured batch-1 CPU latency ratio reaches this (>= 1).
+        macs: remove blocks (then channels, if blocks fall short) until dense MACs / pruned MACs
+            reaches this ratio (>= 1).
+        params: the same for parameters.
+        latency: the same for the measured latency (PyTorch, 1 thread, batch 1).
     """
 
     blocks: Optional[int] = None
     macs: Optional[float] = None
+    params: Optional[float] = None
     latency: Optional[float] = None
 
     def target(self) -> Dict[str, Any]:
@@ -39,11 +42,11 @@ class DBPRecipeParams(DBPParams):
         found = super().problems()
         given = self.target()
         if len(given) != 1:
-            found.append("set exactly one target of blocks, macs, latency; got "
+            found.append("set exactly one target of blocks, macs, params, latency; got "
                          + (", ".join(f"{k}={v!r}" for k, v in given.items()) or "none"))
         if self.blocks is not None and (not is_int(self.blocks) or self.blocks < 1):
             found.append(f"blocks must be >= 1, got {self.blocks!r}")
-        for key in ("macs", "latency"):
+        for key in ("macs", "params", "latency"):
             value = getattr(self, key)
             if value is not None and (not is_number(value) or value < 1):
                 found.append(f"{key} must be a ratio >= 1 (dense / pruned), got {value!r}")
@@ -72,7 +75,8 @@ def _result(model: nn.Module, before: Dict[str, int], pruner) -> PruneResult:
     return PruneResult(model, layers, extra={
         "dbp_blocks": {n: {k: v for k, v in e.items() if k != "members"} for n, e in pruner.report.items()},
         "dbp_removed": list(pruner.removed), "dbp_macs_ratio": plan.macs_ratio,
-        "dbp_latency_ratio": plan.latency_ratio, "dbp_baseline": pruner.result.info.get("baseline")})
+        "dbp_latency_ratio": plan.latency_ratio, "dbp_baseline": pruner.result.info.get("baseline"),
+        "dbp_target": pruner.target_report})
 
 
 def _kwargs(p: DBPRecipeParams, ctx: PruneContext) -> Dict[str, Any]:
@@ -86,13 +90,16 @@ def _tp_dbp(model, example_inputs, p: DBPRecipeParams, ratio, ignored, ctx) -> P
     needs_data(ctx, "dbp", "trains linear probes")
     before = filters_per_layer(model)
     candidates = [members for _, members in _candidates(model, example_inputs, p, ignored)]
-    pruner = DBPPruner(model, example_inputs, data=ctx.train_loader, candidates=candidates, **_kwargs(p, ctx))
+    pruner = DBPPruner(model, example_inputs, data=ctx.train_loader, candidates=candidates,
+                       ignored_layers=list(ignored), depth_share=p.depth_share,
+                       width_importance=p.width_importance, **_kwargs(p, ctx))
     pruner.step()
     return _result(model, before, pruner)
 
 
 def _nni_dbp(model, example_inputs, p: DBPRecipeParams, ratio, ignored, ctx) -> PruneResult:
-    """DBP through NNI: config_list selects the candidate blocks, the evaluator supplies the batches."""
+    """DBP through NNI (depth only): config_list selects the candidate blocks, the evaluator supplies the
+    batches."""
     from ..nni.dbp import DBPPruner
     from ..quantize import torch_evaluator
 
@@ -107,10 +114,13 @@ def _nni_dbp(model, example_inputs, p: DBPRecipeParams, ratio, ignored, ctx) -> 
 
 
 def report(result: PruneResult, plot_dir: Optional[str]) -> Tuple[Dict[str, Any], List[str]]:
-    """DBP's metrics (blocks removed, MACs and latency ratios, every block's scores) and its block chart."""
+    """DBP's metrics (blocks removed, MACs and latency ratios, every block's scores, requested vs reached
+    with the depth and width steps) and its block chart."""
     x = result.extra
     metrics = {"dbp": {"removed": x["dbp_removed"], "macs_ratio": x["dbp_macs_ratio"],
                        "latency_ratio": x["dbp_latency_ratio"], "blocks": x["dbp_blocks"]}}
+    if x.get("dbp_target") is not None:
+        metrics["dbp"]["target"] = x["dbp_target"]
     if plot_dir is None or not x.get("dbp_blocks"):
         return metrics, []
     from ..report import plot_dbp_blocks

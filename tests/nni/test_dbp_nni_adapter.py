@@ -2,6 +2,7 @@
 
 import inspect
 
+import pytest
 import torch
 
 from pfgdf_plugin.measure import count_macs
@@ -43,3 +44,21 @@ def test_a_given_latency_timer_decides_a_latency_target():
     pruner.compress()
     assert len(pruner.removed) == 2
     assert [m["ratio"] for m in pruner.result.plan.measurements] == [4.0 / 3.5, 2.0]
+
+
+def test_params_target_and_target_report_depth_only():
+    from pfgdf_plugin.measure import count_params
+    from pfgdf_plugin.methods import dbp as dbp_methods
+
+    model = build_model("resnet20", width=0.25)
+    dense = count_params(model)
+    pruner = DBPPruner(model, [{"op_types": ["BasicBlock"]}], data=_data(), target={"params": 1.2})
+    pruner.compress()
+    rep = pruner.target_report
+    assert rep["target"] == {"params": 1.2} and rep["width"] is None and pruner.width_ratio == 0.0
+    assert rep["reached"] == pytest.approx(dense / count_params(model)) and rep["reached"] >= 1.2
+    fresh = build_model("resnet20", width=0.25)
+    with pytest.raises(dbp_methods.DBPTargetError, match=r"target params ratio 50 cannot be met: removing all 7 "
+                                                         r"candidate block\(s\) reaches a params ratio of"):
+        DBPPruner(fresh, [{"op_types": ["BasicBlock"]}], data=_data(), target={"params": 50}).compress()
+    assert not any(isinstance(m, torch.nn.Identity) for m in fresh.modules())

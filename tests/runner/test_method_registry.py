@@ -19,7 +19,8 @@ def test_every_method_validates_into_its_params_dataclass(name):
     assert issubclass(method.params, Params) and method.params.__dataclass_params__.frozen
     params, errors = parse_params(method, {})
     if name == "dbp":  # a target is required
-        assert params is None and errors == ["prune.params: set exactly one target of blocks, macs, latency; got none"]
+        assert params is None and errors == [
+            "prune.params: set exactly one target of blocks, macs, params, latency; got none"]
     else:
         assert errors == [] and isinstance(params, method.params)
 

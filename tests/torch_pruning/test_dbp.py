@@ -8,8 +8,11 @@ import torch.nn as nn
 import torch_pruning as tp
 import torchvision
 
+from pfgdf_plugin.errors import TargetError
 from pfgdf_plugin.measure import count_macs, count_params
+from pfgdf_plugin.meter import Timing
 from pfgdf_plugin.methods import dbp
+from pfgdf_plugin.methods.target import Target as SharedTarget
 from pfgdf_plugin.models import build_model
 from pfgdf_plugin.torch_pruning import GaussianImportance
 from pfgdf_plugin.torch_pruning.dbp import DBPPruner, DiscriminationImportance
@@ -227,15 +230,21 @@ def test_reference_input_scores_each_block_against_its_own_input():
 def test_target_parsing():
     assert dbp.Target.parse({"blocks": 3}) == dbp.Target("blocks", 3)
     assert dbp.Target.parse({"latency": 1}).value == 1.0
+    assert dbp.Target.parse({"params": 2}) == dbp.Target("params", 2.0)
+    assert dbp.Target.parse(SharedTarget("macs", 3.0)) == dbp.Target("macs", 3.0)
+    assert dbp.Target("macs", 3.0).shared() == SharedTarget("macs", 3.0)
     for spec, match in [({"blocks": -1}, "'blocks' must be an int >= 0, got -1"),
                         ({"blocks": 1.5}, "'blocks' must be an int >= 0, got 1.5"),
-                        ({"macs": 0.5}, r"'macs' must be a ratio >= 1 \(dense / pruned\), got 0.5"),
-                        ({"macs": 2, "blocks": 1}, "exactly one key"),
-                        ({"speed": 2}, "unknown kind 'speed'")]:
-        with pytest.raises(ValueError, match=match):
+                        ({"macs": 0.5}, r"target: macs must be a finite ratio >= 1 \(dense / pruned\), got 0.5"),
+                        ({"params": float("nan")}, "params must be a finite ratio >= 1"),
+                        ({"latency": True}, "latency must be a finite ratio >= 1"),
+                        ({"macs": 2, "blocks": 1}, "give one target at a time, got macs and blocks"),
+                        ({}, "give one target at a time, got none"),
+                        ({"speed": 2}, r"unknown kind 'speed'; give one of \{'blocks': n\}"),
+                        ("3", "target must be a dict such as")]:
+        with pytest.raises(TargetError, match=match):
             dbp.Target.parse(spec)
-    with pytest.raises(TypeError, match="target must be a dict"):
-        dbp.Target.parse("3")
+    assert issubclass(TargetError, ValueError)
 
 
 def test_macs_target_is_met_with_fewest_blocks():
@@ -311,8 +320,12 @@ def test_latency_target_builds_the_timer_from_example_inputs():
     with pytest.raises(dbp.DBPError, match=r"a latency target needs example_inputs to be one image batch tensor"):
         DBPPruner(model, {"x": torch.randn(1, *X32)}, data=_random_data(classes=4), target={"latency": 1.2})
     pruner = DBPPruner(model, torch.randn(1, *X32), data=_random_data(classes=4), target={"latency": 1.2},
-                       latency_repeats=2, latency_warmup=0)
+                       timing={"repeats": 2, "warmup": 0})
     assert callable(pruner._options["latency_fn"])
+    assert pruner.timing == Timing(repeats=2, warmup=0)  # PyTorch, 1 thread, batch 1
+    with pytest.raises(TargetError, match="engine must be one of pytorch, onnxruntime; got 'tvm'"):
+        DBPPruner(model, torch.randn(1, *X32), data=_random_data(classes=4), target={"latency": 1.2},
+                  timing={"engine": "tvm"})
 
 
 # --------------------------------------------------------------------------- errors leave the model alone
@@ -340,8 +353,8 @@ def test_unreachable_target_leaves_model_untouched(target, match):
     model = build_model("resnet20", width=0.25)
     snap = _snapshot(model)
     pruner = DBPPruner(model, torch.randn(1, *X32), data=_random_data(batches=2), target=target,
-                       latency_fn=_conv_count_latency)
-    with pytest.raises(dbp.DBPError, match=match):
+                       latency_fn=_conv_count_latency, width_importance="none")
+    with pytest.raises(dbp.DBPTargetError, match=match):
         pruner.step()
     assert _same(model, snap)
     assert pruner.removed == [] and pruner.result is None

@@ -28,36 +28,44 @@ parameter:
   own input instead. Ties in accuracy gain are broken by the drop of the probe's held-out
   cross-entropy (bigger drop = more useful), then by network order.
 * **Selection** (:func:`plan_removal`, in :mod:`.plan`): remove the lowest-value blocks until a
-  :class:`Target` is met: a number of blocks, a MACs ratio (dense / pruned, by the caller's
-  ``macs_fn``), or a latency ratio (blocks are removed one by one and the caller's
-  ``latency_fn`` times dense against pruned after each removal).
+  :class:`Target` is met: a number of blocks, a MACs or parameter ratio (dense / pruned, by the
+  caller's ``macs_fn`` / ``params_fn``), or a latency ratio (blocks are removed one by one and
+  the caller's ``latency_fn`` times dense against pruned after each removal).
+* **Depth then width** (:mod:`.split`): a ratio target is split between depth
+  (``ratio ** depth_share``) and width; when blocks alone cannot reach their part, every
+  candidate goes and the adapters prune channels for the rest.
 
 A target that cannot be met raises :class:`DBPError` before the model is changed.
 """
 
-from ...errors import DBPError
+from ...errors import DBPError, DBPTargetError
 from .blocks import (Block, find_blocks, register_block_type, registered_block_types, remove_blocks_,
                      set_block_macs_)
-from .params import REFERENCES, DBPParams
-from .plan import TARGET_KINDS, DBPResult, Plan, Target, latency_input_shape, plan_removal, prune_
+from .params import REFERENCES, WIDTH_IMPORTANCES, DBPParams
+from .plan import TARGET_KINDS, DBPResult, Plan, Target, decide, latency_input_shape, plan_removal, prune_
 from .probing import (check_finite_features, check_finite_model, check_labels, collect_features, fisher_ratio, probe,
                     probes)
 from .score import BlockScore, quota_selection, removal_order, score_blocks
+from .split import depth_target, target_report, width_target
 
 __all__ = [
     "Block",
     "BlockScore",
     "DBPError",
+    "DBPTargetError",
     "DBPParams",
     "DBPResult",
     "Plan",
     "REFERENCES",
     "TARGET_KINDS",
     "Target",
+    "WIDTH_IMPORTANCES",
     "check_finite_features",
     "check_finite_model",
     "check_labels",
     "collect_features",
+    "decide",
+    "depth_target",
     "find_blocks",
     "fisher_ratio",
     "latency_input_shape",
@@ -72,4 +80,6 @@ __all__ = [
     "removal_order",
     "score_blocks",
     "set_block_macs_",
+    "target_report",
+    "width_target",
 ]

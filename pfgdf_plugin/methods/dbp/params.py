@@ -8,16 +8,17 @@ from typing import Any, ClassVar, List, Optional
 from ...errors import DBPError
 from ..params import Params
 
-__all__ = ["DBPParams", "REFERENCES"]
+__all__ = ["DBPParams", "REFERENCES", "WIDTH_IMPORTANCES"]
 
 REFERENCES = ("previous", "input")
+WIDTH_IMPORTANCES = ("l1", "discrimination", "none")
 
 
 @dataclass(frozen=True)
 class DBPParams(Params):
     """DBP's knobs, with the one set of defaults the pruners and the recipes share.
 
-    The budget (``blocks``, ``macs`` or ``latency``) is given beside these as a
+    The budget (``blocks``, ``macs``, ``params`` or ``latency``) is given beside these as a
     :class:`~pfgdf_plugin.methods.dbp.Target`.
 
     Attributes:
@@ -27,6 +28,13 @@ class DBPParams(Params):
         seed: seed of the train/hold-out split.
         candidates: block names (or lists of member names) to choose from; ``None``: every
             removable block found.
+        depth_share: the share of a ratio target's log-ratio that removing blocks should deliver,
+            in [0, 1]: blocks are removed until ``ratio ** depth_share`` is reached, and width
+            pruning delivers the rest. 1 (default): depth alone, as far as it can go; width only
+            when removing every candidate is not enough. ``blocks`` targets ignore it.
+        width_importance: how the width step ranks channels: ``l1`` (filter L1 magnitude,
+            default), ``discrimination`` (DBP's per-channel Fisher ratio on the probe data) or
+            ``none`` (depth only: a target that blocks alone cannot reach is an error).
 
     Example:
         >>> DBPParams().num_batches
@@ -43,6 +51,8 @@ class DBPParams(Params):
     reference: str = "previous"
     seed: int = 0
     candidates: Optional[List[Any]] = None
+    depth_share: float = 1.0
+    width_importance: str = "l1"
 
     def problems(self) -> List[str]:
         found = []
@@ -59,4 +69,10 @@ class DBPParams(Params):
                                             or not isinstance(self.candidates, (list, tuple))):
             found.append(f"candidates must be a list of block names (or lists of member names), "
                          f"got {self.candidates!r}")
+        if isinstance(self.depth_share, bool) or not isinstance(self.depth_share, (int, float)) \
+                or not 0 <= self.depth_share <= 1:
+            found.append(f"depth_share must be in [0, 1], got {self.depth_share!r}")
+        if self.width_importance not in WIDTH_IMPORTANCES:
+            found.append(f"width_importance must be one of {', '.join(WIDTH_IMPORTANCES)}; "
+                         f"got {self.width_importance!r}")
         return found

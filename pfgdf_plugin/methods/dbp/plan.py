@@ -1,46 +1,48 @@
 """DBP's decision: which blocks to remove to meet a :class:`Target`, and the whole method, :func:`prune_`.
 
-The planner counts and measures nothing itself: the caller passes ``macs_fn`` (``model -> MACs``)
-and, for latency targets, ``latency_fn`` (``(dense, pruned) -> (dense_ms, pruned_ms)``). The
-Torch-Pruning and NNI adapters pass :func:`pfgdf_plugin.measure.count_macs` and
-:func:`pfgdf_plugin.measure.paired_latency`.
+The planner counts and measures nothing itself: the caller passes ``macs_fn`` (``model -> MACs``),
+``params_fn`` (``model -> parameters``) and, for latency targets, ``latency_fn`` (``(dense, pruned) ->
+(dense_ms, pruned_ms)``). The Torch-Pruning and NNI adapters pass the project's counters and timer.
+:func:`decide` chooses without touching the model (the adapters then add width where depth falls
+short, see :mod:`.split`); :func:`prune_` chooses and removes.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
-from ...errors import DBPError
+from ...errors import DBPError, DBPTargetError, TargetError
+from .. import target as budget
 from .blocks import Block, call_model, find_blocks, modes, remove_blocks_, restore, shape_of
 from .params import DBPParams
 from .score import BlockScore, quota_selection, removal_order, score_blocks
 
-__all__ = ["DBPResult", "Plan", "TARGET_KINDS", "Target", "latency_input_shape", "plan_removal", "prune_"]
+__all__ = ["DBPResult", "Plan", "TARGET_KINDS", "Target", "decide", "latency_input_shape", "plan_removal", "prune_"]
 
-TARGET_KINDS = ("blocks", "macs", "latency")
+TARGET_KINDS = ("blocks",) + budget.KINDS
 _D = DBPParams()
 
-MacsFn = Callable[[nn.Module], float]
+MacsFn = Callable[[nn.Module], float]  # also the type of params_fn
 LatencyFn = Callable[[nn.Module, nn.Module], Tuple[float, float]]
 
 
 @dataclass(frozen=True)
-class Target:
-    """How much to remove: ``Target("blocks", 3)``, ``Target("macs", 1.5)`` or ``Target("latency", 1.3)``.
+class Target(budget.Target):
+    """How much to remove: a :class:`pfgdf_plugin.methods.target.Target`, or DBP's own ``blocks`` kind.
 
     * ``blocks``: remove exactly this many blocks (an int >= 0).
-    * ``macs``: remove blocks until dense MACs / pruned MACs >= value (>= 1).
-    * ``latency``: remove blocks one at a time, timing dense against pruned after each removal
-      (with the caller's ``latency_fn``; the adapters time batch 1 on the CPU), until dense
-      latency / pruned latency >= value (>= 1).
+    * ``macs`` / ``params``: dense / pruned MACs or parameters >= value (>= 1).
+    * ``latency``: dense / pruned measured latency >= value (>= 1); blocks are removed one at a
+      time and the caller's ``latency_fn`` times dense against pruned after each removal.
 
-    Build one with :meth:`parse`, which also takes ``{"blocks": 3}``, ``{"macs": 1.5}``,
+    The ratio kinds are validated by :class:`pfgdf_plugin.methods.target.Target` (a
+    :class:`~pfgdf_plugin.errors.TargetError`, a ``ValueError``, for a bad one). Build one with
+    :meth:`parse`, which also takes ``{"blocks": 3}``, ``{"macs": 1.5}``, ``{"params": 2}``,
     ``{"latency": 1.3}`` or a bare int (blocks).
 
     Example:
@@ -51,38 +53,40 @@ class Target:
         >>> Target.parse({"flops": 2})  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        ValueError: target: unknown kind 'flops'; give one of {'blocks': int}, ...
+        pfgdf_plugin.errors.TargetError: target: unknown kind 'flops'; give one of {'blocks': n} ...
     """
 
-    kind: str
-    value: Union[int, float]
-
     def __post_init__(self) -> None:
-        if self.kind not in TARGET_KINDS:
-            raise ValueError(f"target: unknown kind {self.kind!r}; give one of {_TARGET_USAGE}")
-        v = self.value
         if self.kind == "blocks":
+            v = self.value
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"target: 'blocks' must be an int >= 0, got {v!r}")
-        else:
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 1:
-                raise ValueError(f"target: {self.kind!r} must be a ratio >= 1 (dense / pruned), got {v!r}")
-            object.__setattr__(self, "value", float(v))
+                raise TargetError(f"target: 'blocks' must be an int >= 0, got {v!r}")
+            return
+        if self.kind not in budget.KINDS:
+            raise TargetError(f"target: unknown kind {self.kind!r}; give one of {_TARGET_USAGE}")
+        super().__post_init__()
 
     @classmethod
     def parse(cls, spec: Any) -> "Target":
-        """A :class:`Target` from a ``Target``, an int (blocks) or a one-key dict."""
-        if isinstance(spec, Target):
+        """A :class:`Target` from a ``Target`` (DBP's or the shared one), an int (blocks) or a one-key dict."""
+        if isinstance(spec, cls):
             return spec
+        if isinstance(spec, budget.Target):
+            return cls(spec.kind, spec.value)
         if isinstance(spec, int) and not isinstance(spec, bool):
             return cls("blocks", spec)
-        if isinstance(spec, Mapping):
-            if len(spec) != 1:
-                raise ValueError(f"target must have exactly one key, one of {_TARGET_USAGE}; got {dict(spec)!r}")
+        if isinstance(spec, Mapping) and len(spec) == 1:
             ((kind, value),) = spec.items()
             return cls(str(kind), value)
-        raise TypeError(f"target must be a dict such as {_TARGET_USAGE}, an int or a Target; "
-                        f"got {type(spec).__name__}")
+        if not isinstance(spec, Mapping):
+            raise TargetError(f"target must be a dict such as {_TARGET_USAGE}, an int (blocks) or a Target; "
+                              f"got {spec!r}")
+        shared = budget.Target.parse(spec)  # names the problem (no key, two keys)
+        return cls(shared.kind, shared.value)
+
+    def shared(self) -> budget.Target:
+        """The same ratio target as a :class:`pfgdf_plugin.methods.target.Target` (not for ``blocks``)."""
+        return budget.Target(self.kind, self.value)
 
     def describe(self) -> str:
         """``"3 block(s)"`` or ``"macs ratio 1.5"``, for messages."""
@@ -91,8 +95,7 @@ class Target:
         return f"{self.kind} ratio {self.value:g}"
 
 
-_TARGET_USAGE = "{'blocks': int}, {'macs': ratio >= 1}, {'latency': ratio >= 1}"
-
+_TARGET_USAGE = "{'blocks': n} (n >= 0 blocks), " + budget.USAGE
 
 
 # --------------------------------------------------------------------------- planning
@@ -108,12 +111,21 @@ class Plan:
         latency_ratio: measured dense / pruned latency (``None`` unless the target is latency).
         measurements: for latency targets, one dict per removal:
             ``{"removed": n, "dense_ms", "pruned_ms", "ratio"}``.
+        params_ratio: dense / pruned parameters (per the ``params_fn`` used; ``None`` without one).
+        met: the target was reached by removing blocks; ``False`` only when the planner was
+            allowed to fall short (``short_ok``) and removing every candidate was not enough.
     """
 
     removed: List[str]
     macs_ratio: Optional[float]
     latency_ratio: Optional[float] = None
     measurements: List[Dict[str, float]] = field(default_factory=list)
+    params_ratio: Optional[float] = None
+    met: bool = True
+
+    def ratio(self, kind: str) -> Optional[float]:
+        """The ratio reached for ``kind`` (``macs``, ``params`` or ``latency``); ``None`` if not known."""
+        return {"macs": self.macs_ratio, "params": self.params_ratio, "latency": self.latency_ratio}.get(kind)
 
 
 def latency_input_shape(example_inputs: Any) -> Tuple[int, ...]:
@@ -163,13 +175,19 @@ def _without(model: nn.Module, blocks: Iterable[Block]) -> nn.Module:
     return work
 
 
-def _plan_macs(model: nn.Module, by_name: Mapping[str, Block], order: Sequence[str], target: Target,
-               ratio_of: Callable[[nn.Module], float]) -> Tuple[List[str], nn.Module, float]:
-    """The fewest blocks, in ``order``, whose removal reaches the MACs ratio."""
-    best = ratio_of(_without(model, [by_name[x] for x in order]))
+_LABEL = {"macs": "MACs", "params": "params"}
+
+
+def _plan_ratio(model: nn.Module, by_name: Mapping[str, Block], order: Sequence[str], target: Target,
+                ratio_of: Callable[[nn.Module], float], short_ok: bool) -> Tuple[List[str], nn.Module, float, bool]:
+    """The fewest blocks, in ``order``, whose removal reaches a MACs or params ratio (all, if none does)."""
+    everything = _without(model, [by_name[x] for x in order])
+    best = ratio_of(everything)
     if best < target.value:
-        raise DBPError(f"target {target.describe()} cannot be met: removing all {len(order)} candidate "
-                       f"block(s) reaches a MACs ratio of {best:.3f}")
+        if short_ok:
+            return list(order), everything, best, False
+        raise DBPTargetError(f"target {target.describe()} cannot be met: removing all {len(order)} candidate "
+                       f"block(s) reaches a {_LABEL[target.kind]} ratio of {best:.3f}")
     work = copy.deepcopy(model)
     removed: List[str] = []
     ratio = 1.0
@@ -179,21 +197,25 @@ def _plan_macs(model: nn.Module, by_name: Mapping[str, Block], order: Sequence[s
         remove_blocks_(work, [by_name[name]])
         removed.append(name)
         ratio = ratio_of(work)
-    return removed, work, ratio
+    return removed, work, ratio, True
 
 
 def _plan_latency(model: nn.Module, by_name: Mapping[str, Block], order: Sequence[str], target: Target,
-                  latency_fn: LatencyFn) -> Tuple[List[str], nn.Module, float, List[Dict[str, float]]]:
+                  latency_fn: LatencyFn, short_ok: bool
+                  ) -> Tuple[List[str], nn.Module, float, List[Dict[str, float]], bool]:
     """Remove blocks in ``order``, timing dense against pruned after each, until the ratio is reached."""
     work = copy.deepcopy(model)
     removed: List[str] = []
     measurements: List[Dict[str, float]] = []
     ratio = 1.0
     if target.value <= 1.0:
-        return removed, work, ratio, measurements
-    best = _measure(latency_fn, model, _without(model, [by_name[x] for x in order]))
+        return removed, work, ratio, measurements, True
+    everything = _without(model, [by_name[x] for x in order])
+    best = _measure(latency_fn, model, everything)
     if best["ratio"] < target.value:
-        raise DBPError(f"target {target.describe()} cannot be met: removing all {len(order)} candidate "
+        if short_ok:
+            return list(order), everything, best["ratio"], [{"removed": len(order), **best}], False
+        raise DBPTargetError(f"target {target.describe()} cannot be met: removing all {len(order)} candidate "
                        f"block(s) measured a latency ratio of {best['ratio']:.3f} "
                        f"({best['dense_ms']:.3f} ms -> {best['pruned_ms']:.3f} ms at batch 1)")
     for name in order:
@@ -205,14 +227,41 @@ def _plan_latency(model: nn.Module, by_name: Mapping[str, Block], order: Sequenc
         if ratio >= target.value:
             break
     if ratio < target.value:
-        raise DBPError(f"target {target.describe()} was not met: with all {len(order)} block(s) removed the "
+        raise DBPTargetError(f"target {target.describe()} was not met: with all {len(order)} block(s) removed the "
                        f"latency ratio measured {ratio:.3f} (the machine may be too noisy; retry or lower it)")
-    return removed, work, ratio, measurements
+    return removed, work, ratio, measurements, True
+
+
+def _ratio_fn(count: Optional[MacsFn], model: nn.Module) -> Callable[[nn.Module], Optional[float]]:
+    """``candidate -> dense / candidate`` by ``count`` (``None`` without a counter)."""
+    if count is None:
+        return lambda m: None
+    dense = float(count(model))
+
+    def ratio(m: nn.Module) -> float:
+        pruned = float(count(m))
+        return dense / pruned if pruned > 0 else float("inf")
+
+    return ratio
+
+
+def _check_meters(target: Target, macs_fn: Optional[MacsFn], params_fn: Optional[MacsFn],
+                  latency_fn: Optional[LatencyFn], where: str = "plan_removal") -> None:
+    if target.kind == "macs" and macs_fn is None:
+        raise TypeError(f"{where}: a 'macs' target needs macs_fn=..., a callable model -> MACs "
+                        "(e.g. lambda m: pfgdf_plugin.measure.count_macs(m, example_inputs))")
+    if target.kind == "params" and params_fn is None:
+        raise TypeError(f"{where}: a 'params' target needs params_fn=..., a callable model -> parameters "
+                        "(e.g. pfgdf_plugin.measure.count_params)")
+    if target.kind == "latency" and latency_fn is None:
+        raise TypeError(f"{where}: a 'latency' target needs latency_fn=..., a callable (dense, pruned) -> "
+                        "(dense_ms, pruned_ms) (e.g. pfgdf_plugin.measure.paired_latency(input_shape))")
 
 
 def plan_removal(model: nn.Module, blocks: Sequence[Block], order: Sequence[str], target: Any,
                  example_inputs: Any, macs_fn: Optional[MacsFn] = None,
-                 latency_fn: Optional[LatencyFn] = None) -> Plan:
+                 latency_fn: Optional[LatencyFn] = None, params_fn: Optional[MacsFn] = None,
+                 short_ok: bool = False) -> Plan:
     """Decide which blocks to remove (in ``order``) to meet ``target``, on a copy of ``model``.
 
     ``model`` is never changed. The copy's output shape is checked after the removals.
@@ -226,11 +275,14 @@ def plan_removal(model: nn.Module, blocks: Sequence[Block], order: Sequence[str]
         macs_fn: ``model -> MACs`` (needed by a ``macs`` target; without it ``macs_ratio`` is ``None``).
         latency_fn: ``(dense, pruned) -> (dense_ms, pruned_ms)``, needed by a ``latency`` target:
             called once with every block of ``order`` removed, then after each removal.
+        params_fn: ``model -> parameters`` (needed by a ``params`` target).
+        short_ok: when removing every block of ``order`` does not reach a ratio target, plan
+            that (``plan.met = False``) instead of raising; the caller adds width pruning.
 
     Raises:
-        DBPError: the target cannot be met even by removing every block in ``order``, or a
-            removal changes the model's output shape.
-        TypeError: a ``macs`` target without ``macs_fn`` or a ``latency`` target without ``latency_fn``.
+        DBPError: the target cannot be met even by removing every block in ``order`` (unless
+            ``short_ok``), or a removal changes the model's output shape.
+        TypeError: a ratio target without the callable that measures it.
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(2, 2, 1), nn.Conv2d(2, 2, 1), nn.Conv2d(2, 2, 1))
@@ -246,37 +298,27 @@ def plan_removal(model: nn.Module, blocks: Sequence[Block], order: Sequence[str]
     unknown = [n for n in order if n not in by_name]
     if unknown:
         raise DBPError(f"order names unknown blocks: {', '.join(unknown)}")
-    if target.kind == "macs" and macs_fn is None:
-        raise TypeError("plan_removal: a 'macs' target needs macs_fn=..., a callable model -> MACs "
-                        "(e.g. lambda m: pfgdf_plugin.measure.count_macs(m, example_inputs))")
-    if target.kind == "latency" and latency_fn is None:
-        raise TypeError("plan_removal: a 'latency' target needs latency_fn=..., a callable (dense, pruned) -> "
-                        "(dense_ms, pruned_ms) (e.g. pfgdf_plugin.measure.paired_latency(input_shape))")
-    dense_macs = None if macs_fn is None else float(macs_fn(model))
-
-    def macs_ratio(m: nn.Module) -> Optional[float]:
-        if macs_fn is None or dense_macs is None:
-            return None
-        pruned = float(macs_fn(m))
-        return dense_macs / pruned if pruned > 0 else float("inf")
-
+    _check_meters(target, macs_fn, params_fn, latency_fn)
+    macs_ratio, params_ratio = _ratio_fn(macs_fn, model), _ratio_fn(params_fn, model)
     dense_shape = _output_shape(model, example_inputs)
-    latency, measurements, reached = None, [], None
+    latency, measurements, met = None, [], True
     if target.kind == "blocks":
         if int(target.value) > len(order):
-            raise DBPError(f"target {target.describe()} cannot be met: only {len(order)} removable block(s) "
+            raise DBPTargetError(f"target {target.describe()} cannot be met: only {len(order)} removable block(s) "
                            f"({', '.join(order)})")
         removed = list(order[:int(target.value)])
         work = _without(model, [by_name[x] for x in removed])
-    elif target.kind == "macs":
-        removed, work, reached = _plan_macs(model, by_name, order, target, macs_ratio)
+    elif target.kind == "latency":
+        removed, work, latency, measurements, met = _plan_latency(model, by_name, order, target, latency_fn,
+                                                                  short_ok)
     else:
-        removed, work, latency, measurements = _plan_latency(model, by_name, order, target, latency_fn)
+        ratio_of = macs_ratio if target.kind == "macs" else params_ratio
+        removed, work, _, met = _plan_ratio(model, by_name, order, target, ratio_of, short_ok)
     shape = _output_shape(work, example_inputs)
     if shape != dense_shape:
         raise DBPError(f"removing blocks {', '.join(removed)} changes the model's output shape from "
                        f"{dense_shape} to {shape}")
-    return Plan(removed, reached if reached is not None else macs_ratio(work), latency, measurements)
+    return Plan(removed, macs_ratio(work), latency, measurements, params_ratio(work), met)
 
 
 # --------------------------------------------------------------------------- the whole method
@@ -284,15 +326,17 @@ def plan_removal(model: nn.Module, blocks: Sequence[Block], order: Sequence[str]
 
 @dataclass
 class DBPResult:
-    """What :func:`prune_` did.
+    """What :func:`decide` chose (and :func:`prune_` did).
 
     Attributes:
         blocks: the candidates (:class:`Block`), in network order.
         scores: their :class:`BlockScore`, same order.
         removed: names of the removed blocks, in removal order (least useful first).
         target: the :class:`Target`.
-        plan: the :class:`Plan` (achieved MACs / latency ratios).
+        plan: the :class:`Plan` (achieved MACs / params / latency ratios, ``met``).
         info: ``baseline`` (``D_0``), ``baseline_loss``, ``samples``, ``classes``.
+        depth_target: the part of ``target`` the blocks were asked for
+            (:func:`~pfgdf_plugin.methods.dbp.depth_target`); ``target`` itself by default.
     """
 
     blocks: List[Block]
@@ -301,6 +345,7 @@ class DBPResult:
     target: Target
     plan: Plan
     info: Dict[str, Any]
+    depth_target: Optional[Target] = None
 
     def report(self) -> Dict[str, Dict[str, Any]]:
         """``{block name: {members, kind, position, macs, discrimination, probe_loss, reference,
@@ -316,6 +361,11 @@ class DBPResult:
                            "rank": rank[b.name], "removed": b.name in removed}
         return out
 
+    def removed_blocks(self) -> List[Block]:
+        """The removed :class:`Block` objects, in removal order."""
+        by_name = {b.name: b for b in self.blocks}
+        return [by_name[n] for n in self.removed]
+
 
 def _check_groups(blocks: Sequence[Block], target: Target, groups: Sequence[Tuple[Sequence[str], int]]) -> None:
     """The quotas add up to a blocks target and name known blocks only."""
@@ -328,23 +378,65 @@ def _check_groups(blocks: Sequence[Block], target: Target, groups: Sequence[Tupl
             raise DBPError(f"groups name unknown blocks: {', '.join(missing)}")
 
 
+def decide(model: nn.Module, example_inputs: Any, data: Iterable, target: Any,
+           candidates: Optional[Sequence] = None, blocks: Optional[Sequence[Block]] = None,
+           groups: Optional[Sequence[Tuple[Sequence[str], int]]] = None,
+           num_batches: Optional[int] = _D.num_batches, num_classes: Optional[int] = None,
+           holdout: float = _D.holdout, seed: int = _D.seed, weight_decay: float = 1e-3, max_iter: int = 100,
+           reference: str = _D.reference, macs_fn: Optional[MacsFn] = None,
+           latency_fn: Optional[LatencyFn] = None, progress: bool = False, params_fn: Optional[MacsFn] = None,
+           depth_share: float = _D.depth_share, short_ok: bool = False) -> DBPResult:
+    """DBP's choice without touching ``model``: find blocks, score them, plan the removal.
+
+    Arguments as in :func:`prune_`; ``depth_share`` and ``short_ok`` as in :func:`.split.depth_target`
+    and :func:`plan_removal`. Everything that can fail (bad target, bad data, unreachable target)
+    fails here.
+    """
+    from .split import depth_target
+
+    target = Target.parse(target)
+    part = depth_target(target, depth_share)
+    if blocks is None:
+        blocks = find_blocks(model, example_inputs, candidates, macs_fn)
+    blocks = list(blocks)
+    if not blocks:
+        raise DBPError(f"{type(model).__name__} has no removable block")
+    if target.kind == "blocks" and target.value > len(blocks):
+        raise DBPTargetError(f"target {target.describe()} cannot be met: only {len(blocks)} removable block(s) "
+                       f"({', '.join(b.name for b in blocks)})")
+    _check_meters(part, macs_fn, params_fn, latency_fn, "prune_")
+    if groups is not None:
+        _check_groups(blocks, target, groups)
+    elif part.kind in ("macs", "params") and not short_ok:  # fail before the probes if removing all is not enough
+        plan_removal(model, blocks, [b.name for b in blocks], part, example_inputs, macs_fn, params_fn=params_fn)
+    scores, info = score_blocks(model, blocks, data, num_batches, num_classes, holdout, seed, weight_decay,
+                                max_iter, reference, progress)
+    order = removal_order(scores)
+    if groups is not None:
+        order = quota_selection(order, groups)
+    plan = plan_removal(model, blocks, order, part, example_inputs, macs_fn, latency_fn, params_fn, short_ok)
+    return DBPResult(blocks, scores, list(plan.removed), target, plan, info, part)
+
+
 def prune_(model: nn.Module, example_inputs: Any, data: Iterable, target: Any,
            candidates: Optional[Sequence] = None, blocks: Optional[Sequence[Block]] = None,
            groups: Optional[Sequence[Tuple[Sequence[str], int]]] = None,
            num_batches: Optional[int] = _D.num_batches, num_classes: Optional[int] = None,
            holdout: float = _D.holdout, seed: int = _D.seed, weight_decay: float = 1e-3, max_iter: int = 100,
            reference: str = _D.reference, macs_fn: Optional[MacsFn] = None,
-           latency_fn: Optional[LatencyFn] = None, progress: bool = False) -> DBPResult:
-    """DBP end to end: find blocks, score them, plan, then replace the chosen ones with ``nn.Identity``.
+           latency_fn: Optional[LatencyFn] = None, progress: bool = False,
+           params_fn: Optional[MacsFn] = None) -> DBPResult:
+    """DBP by depth, end to end: find blocks, score them, plan, then replace the chosen ones with ``nn.Identity``.
 
     Everything that can fail (bad target, bad data, unreachable target) fails before ``model``
-    is changed.
+    is changed. Depth then width is the adapters' (``DBPPruner``), on top of :func:`decide`.
 
     Args:
         model: pruned in place.
         example_inputs: a batch for the shape pass.
         data: ``(inputs, labels)`` batches for the probes.
-        target: a :class:`Target` or ``{"blocks": n}`` / ``{"macs": r}`` / ``{"latency": r}``.
+        target: a :class:`Target` or ``{"blocks": n}`` / ``{"macs": r}`` / ``{"params": r}`` /
+            ``{"latency": r}``.
         candidates: module names to consider instead of the automatic discovery.
         blocks: already discovered blocks (skips :func:`find_blocks`).
         groups: optional quotas ``[(block names, count), ...]`` (NNI-style per-entry ratios);
@@ -352,6 +444,7 @@ def prune_(model: nn.Module, example_inputs: Any, data: Iterable, target: Any,
         macs_fn: ``model -> MACs``: the MACs ratios, and the blocks' ``macs`` when they are
             discovered here; needed by a ``macs`` target.
         latency_fn: ``(dense, pruned) -> (dense_ms, pruned_ms)``; needed by a ``latency`` target.
+        params_fn: ``model -> parameters``; needed by a ``params`` target.
         other arguments: see :func:`score_blocks` and :func:`plan_removal`.
 
     Example:
@@ -364,28 +457,7 @@ def prune_(model: nn.Module, example_inputs: Any, data: Iterable, target: Any,
         >>> len(result.removed), len(result.blocks), sum(isinstance(m, nn.Identity) for m in net)
         (2, 4, 2)
     """
-    target = Target.parse(target)
-    if blocks is None:
-        blocks = find_blocks(model, example_inputs, candidates, macs_fn)
-    blocks = list(blocks)
-    if not blocks:
-        raise DBPError(f"{type(model).__name__} has no removable block")
-    if target.kind == "blocks" and target.value > len(blocks):
-        raise DBPError(f"target {target.describe()} cannot be met: only {len(blocks)} removable block(s) "
-                       f"({', '.join(b.name for b in blocks)})")
-    if groups is not None:
-        _check_groups(blocks, target, groups)
-    elif target.kind == "macs":  # fail before the probes if even removing everything is not enough
-        plan_removal(model, blocks, [b.name for b in blocks], target, example_inputs, macs_fn)
-    elif target.kind == "latency" and latency_fn is None:
-        raise TypeError("prune_: a 'latency' target needs latency_fn=..., a callable (dense, pruned) -> "
-                        "(dense_ms, pruned_ms)")
-    scores, info = score_blocks(model, blocks, data, num_batches, num_classes, holdout, seed, weight_decay,
-                                max_iter, reference, progress)
-    order = removal_order(scores)
-    if groups is not None:
-        order = quota_selection(order, groups)
-    plan = plan_removal(model, blocks, order, target, example_inputs, macs_fn, latency_fn)
-    by_name = {b.name: b for b in blocks}
-    remove_blocks_(model, [by_name[n] for n in plan.removed])
-    return DBPResult(blocks, scores, list(plan.removed), target, plan, info)
+    result = decide(model, example_inputs, data, target, candidates, blocks, groups, num_batches, num_classes,
+                    holdout, seed, weight_decay, max_iter, reference, macs_fn, latency_fn, progress, params_fn)
+    remove_blocks_(model, result.removed_blocks())
+    return result
