@@ -162,8 +162,13 @@ def _conv_spatial(model: nn.Module, names: Sequence[str], example_inputs: Any) -
     if example_inputs is None or not names:
         return {}
     seen: Dict[str, Tuple[int, int]] = {}
-    handles = [model.get_submodule(n).register_forward_hook(
-        lambda m, args, out, n=n: seen.setdefault(n, tuple(args[0].shape[-2:]))) for n in names]
+
+    def record(name: str):
+        def hook(module: nn.Module, args: Any) -> None:
+            seen.setdefault(name, tuple(args[0].shape[-2:]))
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(record(n)) for n in names]
     was_training = model.training
     try:
         with torch.no_grad():
