@@ -248,8 +248,9 @@ def convert_model(model: nn.Module, plans: Mapping[str, BlockPlan], links: Itera
         set_module(model, name, new)
     legacy = isinstance(spec, str) and spec == "block"
     folded = []
-    for link in links:
-        if (link.producer in todo or link.consumer in todo) and fold(model, link, widen_norms=not legacy):
+    for link in links:  # the earlier layout folds only between two converted layers
+        ends = (link.producer in todo) + (link.consumer in todo)
+        if ends >= (2 if legacy else 1) and fold(model, link, widen_norms=not legacy):
             folded.append(f"{link.producer} -> {link.consumer}")
     report = summarize(model)
     report["folded"] = folded
