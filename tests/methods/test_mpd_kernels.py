@@ -117,7 +117,8 @@ def test_a_chain_gathers_once_per_block_boundary_and_neighbours_absorb_the_rest(
     assert model[3].num_features == model[2].raw_features > 17
     assert model[7].in_features == model[5].raw_features
     legacy, legacy_report, _, _ = _convert("mlp", "block")
-    assert _gathers(legacy) == 4 and "2 -> 5" not in legacy_report["folded"]  # earlier layout: BN not widened
+    # the earlier layout: the BatchNorm is not widened and the classifier does not absorb 5's scatter
+    assert _gathers(legacy) == 5 and legacy_report["folded"] == ["0 -> 2"]
     dense, _, _, _ = _convert("mlp", "dense")
     assert _gathers(dense) == 0
     mixed, _, _, mixed_ref = _convert("mlp", {"0": "dense", "2": "bmm", "5": "dense"})
@@ -247,3 +248,15 @@ def test_bad_batches_are_refused():
     model, plans, _ = _masked("mlp")
     with pytest.raises(MPDError, match=r"batches must be positive integers .* got \(0,\)"):
         mpd.convert_model(model, plans, kernel="auto", batches=(0,))
+
+
+@pytest.mark.parametrize("kernel,gathers,core", [("bmm", 3, "MatMul"), ("grouped", 3, "Conv"), ("dense", 0, "Gemm")])
+def test_the_onnx_graph_has_one_gather_per_block_boundary_and_no_shape_arithmetic(kernel, gathers, core, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from pfgdf_plugin.measure import export_onnx
+
+    model, _, x, _ = _convert("mlp", kernel)
+    export_onnx(model, x[:1], str(tmp_path / "m.onnx"))
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node]
+    assert ops.count("Gather") == gathers and "Shape" not in ops  # the padding is a Pad of constant size
+    assert ops.count(core) == (4 if core == "Gemm" else 3)
