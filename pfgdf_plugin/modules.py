@@ -385,11 +385,12 @@ def _block_mask(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
 class MaskedDenseLinear(nn.Module):
     """The ``"dense"`` kernel of a converted linear layer: the whole matrix, zeros included.
 
-    Rows and columns may be in any order and may include zero padding rows/columns, so the
-    layer absorbs its neighbours' permutations and never gathers. ``row_labels`` /
-    ``col_labels`` (``long`` buffers) hold each row's and column's block (``-1``/``-2`` for
-    padding); in training mode the weight is multiplied by their block mask, so a weight outside
-    the blocks gets no gradient and stays zero.
+    ``linear`` is an ``nn.Linear`` whose rows and columns may be in any order and may include
+    zero padding rows/columns, so the layer absorbs its neighbours' permutations and never
+    gathers. ``row_labels`` / ``col_labels`` (``long`` buffers) hold each row's and column's
+    block (``-1``/``-2`` for padding); in training mode the weight is multiplied by their block
+    mask, so a weight outside the blocks gets no gradient and stays zero. In eval mode (and in an
+    ONNX export, and for MACs counters) it is just ``linear``.
 
     Args:
         in_features, out_features: width of the input and of the output (padding included).
@@ -400,7 +401,7 @@ class MaskedDenseLinear(nn.Module):
         >>> layer = MaskedDenseLinear(4, 4, [2, 2], [2, 2])
         >>> _ = layer.row_labels.copy_(torch.tensor([0, 0, 1, 1]))
         >>> _ = layer.col_labels.copy_(torch.tensor([0, 1, 0, 1]))
-        >>> _ = torch.nn.init.ones_(layer.weight)
+        >>> _ = torch.nn.init.ones_(layer.linear.weight)
         >>> layer.masked_weight()[0].tolist(), layer.effective_weights(), layer.stored_weights()
         ([1.0, 0.0, 1.0, 0.0], 8, 16)
     """
@@ -413,8 +414,11 @@ class MaskedDenseLinear(nn.Module):
         self.out_sizes, self.in_sizes = _check_layout(out_sizes, in_sizes)
         self.blocks = len(self.out_sizes)
         self.in_features, self.out_features = int(in_features), int(out_features)
-        self.weight = nn.Parameter(torch.zeros(self.out_features, self.in_features))
-        self.bias = nn.Parameter(torch.zeros(self.out_features)) if bias else None
+        self.linear = nn.Linear(self.in_features, self.out_features, bias=bias)
+        with torch.no_grad():
+            self.linear.weight.zero_()
+            if self.linear.bias is not None:
+                self.linear.bias.zero_()
         self.register_buffer("row_labels", torch.full((self.out_features,), -1, dtype=torch.long))
         self.register_buffer("col_labels", torch.full((self.in_features,), -2, dtype=torch.long))
 
@@ -424,10 +428,12 @@ class MaskedDenseLinear(nn.Module):
 
     def masked_weight(self) -> torch.Tensor:
         """The weight times its block mask (what training uses)."""
-        return self.weight * _block_mask(self.row_labels, self.col_labels).to(self.weight.dtype)
+        return self.linear.weight * _block_mask(self.row_labels, self.col_labels).to(self.linear.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.masked_weight() if self.training else self.weight, self.bias)
+        if self.training:
+            return F.linear(x, self.masked_weight(), self.linear.bias)
+        return self.linear(x)
 
     def effective_weights(self) -> int:
         """Weights inside the blocks: ``sum(out_sizes[b] * in_sizes[b])``."""
@@ -435,16 +441,16 @@ class MaskedDenseLinear(nn.Module):
 
     def stored_weights(self) -> int:
         """Weights held in memory: the whole matrix."""
-        return self.weight.numel()
+        return self.linear.weight.numel()
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, blocks={self.blocks}, "
-                f"bias={self.bias is not None}, kernel=dense")
+        return f"blocks={self.blocks}, kernel=dense"
 
     def describe(self) -> Dict[str, Any]:
         """JSON-safe structure; weights and labels are in the ``state_dict``."""
         return {"type": "MaskedDenseLinear", "in_features": self.in_features, "out_features": self.out_features,
-                "out_sizes": list(self.out_sizes), "in_sizes": list(self.in_sizes), "bias": self.bias is not None}
+                "out_sizes": list(self.out_sizes), "in_sizes": list(self.in_sizes),
+                "bias": self.linear.bias is not None}
 
     @classmethod
     def from_description(cls, d: Dict[str, Any]) -> "MaskedDenseLinear":
@@ -475,6 +481,10 @@ class MaskedDenseConv2d(nn.Module):
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
         self.conv = nn.Conv2d(self.in_channels, self.out_channels, kernel_size, stride=stride, padding=padding,
                               dilation=dilation, bias=bias, padding_mode=padding_mode)
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            if self.conv.bias is not None:
+                self.conv.bias.zero_()
         self.register_buffer("row_labels", torch.full((self.out_channels,), -1, dtype=torch.long))
         self.register_buffer("col_labels", torch.full((self.in_channels,), -2, dtype=torch.long))
 
@@ -483,9 +493,9 @@ class MaskedDenseConv2d(nn.Module):
         return self.out_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.conv.weight
-        if self.training:
-            w = w * _block_mask(self.row_labels, self.col_labels).to(w.dtype)[:, :, None, None]
+        if not self.training:
+            return self.conv(x)
+        w = self.conv.weight * _block_mask(self.row_labels, self.col_labels).to(self.conv.weight.dtype)[:, :, None, None]
         return self.conv._conv_forward(x, w, self.conv.bias)
 
     def effective_weights(self) -> int:

@@ -68,7 +68,7 @@ def _dense_layer(plan: BlockPlan, module: nn.Module, weight: torch.Tensor, bias:
     out_n, in_n = plan.out_channels, plan.in_channels
     if isinstance(module, nn.Linear):
         new: nn.Module = MaskedDenseLinear(in_n, out_n, out_sizes, in_sizes, bias=bias is not None)
-        w, b = new.weight, new.bias
+        w, b = new.linear.weight, new.linear.bias
     else:
         c = module
         new = MaskedDenseConv2d(in_n, out_n, out_sizes, in_sizes, c.kernel_size, stride=c.stride, padding=c.padding,

@@ -77,8 +77,11 @@ def _width_in(m: nn.Module) -> int:
     return m.in_features if isinstance(m, (nn.Linear, BlockDiagonalLinear, MaskedDenseLinear)) else m.in_channels
 
 
-def _weight(m: nn.Module) -> nn.Parameter:
-    return m.conv.weight if isinstance(m, MaskedDenseConv2d) else m.weight
+def _core(m: nn.Module) -> nn.Module:
+    """The ``nn.Linear``/``nn.Conv2d`` holding a dense or plain layer's weight."""
+    if isinstance(m, MaskedDenseConv2d):
+        return m.conv
+    return m.linear if isinstance(m, MaskedDenseLinear) else m
 
 
 @torch.no_grad()
@@ -115,28 +118,25 @@ def _read_raw(cons: nn.Module, out_pos: torch.Tensor, raw: int) -> None:
         else:
             cons.set_gather(new_index.to(index.device), raw)
         return
-    w = _weight(cons)
+    core = _core(cons)
+    w = core.weight
     wide = w.new_zeros((w.shape[0], raw) + tuple(w.shape[2:]))
     wide[:, out_pos.to(w.device)] = w
-    new = nn.Parameter(wide, requires_grad=w.requires_grad)
+    core.weight = nn.Parameter(wide, requires_grad=w.requires_grad)
     if kind == "dense":
         labels = torch.full((raw,), -2, dtype=torch.long, device=cons.col_labels.device)
         labels[out_pos.to(labels.device)] = cons.col_labels
         cons.col_labels = labels
-    if isinstance(cons, MaskedDenseConv2d):
-        cons.conv.weight, cons.conv.in_channels, cons.in_channels = new, raw, raw
-    elif conv:
-        cons.weight, cons.in_channels = new, raw
-    else:
-        cons.weight, cons.in_features = new, raw
+    for m in {id(cons): cons, id(core): core}.values():
+        setattr(m, "in_channels" if conv else "in_features", raw)
 
 
 @torch.no_grad()
 def _emit_rows(prod: nn.Module, gather: torch.Tensor) -> None:
     """Reorder ``prod``'s output rows (a dense or plain layer): new row ``k`` is old row ``gather[k]``."""
-    w = _weight(prod)
+    core = _core(prod)
+    w, bias = core.weight, core.bias
     w.copy_(w[gather.to(w.device)])
-    bias = prod.conv.bias if isinstance(prod, MaskedDenseConv2d) else prod.bias
     if bias is not None:
         bias.copy_(bias[gather.to(bias.device)])
     if isinstance(prod, DENSE):
