@@ -266,7 +266,7 @@ def test_the_onnx_graph_has_one_gather_per_block_boundary_and_no_shape_arithmeti
 def test_macs_count_what_each_kernel_computes():
     from pfgdf_plugin.measure import count_macs
 
-    model, _, x, _ = _masked("mlp")
+    model, _, x = _masked("mlp")
     dense_macs = count_macs(model, x[:1])
     assert count_macs(_convert("mlp", "dense")[0], x[:1]) == dense_macs  # the zeros are multiplied too
     assert count_macs(_convert("mlp", "bmm")[0], x[:1]) < dense_macs / 2
