@@ -148,8 +148,9 @@ class BlockDiagonalLinear(nn.Module):
     (``[c, N, I] x [c, I, O]``; ONNX: ``Reshape``, ``Transpose``, one 3-D ``MatMul``, ``Add``,
     ``Transpose``, ``Reshape``, which ONNX Runtime ran as fast as or faster than a broadcast 4-D
     ``MatMul`` or a grouped ``Conv``), ``kernel="grouped"`` with a grouped 1-D convolution (ONNX:
-    ``Conv`` with ``group=c``). A 2-D input runs without any reshape around the layer. Without ``out_index`` (``scatter=False``: the
-    next layer has absorbed the output permutation, or it is the identity) the output is the
+    ``Conv`` with ``group=c``). A 2-D input runs without any reshape around the layer. Without
+    ``out_index`` (``scatter=False``: the next layer has absorbed the output permutation, or it
+    is the identity) the output is the
     raw block layout of ``c * O`` features; without ``in_index`` (``gather=False``) the input
     must already be in block layout (``in_features == c * I``).
 
@@ -495,7 +496,8 @@ class MaskedDenseConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return self.conv(x)
-        w = self.conv.weight * _block_mask(self.row_labels, self.col_labels).to(self.conv.weight.dtype)[:, :, None, None]
+        mask = _block_mask(self.row_labels, self.col_labels).to(self.conv.weight.dtype)
+        w = self.conv.weight * mask[:, :, None, None]
         return self.conv._conv_forward(x, w, self.conv.bias)
 
     def effective_weights(self) -> int:

@@ -75,9 +75,10 @@ from .kernels import KERNELS, LAYER_KERNELS, check_kernel, choose_kernel, median
 from .magnitude import magnitude_labels
 from .plan import choose_blocks, choose_layers, iter_layers, make_plan, plan_summary
 
-__all__ = ["DESCRIPTION_FORMAT", "KERNELS", "LAYERS", "LAYER_KERNELS", "PERMUTATIONS", "BlockPlan", "FoldLink", "MPDError", "MPDParams",
-           "balanced_sizes", "both_sizes", "check_block_diagonal", "check_blocks", "check_compression", "check_kernel", "choose_kernel", "drop_identities",
-           "check_layer", "check_permutation", "check_round_to", "choose_blocks", "choose_layers", "convert_layer",
-           "convert_model", "describe_model", "fold", "iter_layers", "kept_share", "layer_generator", "layer_shape",
-           "magnitude_labels", "make_plan", "max_blocks", "median_time", "plan_from_mask", "plan_summary", "pruner_params",
-           "random_labels", "restore_model", "summarize", "unsupported"]
+__all__ = ["DESCRIPTION_FORMAT", "KERNELS", "LAYERS", "LAYER_KERNELS", "PERMUTATIONS", "BlockPlan", "FoldLink",
+           "MPDError", "MPDParams", "balanced_sizes", "both_sizes", "check_block_diagonal", "check_blocks",
+           "check_compression", "check_kernel", "check_layer", "check_permutation", "check_round_to",
+           "choose_blocks", "choose_kernel", "choose_layers", "convert_layer", "convert_model", "describe_model",
+           "drop_identities", "fold", "iter_layers", "kept_share", "layer_generator", "layer_shape",
+           "magnitude_labels", "make_plan", "max_blocks", "median_time", "plan_from_mask", "plan_summary",
+           "pruner_params", "random_labels", "restore_model", "summarize", "unsupported"]

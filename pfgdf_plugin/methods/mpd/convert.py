@@ -119,8 +119,9 @@ def convert_layer(plan: BlockPlan, module: nn.Module, strict: bool = True, kerne
                        f"plan's {plan.weight_shape}")
     kernel = requested_kernel(plan.name, module, check_kernel(kernel))
     if kernel == "auto":
-        raise MPDError(f"{plan.name}: convert_layer takes a concrete kernel ({', '.join(LAYER_KERNELS[layer_kind(module)])}"
-                       "); kernel='auto' is chosen by convert_model")
+        kinds = ", ".join(LAYER_KERNELS[layer_kind(module)])
+        raise MPDError(f"{plan.name}: convert_layer takes a concrete kernel ({kinds}); kernel='auto' is chosen by "
+                       "convert_model")
     weight = module.weight
     if strict:
         check_block_diagonal(plan, weight)
