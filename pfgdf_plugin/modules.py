@@ -39,6 +39,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.fx._symbolic_trace import is_fx_tracing
 
 __all__ = ["BlockDiagonalLinear", "ChannelPermute", "MaskedDenseConv2d", "MaskedDenseLinear", "PermutedGroupConv2d",
            "BLOCK_KERNELS", "MODULE_TYPES", "module_from_description"]
@@ -221,7 +222,7 @@ class BlockDiagonalLinear(nn.Module):
         return self.out_features if self.scatter else self.raw_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2:  # the common case: no reshapes around the layer (ONNX: no Shape/Concat chain)
+        if not is_fx_tracing() and x.dim() == 2:  # no reshapes around the layer (ONNX: no Shape/Concat chain)
             return self._forward_2d(x)
         return self._forward_2d(x.reshape(-1, self.in_features)).reshape(x.shape[:-1] + (self.width,))
 

@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+import torch.fx
 import torch.nn as nn
 
 from pfgdf_plugin import load_pruned, save_pruned
@@ -87,6 +88,7 @@ def _gathers(model: nn.Module) -> int:
 def test_every_kernel_matches_the_masked_model_onnxruntime_and_a_reload(which, kernel, tmp_path):
     model, report, x, ref = _convert(which, kernel)
     assert _rel(model(x), ref) <= 1e-5
+    assert _rel(torch.fx.symbolic_trace(model)(x), ref) <= 1e-5 and torch.equal(copy.deepcopy(model)(x), model(x))
     for name, entry in report["layers"].items():
         want = kernel.get(name, "block") if isinstance(kernel, dict) else kernel
         if want != "block":
