@@ -266,7 +266,7 @@ def plot_speedups(rows: Sequence[Dict[str, Any]], path: str) -> str:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", lw=1,
                     label=f"n={key[0]} x{key[1]} {key[2]} {key[3]}t {key[4]}")
         cs = sorted({r["blocks"] for r in sub})
-        ax.plot(cs, cs, "k--", lw=1.5, label="ideal (c-fold)")
+        ax.plot(cs, cs, "k--", marker="x", lw=1.5, label="ideal (c-fold)")
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set(xscale="log", yscale="log", xlabel="blocks c", ylabel="speed-up over dense",
                title=f"{kind}, batch {batch}")
