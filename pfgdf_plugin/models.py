@@ -512,3 +512,7 @@ def build_model(
             f"works (e.g. resnet18 or tv:resnet18)"
         )
     return _torchvision_model(tv_name, num_classes, in_channels, width, **kwargs)
+
+
+# the wide models (pfgdf_plugin/zoo_wide.py) register themselves here
+from . import zoo_wide  # noqa: E402,F401

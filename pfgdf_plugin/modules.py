@@ -1,8 +1,11 @@
 """Layers the compression methods create.
 
 MPDCompress (:mod:`pfgdf_plugin.methods.mpd`) turns a masked ``nn.Linear`` into a
-:class:`BlockDiagonalLinear` and a masked ``nn.Conv2d`` into a :class:`PermutedGroupConv2d`
-(:class:`ChannelPermute` -> grouped ``nn.Conv2d`` -> :class:`ChannelPermute`).
+:class:`BlockDiagonalLinear` (kernel ``"bmm"``: one batched matmul over the blocks, or
+``"grouped"``: a grouped 1-D convolution) or a :class:`MaskedDenseLinear` (kernel ``"dense"``:
+the full matrix with its zeros), and a masked ``nn.Conv2d`` into a :class:`PermutedGroupConv2d`
+(:class:`ChannelPermute` -> grouped ``nn.Conv2d`` -> :class:`ChannelPermute`) or a
+:class:`MaskedDenseConv2d`.
 
 Shared conventions:
 
@@ -14,7 +17,13 @@ Shared conventions:
   ``state_dict``, moved by ``.to()``, never trained). An index equal to the number of input
   channels selects a channel of zeros: that is how padded slots are fed. Because padded inputs
   are zeros and padded outputs are never read, the values stored in padded weight slots cannot
-  change any output, so fine-tuning a converted layer needs no extra mask.
+  change any output, so fine-tuning a converted layer needs no extra mask. A gather that is the
+  identity is not stored at all (``gather=False`` / ``scatter=False``).
+* **Dense kernels keep their block structure while training.** :class:`MaskedDenseLinear` and
+  :class:`MaskedDenseConv2d` hold the whole matrix (zeros included, rows and columns in whatever
+  order their neighbours need, so they never gather); in training mode they multiply the weight
+  by the block mask (built from two small label buffers), so gradients outside the blocks are
+  zero; in eval mode (and in an ONNX export) they are a plain ``linear`` / ``conv2d``.
 * **Rebuilding without pickled code.** Every module here has :meth:`describe` (a JSON-safe
   dict of its structure) and ``from_description`` (a skeleton with placeholder indices of the
   right shapes): rebuild the skeleton, then ``load_state_dict(torch.load(path,
@@ -25,12 +34,17 @@ All modules trace with ``torch.fx``, deep-copy, and export to ONNX.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx._symbolic_trace import is_fx_tracing
 
-__all__ = ["BlockDiagonalLinear", "ChannelPermute", "PermutedGroupConv2d", "MODULE_TYPES", "module_from_description"]
+__all__ = ["BlockDiagonalLinear", "ChannelPermute", "MaskedDenseConv2d", "MaskedDenseLinear", "PermutedGroupConv2d",
+           "BLOCK_KERNELS", "MODULE_TYPES", "module_from_description"]
+
+BLOCK_KERNELS = ("bmm", "grouped")
 
 
 def _sizes(values: Sequence[int], what: str) -> List[int]:
@@ -42,8 +56,8 @@ def _sizes(values: Sequence[int], what: str) -> List[int]:
 
 
 def _with_zero_channel(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """``x`` with one channel of zeros appended along ``dim`` (the target of padded indices)."""
-    return torch.cat([x, torch.zeros_like(x.narrow(dim, 0, 1))], dim)
+    """``x`` with one channel of zeros appended along ``dim`` (the target of padded indices; ONNX: one ``Pad``)."""
+    return F.pad(x, (0, 0) * (x.dim() - 1 - dim) + (0, 1))
 
 
 class ChannelPermute(nn.Module):
@@ -103,14 +117,43 @@ def _check_layout(out_sizes: Sequence[int], in_sizes: Sequence[int]) -> Tuple[Li
     return o, i
 
 
+def _natural_layout(out_sizes: Sequence[int], in_sizes: Sequence[int], width: int, what: str
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Default gathers: channels in natural order, block after block (``width`` feeds zeros)."""
+    blocks, block_in, block_out = len(in_sizes), max(in_sizes), max(out_sizes)
+    in_index = torch.full((blocks, block_in), width, dtype=torch.long)
+    out_index = torch.zeros(sum(out_sizes), dtype=torch.long)
+    start, k = 0, 0
+    for b in range(blocks):
+        in_index[b, :in_sizes[b]] = torch.arange(start, start + in_sizes[b])
+        start += in_sizes[b]
+        out_index[k:k + out_sizes[b]] = torch.arange(out_sizes[b]) + b * block_out
+        k += out_sizes[b]
+    if start > width:
+        raise ValueError(f"{what}: in_sizes sum to {start}, more than the {width} input channels")
+    return in_index.reshape(-1), out_index
+
+
+def _check_kernel(kernel: str, allowed: Sequence[str], what: str) -> str:
+    if kernel not in allowed:
+        raise ValueError(f"{what}: kernel must be one of {', '.join(allowed)}; got {kernel!r}")
+    return kernel
+
+
 class BlockDiagonalLinear(nn.Module):
     """A linear layer whose weight is block-diagonal after permuting its inputs and outputs.
 
-    ``forward`` gathers the inputs into block order (``in_index``), multiplies all ``c``
-    blocks in one ``torch.bmm`` (blocks padded to a common size with zero inputs), adds the
-    bias and gathers the outputs back into their original order (``out_index``). Without
-    ``out_index`` (``scatter=False``: the next layer has absorbed the output permutation) the
-    output is the raw block layout of ``c * O`` features.
+    ``forward`` gathers the inputs into block order (``in_index``), multiplies the ``c`` blocks
+    (padded to a common size with zero inputs), adds the bias and gathers the outputs back into
+    their original order (``out_index``). ``kernel="bmm"`` multiplies with one batched matmul
+    (``[c, N, I] x [c, I, O]``; ONNX: ``Reshape``, ``Transpose``, one 3-D ``MatMul``, ``Add``,
+    ``Transpose``, ``Reshape``, which ONNX Runtime ran as fast as or faster than a broadcast 4-D
+    ``MatMul`` or a grouped ``Conv``), ``kernel="grouped"`` with a grouped 1-D convolution (ONNX:
+    ``Conv`` with ``group=c``). A 2-D input runs without any reshape around the layer. Without
+    ``out_index`` (``scatter=False``: the next layer has absorbed the output permutation, or it
+    is the identity) the output is the
+    raw block layout of ``c * O`` features; without ``in_index`` (``gather=False``) the input
+    must already be in block layout (``in_features == c * I``).
 
     Args:
         in_features: features of the input (for a layer whose input permutation was folded
@@ -118,11 +161,13 @@ class BlockDiagonalLinear(nn.Module):
         out_sizes, in_sizes: real outputs / inputs of each block.
         bias: whether the layer has a bias.
         scatter: whether ``forward`` returns the original output order (``out_index``).
+        kernel: ``"bmm"`` or ``"grouped"``.
+        gather: whether ``forward`` gathers its input (``in_index``).
 
     Attributes:
         weight: ``[c, O, I]`` parameter (padded slots hold zeros).
         bias: ``[c, O]`` parameter or ``None``.
-        in_index: ``long [c * I]`` buffer; entries equal to ``in_features`` feed zeros.
+        in_index: ``long [c * I]`` buffer (entries equal to ``in_features`` feed zeros) or ``None``.
         out_index: ``long [out_features]`` buffer (raw position of each output) or ``None``.
 
     Example:
@@ -131,10 +176,15 @@ class BlockDiagonalLinear(nn.Module):
         (torch.Size([2, 2, 3]), torch.Size([4, 3]))
         >>> layer.effective_weights(), layer.stored_weights()
         (8, 12)
+        >>> x = torch.randn(4, 5)
+        >>> twin = BlockDiagonalLinear(5, [2, 1], [3, 2], kernel="grouped")
+        >>> _ = twin.load_state_dict(layer.state_dict())
+        >>> torch.allclose(twin(x), layer(x), atol=1e-6)
+        True
     """
 
     def __init__(self, in_features: int, out_sizes: Sequence[int], in_sizes: Sequence[int], bias: bool = True,
-                 scatter: bool = True) -> None:
+                 scatter: bool = True, kernel: str = "bmm", gather: bool = True) -> None:
         super().__init__()
         o, i = _check_layout(out_sizes, in_sizes)
         self.out_sizes, self.in_sizes = o, i
@@ -143,22 +193,28 @@ class BlockDiagonalLinear(nn.Module):
         self.in_features = int(in_features)
         self.out_features = sum(o)
         self.raw_features = self.blocks * self.block_out
-        self.scatter = bool(scatter)
+        self.scatter, self.gather = bool(scatter), bool(gather)
+        self.kernel = _check_kernel(kernel, BLOCK_KERNELS, "BlockDiagonalLinear")
         self.weight = nn.Parameter(torch.zeros(self.blocks, self.block_out, self.block_in))
         self.bias = nn.Parameter(torch.zeros(self.blocks, self.block_out)) if bias else None
-        in_index = torch.full((self.blocks, self.block_in), self.in_features, dtype=torch.long)
-        out_index = torch.zeros(self.out_features, dtype=torch.long)
-        start, k = 0, 0
-        for b in range(self.blocks):  # default layout: channels in natural order, block after block
-            in_index[b, :i[b]] = torch.arange(start, start + i[b])
-            start += i[b]
-            out_index[k:k + o[b]] = torch.arange(o[b]) + b * self.block_out
-            k += o[b]
-        if start > self.in_features:
-            raise ValueError(f"BlockDiagonalLinear: in_sizes sum to {start}, more than in_features={self.in_features}")
-        self.register_buffer("in_index", in_index.reshape(-1))
+        in_index, out_index = _natural_layout(o, i, self.in_features, "BlockDiagonalLinear")
+        self.register_buffer("in_index", None)
         self.register_buffer("out_index", out_index if self.scatter else None)
-        self.padded_in = bool((self.in_index == self.in_features).any())
+        self.padded_in = False
+        self.set_gather(in_index if self.gather else None, self.in_features)
+
+    def set_gather(self, index: Optional[torch.Tensor], in_features: int) -> None:
+        """Read inputs of ``in_features`` through ``index`` (``None``: already in block layout)."""
+        if index is None and int(in_features) != self.blocks * self.block_in:
+            raise ValueError(f"BlockDiagonalLinear: without a gather the input must have {self.blocks} x "
+                             f"{self.block_in} features, got {in_features}")
+        self.in_features, self.gather = int(in_features), index is not None
+        self.in_index = index
+        self.padded_in = index is not None and bool((index == self.in_features).any())
+
+    def drop_scatter(self) -> None:
+        """Emit the raw block layout (the next layer reads it, or the scatter is the identity)."""
+        self.out_index, self.scatter = None, False
 
     @property
     def width(self) -> int:
@@ -166,18 +222,27 @@ class BlockDiagonalLinear(nn.Module):
         return self.out_features if self.scatter else self.raw_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        x = x.reshape(-1, self.in_features)
-        if self.padded_in:
-            x = _with_zero_channel(x, 1)
-        x = x.index_select(1, self.in_index).reshape(-1, self.blocks, self.block_in).transpose(0, 1)
-        y = torch.bmm(x, self.weight.transpose(1, 2))  # [c, N, O]
-        if self.bias is not None:
-            y = y + self.bias.unsqueeze(1)
-        y = y.transpose(0, 1).reshape(-1, self.raw_features)
-        if self.scatter:
+        if not is_fx_tracing() and x.dim() == 2:  # no reshapes around the layer (ONNX: no Shape/Concat chain)
+            return self._forward_2d(x)
+        return self._forward_2d(x.reshape(-1, self.in_features)).reshape(x.shape[:-1] + (self.width,))
+
+    def _forward_2d(self, x: torch.Tensor) -> torch.Tensor:
+        if self.in_index is not None:
+            if self.padded_in:
+                x = _with_zero_channel(x, 1)
+            x = x.index_select(1, self.in_index)
+        if self.kernel == "grouped":
+            w = self.weight.reshape(self.raw_features, self.block_in, 1)
+            b = self.bias.reshape(-1) if self.bias is not None else None
+            y = F.conv1d(x.unsqueeze(-1), w, b, groups=self.blocks).squeeze(-1)
+        else:
+            y = torch.matmul(x.reshape(-1, self.blocks, self.block_in).transpose(0, 1), self.weight.transpose(1, 2))
+            if self.bias is not None:
+                y = y + self.bias.unsqueeze(1)
+            y = y.transpose(0, 1).reshape(-1, self.raw_features)
+        if self.out_index is not None:
             y = y.index_select(1, self.out_index)
-        return y.reshape(lead + (self.width,))
+        return y
 
     def effective_weights(self) -> int:
         """Weights that are not padding: ``sum(out_sizes[b] * in_sizes[b])``."""
@@ -189,19 +254,20 @@ class BlockDiagonalLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, blocks={self.blocks}, "
-                f"block={self.block_out}x{self.block_in}, bias={self.bias is not None}, scatter={self.scatter}")
+                f"block={self.block_out}x{self.block_in}, bias={self.bias is not None}, kernel={self.kernel}, "
+                f"gather={self.gather}, scatter={self.scatter}")
 
     def describe(self) -> Dict[str, Any]:
         """JSON-safe structure; weights and indices are in the ``state_dict``."""
         return {"type": "BlockDiagonalLinear", "in_features": self.in_features, "out_sizes": list(self.out_sizes),
-                "in_sizes": list(self.in_sizes), "bias": self.bias is not None, "scatter": self.scatter}
+                "in_sizes": list(self.in_sizes), "bias": self.bias is not None, "scatter": self.scatter,
+                "gather": self.gather, "kernel": self.kernel}
 
     @classmethod
     def from_description(cls, d: Dict[str, Any]) -> "BlockDiagonalLinear":
         """A skeleton of the described layer; load a ``state_dict`` to fill it."""
-        layer = cls(int(d["in_features"]), d["out_sizes"], d["in_sizes"], bias=bool(d["bias"]),
-                    scatter=bool(d["scatter"]))
-        return layer
+        return cls(int(d["in_features"]), d["out_sizes"], d["in_sizes"], bias=bool(d["bias"]),
+                   scatter=bool(d["scatter"]), kernel=str(d.get("kernel", "bmm")), gather=bool(d.get("gather", True)))
 
 
 class PermutedGroupConv2d(nn.Module):
@@ -212,7 +278,8 @@ class PermutedGroupConv2d(nn.Module):
     (``in_channels = c * I``, ``out_channels = c * O``; padded input channels are zeros), and
     ``permute_out`` gathers the outputs back into their original order, or is an
     ``nn.Identity`` when the next layer has absorbed the output permutation (``scatter=False``:
-    the output then has ``c * O`` channels in block layout).
+    the output then has ``c * O`` channels in block layout). ``permute_in`` is an
+    ``nn.Identity`` when the input already arrives in block layout (``gather=False``).
 
     Args:
         in_channels: channels of the input (for a layer whose input permutation was folded, the
@@ -220,6 +287,7 @@ class PermutedGroupConv2d(nn.Module):
         out_sizes, in_sizes: real output / input channels of each block.
         kernel_size, stride, padding, dilation, bias, padding_mode: as for ``nn.Conv2d``.
         scatter: whether the output is in the original channel order.
+        gather: whether the input is gathered into block order.
 
     Example:
         >>> layer = PermutedGroupConv2d(6, [2, 2], [3, 3], kernel_size=3, padding=1)
@@ -227,10 +295,12 @@ class PermutedGroupConv2d(nn.Module):
         (2, torch.Size([1, 4, 5, 5]))
     """
 
+    kernel = "grouped"
+
     def __init__(self, in_channels: int, out_sizes: Sequence[int], in_sizes: Sequence[int],
                  kernel_size: Union[int, Tuple[int, int]], stride: Union[int, Tuple[int, int]] = 1,
                  padding: Union[str, int, Tuple[int, int]] = 0, dilation: Union[int, Tuple[int, int]] = 1,
-                 bias: bool = True, padding_mode: str = "zeros", scatter: bool = True) -> None:
+                 bias: bool = True, padding_mode: str = "zeros", scatter: bool = True, gather: bool = True) -> None:
         super().__init__()
         o, i = _check_layout(out_sizes, in_sizes)
         self.out_sizes, self.in_sizes = o, i
@@ -240,17 +310,10 @@ class PermutedGroupConv2d(nn.Module):
         self.out_channels = sum(o)
         self.raw_channels = self.blocks * self.block_out
         self.scatter = bool(scatter)
-        in_index = torch.full((self.blocks, self.block_in), self.in_channels, dtype=torch.long)
-        out_index = torch.zeros(self.out_channels, dtype=torch.long)
-        start, k = 0, 0
-        for b in range(self.blocks):
-            in_index[b, :i[b]] = torch.arange(start, start + i[b])
-            start += i[b]
-            out_index[k:k + o[b]] = torch.arange(o[b]) + b * self.block_out
-            k += o[b]
-        if start > self.in_channels:
-            raise ValueError(f"PermutedGroupConv2d: in_sizes sum to {start}, more than in_channels={self.in_channels}")
-        self.permute_in = ChannelPermute(in_index.reshape(-1), self.in_channels)
+        in_index, out_index = _natural_layout(o, i, self.in_channels, "PermutedGroupConv2d")
+        self.permute_in: nn.Module = nn.Identity()
+        self.gather = False
+        self.set_gather(ChannelPermute(in_index, self.in_channels) if gather else None, self.in_channels)
         self.conv = nn.Conv2d(self.blocks * self.block_in, self.raw_channels, kernel_size, stride=stride,
                               padding=padding, dilation=dilation, groups=self.blocks, bias=bias,
                               padding_mode=padding_mode)
@@ -260,6 +323,18 @@ class PermutedGroupConv2d(nn.Module):
                 self.conv.bias.zero_()
         self.permute_out: nn.Module = (ChannelPermute(out_index, self.raw_channels) if self.scatter
                                        else nn.Identity())
+
+    def set_gather(self, permute: Optional[ChannelPermute], in_channels: int) -> None:
+        """Read inputs of ``in_channels`` through ``permute`` (``None``: already in block layout)."""
+        if permute is None and int(in_channels) != self.blocks * self.block_in:
+            raise ValueError(f"PermutedGroupConv2d: without a gather the input must have {self.blocks} x "
+                             f"{self.block_in} channels, got {in_channels}")
+        self.in_channels, self.gather = int(in_channels), permute is not None
+        self.permute_in = permute if permute is not None else nn.Identity()
+
+    def drop_scatter(self) -> None:
+        """Emit the raw block layout (the next layer reads it, or the scatter is the identity)."""
+        self.permute_out, self.scatter = nn.Identity(), False
 
     @property
     def width(self) -> int:
@@ -280,7 +355,7 @@ class PermutedGroupConv2d(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_channels={self.in_channels}, out_channels={self.out_channels}, blocks={self.blocks}, "
-                f"block={self.block_out}x{self.block_in}, scatter={self.scatter}")
+                f"block={self.block_out}x{self.block_in}, gather={self.gather}, scatter={self.scatter}")
 
     def describe(self) -> Dict[str, Any]:
         """JSON-safe structure; weights and indices are in the ``state_dict``."""
@@ -289,7 +364,8 @@ class PermutedGroupConv2d(nn.Module):
                 "in_sizes": list(self.in_sizes), "kernel_size": list(c.kernel_size), "stride": list(c.stride),
                 "padding": c.padding if isinstance(c.padding, str) else list(c.padding),
                 "dilation": list(c.dilation), "bias": c.bias is not None, "padding_mode": c.padding_mode,
-                "scatter": self.scatter}
+                "scatter": self.scatter, "gather": self.gather,
+                "padded_in": bool(self.gather and self.permute_in.padded)}
 
     @classmethod
     def from_description(cls, d: Dict[str, Any]) -> "PermutedGroupConv2d":
@@ -297,11 +373,164 @@ class PermutedGroupConv2d(nn.Module):
         pad = d["padding"] if isinstance(d["padding"], str) else tuple(d["padding"])
         layer = cls(int(d["in_channels"]), d["out_sizes"], d["in_sizes"], tuple(d["kernel_size"]),
                     stride=tuple(d["stride"]), padding=pad, dilation=tuple(d["dilation"]), bias=bool(d["bias"]),
-                    padding_mode=d["padding_mode"], scatter=bool(d["scatter"]))
+                    padding_mode=d["padding_mode"], scatter=bool(d["scatter"]), gather=bool(d.get("gather", True)))
+        if layer.gather and "padded_in" in d:
+            layer.permute_in.padded = bool(d["padded_in"])
         return layer
 
 
-MODULE_TYPES = {cls.__name__: cls for cls in (BlockDiagonalLinear, ChannelPermute, PermutedGroupConv2d)}
+def _block_mask(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``[rows, cols]`` bool: a row and a column share a block (padding labels never match)."""
+    return (rows[:, None] == cols[None, :]) & (rows[:, None] >= 0)
+
+
+class MaskedDenseLinear(nn.Module):
+    """The ``"dense"`` kernel of a converted linear layer: the whole matrix, zeros included.
+
+    ``linear`` is an ``nn.Linear`` whose rows and columns may be in any order and may include
+    zero padding rows/columns, so the layer absorbs its neighbours' permutations and never
+    gathers. ``row_labels`` / ``col_labels`` (``long`` buffers) hold each row's and column's
+    block (``-1``/``-2`` for padding); in training mode the weight is multiplied by their block
+    mask, so a weight outside the blocks gets no gradient and stays zero. In eval mode (and in an
+    ONNX export, and for MACs counters) it is just ``linear``.
+
+    Args:
+        in_features, out_features: width of the input and of the output (padding included).
+        out_sizes, in_sizes: real outputs / inputs of each block (for the weight counts).
+        bias: whether the layer has a bias.
+
+    Example:
+        >>> layer = MaskedDenseLinear(4, 4, [2, 2], [2, 2])
+        >>> _ = layer.row_labels.copy_(torch.tensor([0, 0, 1, 1]))
+        >>> _ = layer.col_labels.copy_(torch.tensor([0, 1, 0, 1]))
+        >>> _ = torch.nn.init.ones_(layer.linear.weight)
+        >>> layer.masked_weight()[0].tolist(), layer.effective_weights(), layer.stored_weights()
+        ([1.0, 0.0, 1.0, 0.0], 8, 16)
+    """
+
+    kernel = "dense"
+
+    def __init__(self, in_features: int, out_features: int, out_sizes: Sequence[int], in_sizes: Sequence[int],
+                 bias: bool = True) -> None:
+        super().__init__()
+        self.out_sizes, self.in_sizes = _check_layout(out_sizes, in_sizes)
+        self.blocks = len(self.out_sizes)
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.linear = nn.Linear(self.in_features, self.out_features, bias=bias)
+        with torch.no_grad():
+            self.linear.weight.zero_()
+            if self.linear.bias is not None:
+                self.linear.bias.zero_()
+        self.register_buffer("row_labels", torch.full((self.out_features,), -1, dtype=torch.long))
+        self.register_buffer("col_labels", torch.full((self.in_features,), -2, dtype=torch.long))
+
+    @property
+    def width(self) -> int:
+        return self.out_features
+
+    def masked_weight(self) -> torch.Tensor:
+        """The weight times its block mask (what training uses)."""
+        return self.linear.weight * _block_mask(self.row_labels, self.col_labels).to(self.linear.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            return F.linear(x, self.masked_weight(), self.linear.bias)
+        return self.linear(x)
+
+    def effective_weights(self) -> int:
+        """Weights inside the blocks: ``sum(out_sizes[b] * in_sizes[b])``."""
+        return sum(a * b for a, b in zip(self.out_sizes, self.in_sizes))
+
+    def stored_weights(self) -> int:
+        """Weights held in memory: the whole matrix."""
+        return self.linear.weight.numel()
+
+    def extra_repr(self) -> str:
+        return f"blocks={self.blocks}, kernel=dense"
+
+    def describe(self) -> Dict[str, Any]:
+        """JSON-safe structure; weights and labels are in the ``state_dict``."""
+        return {"type": "MaskedDenseLinear", "in_features": self.in_features, "out_features": self.out_features,
+                "out_sizes": list(self.out_sizes), "in_sizes": list(self.in_sizes),
+                "bias": self.linear.bias is not None}
+
+    @classmethod
+    def from_description(cls, d: Dict[str, Any]) -> "MaskedDenseLinear":
+        """A skeleton of the described layer; load a ``state_dict`` to fill it."""
+        return cls(int(d["in_features"]), int(d["out_features"]), d["out_sizes"], d["in_sizes"], bias=bool(d["bias"]))
+
+
+class MaskedDenseConv2d(nn.Module):
+    """The ``"dense"`` kernel of a converted convolution: an ``nn.Conv2d`` (``conv``) holding the
+    whole weight, zeros included, masked by ``row_labels`` / ``col_labels`` while training (see
+    :class:`MaskedDenseLinear`).
+
+    Example:
+        >>> layer = MaskedDenseConv2d(4, 6, [3, 3], [2, 2], kernel_size=3, padding=1)
+        >>> layer(torch.randn(1, 4, 5, 5)).shape, layer.effective_weights()
+        (torch.Size([1, 6, 5, 5]), 108)
+    """
+
+    kernel = "dense"
+
+    def __init__(self, in_channels: int, out_channels: int, out_sizes: Sequence[int], in_sizes: Sequence[int],
+                 kernel_size: Union[int, Tuple[int, int]], stride: Union[int, Tuple[int, int]] = 1,
+                 padding: Union[str, int, Tuple[int, int]] = 0, dilation: Union[int, Tuple[int, int]] = 1,
+                 bias: bool = True, padding_mode: str = "zeros") -> None:
+        super().__init__()
+        self.out_sizes, self.in_sizes = _check_layout(out_sizes, in_sizes)
+        self.blocks = len(self.out_sizes)
+        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.conv = nn.Conv2d(self.in_channels, self.out_channels, kernel_size, stride=stride, padding=padding,
+                              dilation=dilation, bias=bias, padding_mode=padding_mode)
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            if self.conv.bias is not None:
+                self.conv.bias.zero_()
+        self.register_buffer("row_labels", torch.full((self.out_channels,), -1, dtype=torch.long))
+        self.register_buffer("col_labels", torch.full((self.in_channels,), -2, dtype=torch.long))
+
+    @property
+    def width(self) -> int:
+        return self.out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return self.conv(x)
+        mask = _block_mask(self.row_labels, self.col_labels).to(self.conv.weight.dtype)
+        w = self.conv.weight * mask[:, :, None, None]
+        return self.conv._conv_forward(x, w, self.conv.bias)
+
+    def effective_weights(self) -> int:
+        k = self.conv.weight.shape[2] * self.conv.weight.shape[3]
+        return sum(a * b for a, b in zip(self.out_sizes, self.in_sizes)) * k
+
+    def stored_weights(self) -> int:
+        return self.conv.weight.numel()
+
+    def extra_repr(self) -> str:
+        return f"in_channels={self.in_channels}, out_channels={self.out_channels}, blocks={self.blocks}, kernel=dense"
+
+    def describe(self) -> Dict[str, Any]:
+        """JSON-safe structure; weights and labels are in the ``state_dict``."""
+        c = self.conv
+        return {"type": "MaskedDenseConv2d", "in_channels": self.in_channels, "out_channels": self.out_channels,
+                "out_sizes": list(self.out_sizes), "in_sizes": list(self.in_sizes),
+                "kernel_size": list(c.kernel_size), "stride": list(c.stride),
+                "padding": c.padding if isinstance(c.padding, str) else list(c.padding),
+                "dilation": list(c.dilation), "bias": c.bias is not None, "padding_mode": c.padding_mode}
+
+    @classmethod
+    def from_description(cls, d: Dict[str, Any]) -> "MaskedDenseConv2d":
+        """A skeleton of the described layer; load a ``state_dict`` to fill it."""
+        pad = d["padding"] if isinstance(d["padding"], str) else tuple(d["padding"])
+        return cls(int(d["in_channels"]), int(d["out_channels"]), d["out_sizes"], d["in_sizes"],
+                   tuple(d["kernel_size"]), stride=tuple(d["stride"]), padding=pad, dilation=tuple(d["dilation"]),
+                   bias=bool(d["bias"]), padding_mode=d["padding_mode"])
+
+
+MODULE_TYPES = {cls.__name__: cls for cls in (BlockDiagonalLinear, ChannelPermute, PermutedGroupConv2d,
+                                              MaskedDenseLinear, MaskedDenseConv2d)}
 
 
 def module_from_description(d: Dict[str, Any]) -> nn.Module:

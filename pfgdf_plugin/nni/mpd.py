@@ -285,7 +285,7 @@ class MPDPruner(Pruner):
 
 
 def convert(model: nn.Module, masks_or_pruner: Union[Pruner, Mapping[str, Mapping[str, torch.Tensor]]],
-            example_inputs: Any = None, fold: bool = True) -> Dict[str, Any]:
+            example_inputs: Any = None, fold: bool = True, kernel: str = "block") -> Dict[str, Any]:
     """Turn an (unwrapped) MPD-masked model into block-diagonal layers, in place.
 
     Each ``weight`` mask that is not all ones must be a permuted block-diagonal mask (its plan
@@ -301,6 +301,7 @@ def convert(model: nn.Module, masks_or_pruner: Union[Pruner, Mapping[str, Mappin
         example_inputs: an input batch, needed when ``fold`` (for Torch-Pruning's dependency
             graph).
         fold: fold adjacent permutations (see :func:`pfgdf_plugin.graph.find_fold_links`).
+        kernel: how each converted layer runs (see :func:`~pfgdf_plugin.methods.mpd.convert_model`).
 
     Returns:
         The conversion report (:func:`~pfgdf_plugin.methods.mpd.summarize` plus ``folded``).
@@ -333,11 +334,11 @@ def convert(model: nn.Module, masks_or_pruner: Union[Pruner, Mapping[str, Mappin
         if example_inputs is None:
             raise ValueError("convert(..., fold=True) needs example_inputs to build the dependency graph; pass an "
                              "input batch or fold=False")
-        links = find_fold_links(model, example_inputs, names=list(plans))
+        links = find_fold_links(model, example_inputs)
     with torch.no_grad():
         for module, bias_mask in bias_masks:
             module.bias.mul_(bias_mask.to(module.bias))
-    return mpd.convert_model(model, plans, links, strict=False)
+    return mpd.convert_model(model, plans, links, strict=False, kernel=kernel)
 
 
 __all__ = ["MPDPruner", "blocks_for_ratio", "convert"]

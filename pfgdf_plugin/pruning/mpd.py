@@ -53,7 +53,8 @@ def _result(model: nn.Module, report: Dict[str, Any], snapshot: Dict[str, Any]) 
     layers = {n: {k: v for k, v in e.items() if k in ("blocks", "dense", "kept", "stored", "compression")}
               for n, e in report["layers"].items()}
     return PruneResult(model, layers, extra={"mpd_snapshot": snapshot, "mpd_compression": report["compression"],
-                                             "mpd_folded": report.get("folded", [])})
+                                             "mpd_folded": report.get("folded", []),
+                                             "mpd_kernels": report.get("kernels", {})})
 
 
 def _tp_mpd(model, example_inputs, p: MPDRecipeParams, ratio, ignored, ctx) -> PruneResult:
@@ -62,7 +63,8 @@ def _tp_mpd(model, example_inputs, p: MPDRecipeParams, ratio, ignored, ctx) -> P
     from ..train import train
 
     pruner = MPDPruner(model, example_inputs, permutation=p.permutation, ignored_layers=ignored, seed=p.seed,
-                       round_to=p.round_to, fold=p.fold, dense_output=p.dense_output, **p.sizes())
+                       round_to=p.round_to, fold=p.fold, dense_output=p.dense_output, kernel=p.kernel,
+                       **p.sizes())
     if p.max_epochs > 0:
         needs_data(ctx, "mpd", "trains with its masks for prune.params.max_epochs")
         # the plans are a function of the dense weights and the seed: a resumed run rebuilds them
@@ -100,7 +102,7 @@ def _nni_mpd(model, example_inputs, p: MPDRecipeParams, ratio, ignored, ctx) -> 
     _, calibration = nni_train(pruner, evaluator, ctx, steps)
     model.cpu().eval()
     snapshot = _snapshot(model, dict(pruner.plans))
-    result = _result(model, convert(model, pruner, example_inputs, fold=p.fold), snapshot)
+    result = _result(model, convert(model, pruner, example_inputs, fold=p.fold, kernel=p.kernel), snapshot)
     result.fused_calibration = calibration
     return result
 
@@ -108,7 +110,8 @@ def _nni_mpd(model, example_inputs, p: MPDRecipeParams, ratio, ignored, ctx) -> 
 def report(result: PruneResult, plot_dir: Optional[str]) -> Tuple[Dict[str, Any], List[str]]:
     """MPD's metrics (compression reached, folded permutations) and its block-structure plot."""
     x = result.extra
-    metrics = {"mpd": {"compression": x["mpd_compression"], "folded": x["mpd_folded"]}}
+    metrics = {"mpd": {"compression": x["mpd_compression"], "folded": x["mpd_folded"],
+                       "kernels": x.get("mpd_kernels", {})}}
     if plot_dir is None or not x.get("mpd_snapshot"):
         return metrics, []
     from ..report import plot_mpd_blocks

@@ -53,6 +53,8 @@ class MPDPruner:
             model's output (the classifier) dense. In those two modes grouped/depthwise
             convolutions and the output projections of ``nn.MultiheadAttention`` are left
             dense too, with a warning.
+        kernel: how :meth:`step` runs each converted layer (``block``, ``auto``, ``dense``,
+            ``bmm``, ``grouped``; see :func:`pfgdf_plugin.methods.mpd.convert_model`).
 
     Raises:
         MPDError: both targets, ``blocks < 1``, ``blocks`` above a layer's ``min(out, in)``, a
@@ -82,9 +84,11 @@ class MPDPruner:
     def __init__(self, model: nn.Module, example_inputs: Any, compression: Optional[float] = None,
                  blocks: Union[int, Mapping[str, int], None] = None, permutation: str = "random",
                  ignored_layers: Optional[Sequence[Union[nn.Module, str]]] = None, seed: int = 0,
-                 round_to: Optional[int] = None, fold: bool = True, dense_output: bool = True) -> None:
+                 round_to: Optional[int] = None, fold: bool = True, dense_output: bool = True,
+                 kernel: str = "block") -> None:
         self.params, layer_blocks = mpd.pruner_params(compression, blocks, permutation=permutation, seed=seed,
-                                                      round_to=round_to, fold=fold, dense_output=dense_output)
+                                                      round_to=round_to, fold=fold, dense_output=dense_output,
+                                                      kernel=kernel)
         self.model, self.seed, self.permutation = model, int(seed), permutation
         self.round_to, self.fold, self.compression = mpd.check_round_to(round_to), fold, self.params.compression
         named = dict(model.named_modules())
@@ -100,7 +104,7 @@ class MPDPruner:
         for name, c in chosen.items():
             if c > 1:
                 self.plans[name] = mpd.make_plan(name, named[name].weight, c, permutation, self.seed, self.round_to)
-        self.links: List[FoldLink] = find_fold_links(model, names=list(self.plans), graph=self.graph) \
+        self.links: List[FoldLink] = find_fold_links(model, names=None, graph=self.graph) \
             if self.fold else []
         self._masks: Dict[str, torch.Tensor] = {}
         self._handles: list = []
@@ -177,7 +181,8 @@ class MPDPruner:
         if self.converted:
             warnings.warn("MPDPruner.step() was already called; nothing left to convert", stacklevel=2)
             return self.report
-        report = mpd.convert_model(self.model, self.plans, self.links if self.fold else (), strict=True)
+        report = mpd.convert_model(self.model, self.plans, self.links if self.fold else (), strict=True,
+                                   kernel=self.params.kernel)
         for handle in self._handles:
             handle.remove()
         self._handles.clear()

@@ -46,28 +46,39 @@ this project's reading, and every choice is a parameter:
   stored weights (padding included) and the effective ones. Where layer ``i`` feeds layer
   ``j`` only through channel-wise operations (activations, pooling, BatchNorm), ``i``'s output
   permutation and ``j``'s input permutation are folded into one gather in ``j`` (the
-  BatchNorm's parameters are permuted to match); see :class:`FoldLink`.
+  BatchNorm's parameters are permuted to match); see :class:`FoldLink`. A neighbour whose
+  weights can absorb a permutation offline (a ``"dense"``-kernel layer, or a plain
+  ``Linear``/``Conv2d`` such as the classifier) does, and a gather that became the identity is
+  dropped (:mod:`~pfgdf_plugin.methods.mpd.fold`).
+* **Kernels.** Each converted layer runs as dense-with-zeros, batched matmul or grouped
+  convolution, forced or chosen by measured time (``kernel="auto"``), and the report records
+  the choice and the times (:mod:`~pfgdf_plugin.methods.mpd.kernels`).
 
 Modules: :mod:`~pfgdf_plugin.methods.mpd.checks` (:class:`MPDParams`, value and layer checks),
 :mod:`~pfgdf_plugin.methods.mpd.blocks` (:class:`BlockPlan`, random labels, plans read from
 masks), :mod:`~pfgdf_plugin.methods.mpd.magnitude` (the ``"magnitude"`` permutation),
 :mod:`~pfgdf_plugin.methods.mpd.plan` (:func:`make_plan`, :func:`choose_blocks`,
 :func:`choose_layers`, :func:`plan_summary`), :mod:`~pfgdf_plugin.methods.mpd.convert`
-(conversion, folding, :func:`summarize`, :func:`describe_model` / :func:`restore_model`).
+(conversion, :func:`summarize`, :func:`describe_model` / :func:`restore_model`),
+:mod:`~pfgdf_plugin.methods.mpd.fold` (:class:`FoldLink`, :func:`fold`),
+:mod:`~pfgdf_plugin.methods.mpd.kernels` (:func:`choose_kernel`, :func:`check_kernel`).
 """
 
 from ...errors import MPDError
 from .blocks import BlockPlan, balanced_sizes, kept_share, layer_generator, plan_from_mask, random_labels
 from .checks import (LAYERS, PERMUTATIONS, MPDParams, both_sizes, check_blocks, check_compression, check_layer,
                      check_permutation, check_round_to, layer_shape, max_blocks, pruner_params, unsupported)
-from .convert import (DESCRIPTION_FORMAT, FoldLink, check_block_diagonal, convert_layer, convert_model,
-                      describe_model, fold, restore_model, summarize)
+from .convert import (DESCRIPTION_FORMAT, check_block_diagonal, convert_layer, convert_model, describe_model,
+                      restore_model, summarize)
+from .fold import FoldLink, drop_identities, fold
+from .kernels import KERNELS, LAYER_KERNELS, check_kernel, choose_kernel, median_time
 from .magnitude import magnitude_labels
 from .plan import choose_blocks, choose_layers, iter_layers, make_plan, plan_summary
 
-__all__ = ["DESCRIPTION_FORMAT", "LAYERS", "PERMUTATIONS", "BlockPlan", "FoldLink", "MPDError", "MPDParams",
-           "balanced_sizes", "both_sizes", "check_block_diagonal", "check_blocks", "check_compression",
-           "check_layer", "check_permutation", "check_round_to", "choose_blocks", "choose_layers", "convert_layer",
-           "convert_model", "describe_model", "fold", "iter_layers", "kept_share", "layer_generator", "layer_shape",
-           "magnitude_labels", "make_plan", "max_blocks", "plan_from_mask", "plan_summary", "pruner_params",
-           "random_labels", "restore_model", "summarize", "unsupported"]
+__all__ = ["DESCRIPTION_FORMAT", "KERNELS", "LAYERS", "LAYER_KERNELS", "PERMUTATIONS", "BlockPlan", "FoldLink",
+           "MPDError", "MPDParams", "balanced_sizes", "both_sizes", "check_block_diagonal", "check_blocks",
+           "check_compression", "check_kernel", "check_layer", "check_permutation", "check_round_to",
+           "choose_blocks", "choose_kernel", "choose_layers", "convert_layer", "convert_model", "describe_model",
+           "drop_identities", "fold", "iter_layers", "kept_share", "layer_generator", "layer_shape",
+           "magnitude_labels", "make_plan", "max_blocks", "median_time", "plan_from_mask", "plan_summary",
+           "pruner_params", "random_labels", "restore_model", "summarize", "unsupported"]

@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from ...errors import MPDError
 from ..params import Params, is_int
+from .kernels import check_kernel
 
 PERMUTATIONS = ("random", "magnitude")
 LAYERS = (nn.Linear, nn.Conv2d)
@@ -81,6 +82,9 @@ class MPDParams(Params):
         fold: fold adjacent permutations into neighbouring layers at conversion.
         round_to: every block's size a multiple of this (``None``: 1).
         dense_output: leave the output layer dense (unless it is named explicitly).
+        kernel: how each converted layer runs (:mod:`~pfgdf_plugin.methods.mpd.kernels`):
+            ``block`` (bmm for a Linear, grouped convolution for a Conv2d, the earlier layout),
+            ``auto`` (timed at conversion), ``dense``, ``bmm`` or ``grouped``.
 
     Example:
         >>> MPDParams().compression, MPDParams(blocks=4).compression
@@ -95,6 +99,7 @@ class MPDParams(Params):
     fold: bool = True
     round_to: Optional[int] = None
     dense_output: bool = True
+    kernel: str = "block"
 
     def __post_init__(self) -> None:
         if self.compression is None and self.blocks is None:
@@ -107,7 +112,8 @@ class MPDParams(Params):
             found.append(both_sizes(self.compression, self.blocks))
         if self.blocks is not None and (not is_int(self.blocks) or self.blocks < 1):
             found.append(f"blocks must be an integer >= 1, got {self.blocks!r}")
-        checks = [(check_permutation, self.permutation), (check_round_to, self.round_to)]
+        checks = [(check_permutation, self.permutation), (check_round_to, self.round_to),
+                  (check_kernel, self.kernel)]
         if self.compression is not None:
             checks.append((check_compression, self.compression))
         for check, value in checks:

@@ -1,20 +1,24 @@
-"""Conversion of masked layers to block-diagonal ones, folding, the report, describe/restore."""
+"""Conversion of masked layers to block-diagonal ones (with a kernel per layer), the report,
+describe/restore. Folding is in :mod:`~pfgdf_plugin.methods.mpd.fold`, the kernel choice in
+:mod:`~pfgdf_plugin.methods.mpd.kernels`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Mapping, Tuple
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 from ...errors import MPDError
-from ...modules import BlockDiagonalLinear, PermutedGroupConv2d, module_from_description
+from ...modules import (BlockDiagonalLinear, MaskedDenseConv2d, MaskedDenseLinear, PermutedGroupConv2d,
+                        module_from_description)
 from .blocks import BlockPlan
 from .checks import check_layer
+from .fold import CONVERTED, FoldLink, drop_identities, fold, set_module
+from .kernels import (LAYER_KERNELS, KernelSpec, Timer, batches_ok, check_kernel, choose_kernel, describe_choice,
+                      layer_kind, requested_kernel, sample_input)
 
 DESCRIPTION_FORMAT = "pfgdf_plugin.mpd/1"
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
 def _layout(labels: torch.Tensor, blocks: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
@@ -58,7 +62,29 @@ def _blocks_of(plan: BlockPlan, weight: torch.Tensor):
     return padded[rows, cols], out_pos, in_gather, o_w, i_w
 
 
-def convert_layer(plan: BlockPlan, module: nn.Module, strict: bool = True) -> nn.Module:
+def _dense_layer(plan: BlockPlan, module: nn.Module, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                 out_sizes, in_sizes) -> nn.Module:
+    """The ``"dense"`` kernel: the masked weight in the original order, with its block labels."""
+    out_n, in_n = plan.out_channels, plan.in_channels
+    if isinstance(module, nn.Linear):
+        new: nn.Module = MaskedDenseLinear(in_n, out_n, out_sizes, in_sizes, bias=bias is not None)
+        w, b = new.linear.weight, new.linear.bias
+    else:
+        c = module
+        new = MaskedDenseConv2d(in_n, out_n, out_sizes, in_sizes, c.kernel_size, stride=c.stride, padding=c.padding,
+                                dilation=c.dilation, bias=bias is not None, padding_mode=c.padding_mode)
+        w, b = new.conv.weight, new.conv.bias
+    new.to(device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        w.copy_(weight.detach())
+        if bias is not None:
+            b.copy_(bias)
+        new.row_labels.copy_(plan.out_labels)
+        new.col_labels.copy_(plan.in_labels)
+    return new.train(module.training)
+
+
+def convert_layer(plan: BlockPlan, module: nn.Module, strict: bool = True, kernel: str = "block") -> nn.Module:
     """The block-diagonal replacement of ``module`` (a Linear or a Conv2d) under ``plan``.
 
     Args:
@@ -66,10 +92,14 @@ def convert_layer(plan: BlockPlan, module: nn.Module, strict: bool = True) -> nn
         module: the masked layer.
         strict: refuse (``MPDError``) a weight that is non-zero outside the mask; with
             ``False`` the weight is multiplied by the mask first (NNI's masked-model view).
+        kernel: ``"block"`` (``bmm`` for a Linear, ``grouped`` for a Conv2d), ``"bmm"``,
+            ``"grouped"`` or ``"dense"`` (see :mod:`~pfgdf_plugin.methods.mpd.kernels`).
 
     Returns:
-        A :class:`~pfgdf_plugin.modules.BlockDiagonalLinear` or
-        :class:`~pfgdf_plugin.modules.PermutedGroupConv2d` computing what the masked layer
+        A :class:`~pfgdf_plugin.modules.BlockDiagonalLinear`,
+        :class:`~pfgdf_plugin.modules.PermutedGroupConv2d`,
+        :class:`~pfgdf_plugin.modules.MaskedDenseLinear` or
+        :class:`~pfgdf_plugin.modules.MaskedDenseConv2d` computing what the masked layer
         computes, on the same device and dtype.
 
     Example:
@@ -79,26 +109,34 @@ def convert_layer(plan: BlockPlan, module: nn.Module, strict: bool = True) -> nn
         >>> with torch.no_grad():
         ...     _ = lin.weight.mul_(plan.mask())
         >>> x = torch.randn(3, 6)
-        >>> torch.allclose(convert_layer(plan, lin)(x), lin(x), atol=1e-6)
+        >>> all(torch.allclose(convert_layer(plan, lin, kernel=k)(x), lin(x), atol=1e-6)
+        ...     for k in ("bmm", "grouped", "dense"))
         True
     """
-    out_n, in_n, kernel = check_layer(plan.name, module)
-    if (out_n, in_n) + kernel != plan.weight_shape:
-        raise MPDError(f"{plan.name}: the layer's weight shape {(out_n, in_n) + kernel} does not match the plan's "
-                       f"{plan.weight_shape}")
+    out_n, in_n, kernel_size = check_layer(plan.name, module)
+    if (out_n, in_n) + kernel_size != plan.weight_shape:
+        raise MPDError(f"{plan.name}: the layer's weight shape {(out_n, in_n) + kernel_size} does not match the "
+                       f"plan's {plan.weight_shape}")
+    kernel = requested_kernel(plan.name, module, check_kernel(kernel))
+    if kernel == "auto":
+        kinds = ", ".join(LAYER_KERNELS[layer_kind(module)])
+        raise MPDError(f"{plan.name}: convert_layer takes a concrete kernel ({kinds}); kernel='auto' is chosen by "
+                       "convert_model")
     weight = module.weight
     if strict:
         check_block_diagonal(plan, weight)
     else:
         weight = weight.detach() * plan.mask(weight.dtype, weight.device)
-    blocks_w, out_pos, in_gather, o_w, i_w = _blocks_of(plan, weight)
     out_sizes, in_sizes = plan.out_sizes().tolist(), plan.in_sizes().tolist()
     bias = module.bias.detach() if module.bias is not None else None
+    if kernel == "dense":
+        return _dense_layer(plan, module, weight, bias, out_sizes, in_sizes)
+    blocks_w, out_pos, in_gather, o_w, i_w = _blocks_of(plan, weight)
     raw_bias = None
     if bias is not None:
         raw_bias = torch.cat([bias, bias.new_zeros(1)])[_layout(plan.out_labels, plan.blocks)[1].to(bias.device)]
     if isinstance(module, nn.Linear):
-        new: nn.Module = BlockDiagonalLinear(in_n, out_sizes, in_sizes, bias=bias is not None)
+        new: nn.Module = BlockDiagonalLinear(in_n, out_sizes, in_sizes, bias=bias is not None, kernel=kernel)
         new.to(device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
             new.weight.copy_(blocks_w)
@@ -120,132 +158,128 @@ def convert_layer(plan: BlockPlan, module: nn.Module, strict: bool = True) -> nn
     return new.train(module.training)
 
 
-@dataclass
-class FoldLink:
-    """Layer ``producer`` feeds layer ``consumer`` through channel-wise operations only.
+def _conv_spatial(model: nn.Module, names: Sequence[str], example_inputs: Any) -> Dict[str, Tuple[int, int]]:
+    """``{conv name: (H, W)}`` of each named layer's input, from one eval-mode pass of ``example_inputs``."""
+    if example_inputs is None or not names:
+        return {}
+    seen: Dict[str, Tuple[int, int]] = {}
 
-    ``norms`` names the BatchNorm layers on the way (their parameters get permuted); anything
-    else on the way must be channel-agnostic and parameter-free (activations, pooling). The
-    adapters find links with Torch-Pruning's dependency graph
-    (:func:`pfgdf_plugin.graph.find_fold_links`).
-    """
+    def record(name: str):
+        def hook(module: nn.Module, args: Any) -> None:
+            seen.setdefault(name, tuple(args[0].shape[-2:]))
+        return hook
 
-    producer: str
-    consumer: str
-    norms: List[str] = field(default_factory=list)
-
-
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, new)
-
-
-@torch.no_grad()
-def _permute_norm(norm: nn.Module, gather: torch.Tensor) -> None:
-    for key in ("weight", "bias", "running_mean", "running_var"):
-        t = getattr(norm, key, None)
-        if isinstance(t, torch.Tensor):
-            t.copy_(t[gather.to(t.device)])
+    handles = [model.get_submodule(n).register_forward_pre_hook(record(n)) for n in names]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()
+            model(*example_inputs) if isinstance(example_inputs, (tuple, list)) else model(example_inputs)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return seen
 
 
-def fold(model: nn.Module, link: FoldLink) -> bool:
-    """Fold ``link.producer``'s output permutation into ``link.consumer``'s input gather, in place.
-
-    Both must already be converted layers of the same kind. The producer then emits its raw
-    block layout, the BatchNorms in ``link.norms`` are permuted to that layout, and the
-    consumer's gather reads the raw layout directly. Returns ``False`` (and changes nothing)
-    when it cannot fold: a BatchNorm on the way and a padded producer (the BatchNorm would need
-    the padded width), or a producer that is already folded.
-    """
-    prod, cons = model.get_submodule(link.producer), model.get_submodule(link.consumer)
-    kinds = (BlockDiagonalLinear, PermutedGroupConv2d)
-    if not any(isinstance(prod, k) and isinstance(cons, k) for k in kinds) or not prod.scatter:
-        return False
-    if isinstance(prod, BlockDiagonalLinear):
-        out_pos, raw = prod.out_index, prod.raw_features
-        cons_n, cons_index = cons.in_features, cons.in_index
-    else:
-        out_pos, raw = prod.permute_out.index, prod.raw_channels
-        cons_n, cons_index = cons.in_channels, cons.permute_in.index
-    out_n = out_pos.numel()
-    if cons_n != out_n or (link.norms and raw != out_n):
-        return False
-    norms = [model.get_submodule(n) for n in link.norms]
-    if any(not isinstance(n, _NORMS) or n.num_features != out_n for n in norms):
-        return False
-    raw_gather = torch.full((raw,), 0, dtype=torch.long, device=out_pos.device)
-    raw_gather[out_pos] = torch.arange(out_n, device=out_pos.device)
-    for norm in norms:
-        _permute_norm(norm, raw_gather)
-    lookup = torch.cat([out_pos, out_pos.new_tensor([raw])])
-    new_index = lookup[cons_index]
-    if isinstance(prod, BlockDiagonalLinear):
-        prod.out_index = None
-        prod.scatter = False
-        cons.in_index = new_index
-        cons.in_features = raw
-    else:
-        prod.permute_out = nn.Identity()
-        prod.scatter = False
-        cons.permute_in.index = new_index
-        cons.permute_in.in_channels = raw
-        cons.in_channels = raw
-    return True
+def _choose(name: str, plan: BlockPlan, module: nn.Module, asked: str, strict: bool, timer: Optional[Timer],
+            batches: Tuple[int, ...], spatial: Tuple[int, int], given: str) -> Tuple[nn.Module, Dict[str, Any]]:
+    """The converted layer and its report entry (timed when ``asked`` is ``auto``)."""
+    if asked != "auto":
+        return convert_layer(plan, module, strict, asked), describe_choice(asked, given)
+    candidates = {k: convert_layer(plan, module, strict, k).eval() for k in LAYER_KERNELS[layer_kind(module)]}
+    inputs = {b: sample_input(module, b, spatial) for b in batches}
+    choice = choose_kernel(name, candidates, inputs, timer)
+    if isinstance(module, nn.Conv2d):
+        choice["input"] = list(spatial)
+    return candidates[choice["kernel"]].train(module.training), choice
 
 
 def convert_model(model: nn.Module, plans: Mapping[str, BlockPlan], links: Iterable[FoldLink] = (),
-                  strict: bool = True) -> Dict[str, Any]:
+                  strict: bool = True, kernel: KernelSpec = "block", timer: Optional[Timer] = None,
+                  batches: Sequence[int] = (1, 32), example_inputs: Any = None) -> Dict[str, Any]:
     """Replace every planned layer of ``model`` by its block-diagonal form, in place.
 
     Args:
         model: the masked model.
         plans: ``{layer name: plan}``; a plan with one block leaves its layer dense.
-        links: fold opportunities (:class:`FoldLink`); links whose ends are not both converted
-            are skipped.
+        links: fold opportunities (:class:`FoldLink`); a link may end at an unplanned ``Linear``
+            or ``Conv2d`` (e.g. the classifier), whose weights then absorb the permutation.
         strict: see :func:`convert_layer`. Every layer is checked before any is replaced, so
             an error leaves the model as it was.
+        kernel: ``"block"`` (default: ``bmm`` for a Linear, ``grouped`` for a Conv2d, the layout
+            of earlier versions), ``"auto"`` (timed per layer), ``"dense"``, ``"bmm"``,
+            ``"grouped"``, or ``{layer name: kernel}`` (unnamed layers: ``block``). ``"block"``
+            keeps the layout of earlier versions exactly (the same ``state_dict``); any other
+            value also folds a padded layout across a BatchNorm (widening it) and drops the
+            gathers and scatters that are the identity.
+        timer: ``timer(module, inputs) -> seconds`` for ``auto``
+            (:func:`~pfgdf_plugin.methods.mpd.kernels.median_time` by default).
+        batches: the batch sizes ``auto`` times.
+        example_inputs: a batch, to time convolutions at their real input size (16x16 without).
 
     Returns:
-        :func:`summarize` of the converted model, plus ``"folded"``: the links folded.
+        :func:`summarize` of the converted model (each layer with its ``kernel``), plus
+        ``"folded"`` (the links folded), ``"identity"`` (identity gathers dropped) and
+        ``"kernels"`` (per layer: ``kernel``, ``reason``, ``times`` ``{kernel: {batch: s}}``,
+        ``threads``, ``engine``).
     """
+    spec, batches = check_kernel(kernel), batches_ok(batches)
     todo = {name: plan for name, plan in plans.items() if plan.blocks > 1}
     modules = dict(model.named_modules())
+    if isinstance(spec, Mapping) and set(spec) - set(todo):
+        raise MPDError(f"kernel names layers that are not converted: {sorted(set(spec) - set(todo))}; converted: "
+                       f"{sorted(todo)}")
+    asked = {}
     for name, plan in todo.items():
         if name not in modules:
             raise MPDError(f"{name}: no such layer in the model")
         check_layer(name, modules[name])
         if strict:
             check_block_diagonal(plan, modules[name].weight)
+        asked[name] = requested_kernel(name, modules[name], spec)
+    timed_convs = [n for n, k in asked.items() if k == "auto" and isinstance(modules[n], nn.Conv2d)]
+    spatial = _conv_spatial(model, timed_convs, example_inputs)
+    new_layers, choices = {}, {}
     for name, plan in todo.items():
-        _set_module(model, name, convert_layer(plan, modules[name], strict=strict))
+        given = spec.get(name, "block") if isinstance(spec, Mapping) else spec
+        new_layers[name], choices[name] = _choose(name, plan, modules[name], asked[name], strict, timer, batches,
+                                                  spatial.get(name, (16, 16)), given)
+    for name, new in new_layers.items():
+        set_module(model, name, new)
+    legacy = isinstance(spec, str) and spec == "block"
     folded = []
-    for link in links:
-        if link.producer in todo and link.consumer in todo and fold(model, link):
+    for link in links:  # the earlier layout folds only between two converted layers
+        ends = (link.producer in todo) + (link.consumer in todo)
+        if ends >= (2 if legacy else 1) and fold(model, link, widen_norms=not legacy):
             folded.append(f"{link.producer} -> {link.consumer}")
     report = summarize(model)
     report["folded"] = folded
+    report["identity"] = [] if legacy else drop_identities(model, list(todo))
+    report["kernels"] = choices
     return report
 
 
 def summarize(model: nn.Module) -> Dict[str, Any]:
-    """Per converted layer and in total: blocks, dense / kept (effective) / stored weights.
+    """Per converted layer and in total: blocks, kernel, dense / kept (effective) / stored weights.
 
     ``dense`` is the weight count of the original layer, ``kept`` the weights that are not
-    padding, ``stored`` what the converted layer holds in memory (padding included);
-    ``compression = dense / kept``. Biases and BatchNorms are not counted.
+    padding, ``stored`` what the converted layer holds in memory (padding included; the whole
+    matrix for a ``dense`` kernel); ``compression = dense / kept``. Biases and BatchNorms are not
+    counted.
 
     Returns:
         ``{"layers": {name: {...}}, "dense", "kept", "stored", "compression"}``.
     """
     layers: Dict[str, Dict[str, Any]] = {}
     for name, m in model.named_modules():
-        if isinstance(m, (BlockDiagonalLinear, PermutedGroupConv2d)):
-            k = 1 if isinstance(m, BlockDiagonalLinear) else m.conv.weight.shape[2] * m.conv.weight.shape[3]
+        if isinstance(m, CONVERTED):
+            w = m.conv.weight if isinstance(m, (PermutedGroupConv2d, MaskedDenseConv2d)) else None
+            k = 1 if w is None else w.shape[2] * w.shape[3]
             dense = sum(m.out_sizes) * sum(m.in_sizes) * k
             kept = m.effective_weights()
-            layers[name] = {"kind": type(m).__name__, "blocks": m.blocks, "dense": dense, "kept": kept,
-                            "stored": m.stored_weights(), "compression": dense / kept}
+            layers[name] = {"kind": type(m).__name__, "blocks": m.blocks, "kernel": m.kernel, "dense": dense,
+                            "kept": kept, "stored": m.stored_weights(), "compression": dense / kept}
     dense = sum(v["dense"] for v in layers.values())
     kept = sum(v["kept"] for v in layers.values())
     stored = sum(v["stored"] for v in layers.values())
@@ -276,8 +310,7 @@ def describe_model(model: nn.Module) -> Dict[str, Any]:
         True
     """
     return {"format": DESCRIPTION_FORMAT,
-            "modules": {name: m.describe() for name, m in model.named_modules()
-                        if isinstance(m, (BlockDiagonalLinear, PermutedGroupConv2d))}}
+            "modules": {name: m.describe() for name, m in model.named_modules() if isinstance(m, CONVERTED)}}
 
 
 def restore_model(model: nn.Module, description: Mapping[str, Any]) -> nn.Module:
@@ -296,5 +329,5 @@ def restore_model(model: nn.Module, description: Mapping[str, Any]) -> nn.Module
         p = next(old.parameters(), None)
         if p is not None:
             new.to(device=p.device, dtype=p.dtype)
-        _set_module(model, name, new.train(old.training))
+        set_module(model, name, new.train(old.training))
     return model
