@@ -188,7 +188,8 @@ def _check_block_diagonal(bd: Mapping[str, Any], state: Mapping[str, torch.Tenso
         if not all(_shape(s) for s in sizes) or not sizes[0] or not sizes[1]:
             raise PrunedFileError(f"{path}: block-diagonal layer {name!r}: out_sizes, in_sizes (and kernel_size) "
                                   f"must be lists of ints >= 1, got {sizes!r}")
-        weight = state.get(f"{name}.weight", state.get(f"{name}.conv.weight"))
+        weight = next((state[k] for k in (f"{name}.weight", f"{name}.conv.weight", f"{name}.linear.weight")
+                       if k in state), None)  # block, grouped-conv and dense-with-zeros kernels
         need = len(sizes[0]) * max(sizes[0]) * max(sizes[1]) * math.prod(sizes[2])
         if weight is None or need > weight.numel():
             have = None if weight is None else tuple(weight.shape)
