@@ -1,4 +1,4 @@
-"""Command line: ``pfgdf-plugin run|validate|trial|search|bench|methods``."""
+"""Command line: ``pfgdf-plugin run|validate|trial|search|bench|compare|methods``."""
 
 from __future__ import annotations
 
@@ -36,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="docs", help="folder for benchmarks.md and plots (default: docs)")
     bench.add_argument("--render", default=None, metavar="JSON",
                        help="only rewrite the section of a finished bench from its results JSON")
+    compare = sub.add_parser("compare", help="runs side by side: one table and an accuracy-vs-latency plot")
+    compare.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders written by `pfgdf-plugin run`")
+    compare.add_argument("--out", default="compare.png", help="the plot to write (default: compare.png)")
     sub.add_parser("methods", help="list the registered methods, models and data sets")
     return ap
 
@@ -95,6 +98,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(f"{t['trial']}  {t['result']}  {t['parameters']}")
             print(f"experiment {out['id']}: {out['status']}, {len(out['trials'])} trial(s) reported"
                   + (f", {len(out['failed_trials'])} failed" if out["failed_trials"] else ""))
+            return 0
+        if args.command == "compare":
+            from .compare import compare_runs
+
+            table, plot = compare_runs(args.runs, args.out)
+            print(table)
+            print(f"\nplot: {plot}")
             return 0
         if args.command == "bench":
             from .bench import render, run_bench

@@ -6,18 +6,24 @@ needs to know about them (classes, channels, image size).
 
 Registered names:
 
-* ``fashion_mnist`` and ``mnist``: torchvision's ``FashionMNIST`` / ``MNIST``.
+* ``fashion_mnist`` and ``mnist``: the images of torchvision's ``FashionMNIST`` /
+  ``MNIST`` held in memory (:class:`~pfgdf_plugin.images.TensorImages`).
   With no ``root`` the gzipped IDX files installed by Debian's package
   ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``) are found
   automatically and decompressed once into a cache folder
   (``$PFGDF_CACHE`` or ``~/.cache/pfgdf_plugin/data``).
-* ``cifar10``: torchvision's ``CIFAR10`` read from ``root/cifar-10-batches-py``.
+* ``cifar10``: the images of torchvision's ``CIFAR10`` (read from
+  ``root/cifar-10-batches-py``) held in memory.
 * ``imagefolder``: torchvision's ``ImageFolder`` over ``root/train`` and
-  ``root/val`` (or ``root/test``).
+  ``root/val`` (or ``root/test``) with the standard ImageNet pipeline:
+  random-resized crop and flip for training, resize to ``image_size * 256 / 224``
+  and centre crop for evaluation, ImageNet normalisation.
 * ``digits``: scikit-learn's bundled 8x8 digits, always available offline.
 * ``synthetic``: seeded random tensors with a learnable class signal.
 
-Nothing is ever downloaded. When ``root`` is None the environment variable
+The in-memory sets are read a batch at a time by :func:`make_loaders` and
+augmented on the whole batch, so the data never dominates a small model's
+epoch. Nothing is ever downloaded. When ``root`` is None the environment variable
 ``PFGDF_DATA`` is used as the root, if set. Missing data raises
 :class:`DataNotFoundError` with a one-line hint on how to get it.
 """
@@ -37,6 +43,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from .errors import DataNotFoundError
+from .images import TensorImages, batch_loader, fetches_batches, prepare_images
 from .registry import Registry
 
 __all__ = [
@@ -153,39 +160,35 @@ def _norm_stats(name: str, natural: int, channels: int) -> Tuple[List[float], Li
     return [gm], [gs]
 
 
-def _image_transform(
-    name: str,
-    natural_channels: int,
-    natural_size: Optional[int],
-    image_size: int,
-    channels: int,
-    augment: bool,
-    flip: bool,
-) -> Callable:
-    """Transform for PIL images: channels, size, (augment), tensor, normalise.
+def _tensor_images(name: str, images: torch.Tensor, targets: Any, natural_channels: int, image_size: int,
+                   channels: int, crop: bool, flip: bool) -> TensorImages:
+    """uint8 images ``(N, C, H, W)`` prepared once, augmented per batch when ``crop``/``flip``."""
+    mean, std = _norm_stats(name, natural_channels, channels)
+    prepared = prepare_images(images, channels, image_size)
+    return TensorImages(prepared, torch.as_tensor(targets, dtype=torch.long), mean, std,
+                        crop_padding=max(1, image_size // 8) if crop else 0, flip=flip and crop)
 
-    The size is changed by zero padding when ``image_size - natural_size == 4``
-    (28x28 MNIST-like images padded by 2 on each side to 32x32, what
-    CIFAR-style models expect) and by ``transforms.Resize`` otherwise.
+
+#: The evaluation resize of the ImageNet pipeline: resize to 256 before a 224 centre crop.
+IMAGENET_RESIZE = 256 / 224
+
+
+def _imagenet_transform(image_size: int, channels: int, train: bool) -> Callable:
+    """The standard ImageNet pipeline for PIL images at ``image_size``.
+
+    Training: ``RandomResizedCrop(image_size)`` and a horizontal flip; evaluation: resize the
+    shorter side to ``round(image_size * 256 / 224)`` and crop the centre. Then ImageNet's
+    normalisation (its gray mean and std when ``channels`` is 1).
     """
     from torchvision import transforms as T
 
-    steps: List[Callable] = []
-    if channels != natural_channels:
-        steps.append(T.Grayscale(num_output_channels=channels))
-    if natural_size is None:
-        steps.append(T.Resize((image_size, image_size)))
-    elif image_size - natural_size == 4:
-        steps.append(T.Pad(2))
-    elif image_size != natural_size:
-        steps.append(T.Resize((image_size, image_size)))
-    if augment:
-        steps.append(T.RandomCrop(image_size, padding=max(1, image_size // 8)))
-        if flip:
-            steps.append(T.RandomHorizontalFlip())
-    mean, std = _norm_stats(name, natural_channels, channels)
-    steps += [T.ToTensor(), T.Normalize(mean, std)]
-    return T.Compose(steps)
+    steps: List[Callable] = [T.Grayscale(num_output_channels=1)] if channels == 1 else []
+    if train:
+        steps += [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip()]
+    else:
+        steps += [T.Resize(int(round(image_size * IMAGENET_RESIZE))), T.CenterCrop(image_size)]
+    mean, std = _norm_stats("imagefolder", 3, channels)
+    return T.Compose(steps + [T.ToTensor(), T.Normalize(mean, std)])
 
 
 def _resolve_channels(name: str, in_channels: Optional[int], natural: int) -> int:
@@ -285,12 +288,12 @@ def _idx_dataset(
     found = _find_idx_root(key, cls_name, root, debian_name, hint)
     channels = _resolve_channels(key, in_channels, 1)
     cls = getattr(tvd, cls_name)
-    common = dict(name=key, natural_channels=1, natural_size=28, image_size=image_size, channels=channels)
-    train = cls(str(found), train=True, download=False,
-                transform=_image_transform(augment=augment, flip=flip, **common))
-    test = cls(str(found), train=False, download=False,
-               transform=_image_transform(augment=False, flip=False, **common))
-    return DataSpec(train, test, 10, channels, image_size, key)
+    splits = []
+    for train in (True, False):
+        ds = cls(str(found), train=train, download=False)  # reads the IDX files into uint8 tensors
+        splits.append(_tensor_images(key, ds.data.unsqueeze(1), ds.targets, 1, image_size, channels,
+                                     crop=augment and train, flip=flip))
+    return DataSpec(splits[0], splits[1], 10, channels, image_size, key)
 
 
 @DATASETS.register("fashion_mnist")
@@ -326,18 +329,34 @@ def _cifar10(root: Optional[PathLike], image_size: int, in_channels: Optional[in
             f"(cifar-10-batches-py) under ROOT and pass data.root"
         )
     channels = _resolve_channels("cifar10", in_channels, 3)
-    common = dict(name="cifar10", natural_channels=3, natural_size=32, image_size=image_size, channels=channels)
     try:
-        train = tvd.CIFAR10(str(r), train=True, download=False,
-                            transform=_image_transform(augment=augment, flip=True, **common))
-        test = tvd.CIFAR10(str(r), train=False, download=False,
-                           transform=_image_transform(augment=False, flip=False, **common))
+        splits = []
+        for train in (True, False):
+            ds = tvd.CIFAR10(str(r), train=train, download=False)  # (N, 32, 32, 3) uint8 in memory
+            images = torch.from_numpy(ds.data).permute(0, 3, 1, 2)
+            splits.append(_tensor_images("cifar10", images, ds.targets, 3, image_size, channels,
+                                         crop=augment and train, flip=True))
     except RuntimeError as exc:  # torchvision's checksum test failed
         raise DataNotFoundError(
             f"cifar10: files under {r / 'cifar-10-batches-py'} are incomplete or corrupt ({exc}); "
             f"put the python version of CIFAR-10 (cifar-10-batches-py) under ROOT and pass data.root"
         ) from None
-    return DataSpec(train, test, 10, channels, image_size, "cifar10")
+    return DataSpec(splits[0], splits[1], 10, channels, image_size, "cifar10")
+
+
+IMAGEFOLDER_LAYOUT = ("expected data.root to hold train/<class>/<image> and val/<class>/<image> (or test/), "
+                      "one folder per class with the same class folders in both")
+
+
+def _listing(folder: Path, most: int = 6) -> str:
+    """The first entries of ``folder`` for an error message."""
+    try:
+        names = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+    except OSError:
+        return "nothing readable" if folder.exists() else "no such folder"
+    if not names:
+        return "an empty folder"
+    return ", ".join(names[:most]) + (f", ... ({len(names)} entries)" if len(names) > most else "")
 
 
 @DATASETS.register("imagefolder")
@@ -346,20 +365,19 @@ def _imagefolder(root: Optional[PathLike], image_size: int, in_channels: Optiona
     import torchvision.datasets as tvd
 
     r = Path(root).expanduser() if root is not None else _env_root()
-    hint = "pass data.root pointing at a folder with train/ and val/ (or test/) subfolders, one folder per class"
     if r is None:
-        raise DataNotFoundError(f"imagefolder: no root given and PFGDF_DATA unset; {hint}")
+        raise DataNotFoundError(f"imagefolder: no root given and PFGDF_DATA unset; {IMAGEFOLDER_LAYOUT}")
     test_dir = next((r / s for s in ("val", "test") if (r / s).is_dir()), None)
     if not (r / "train").is_dir() or test_dir is None:
-        raise DataNotFoundError(f"imagefolder: no train/ and val/ (or test/) under {r}; {hint}")
+        missing = "train/ and val/" if test_dir is None and not (r / "train").is_dir() else (
+            "train/" if test_dir is not None else "val/ (or test/)")
+        raise DataNotFoundError(f"imagefolder: no {missing} under {r} (found: {_listing(r)}); {IMAGEFOLDER_LAYOUT}")
     channels = _resolve_channels("imagefolder", in_channels, 3)
-    common = dict(name="imagefolder", natural_channels=3, natural_size=None, image_size=image_size,
-                  channels=channels)
     try:
-        train = tvd.ImageFolder(str(r / "train"), transform=_image_transform(augment=augment, flip=True, **common))
-        test = tvd.ImageFolder(str(test_dir), transform=_image_transform(augment=False, flip=False, **common))
+        train = tvd.ImageFolder(str(r / "train"), transform=_imagenet_transform(image_size, channels, augment))
+        test = tvd.ImageFolder(str(test_dir), transform=_imagenet_transform(image_size, channels, False))
     except FileNotFoundError as exc:  # a split with no class folders / no images
-        raise DataNotFoundError(f"imagefolder: {exc}; {hint}") from None
+        raise DataNotFoundError(f"imagefolder: {exc}; {IMAGEFOLDER_LAYOUT}") from None
     if train.classes != test.classes:
         raise ValueError(
             f"imagefolder: train/ and {test_dir.name}/ have different class folders "
@@ -419,7 +437,7 @@ def build_dataset(
     limit_train: Optional[int] = None,
     limit_test: Optional[int] = None,
     seed: int = 0,
-    augment: bool = False,
+    augment: Optional[bool] = None,
 ) -> DataSpec:
     """Build a registered data set.
 
@@ -437,8 +455,13 @@ def build_dataset(
             samples (for ``synthetic``: the number of samples, default 512).
         limit_test: Same for the test split (``synthetic`` default 128).
         seed: Seed of the subsets, the ``digits`` split and ``synthetic``.
-        augment: Random crop (and horizontal flip where it keeps the label)
-            on the training split of image sets; ignored by ``digits`` and
+        augment: Augment the training split: random crop with zero padding of
+            ``image_size // 8`` (and a horizontal flip where it keeps the label)
+            for the in-memory image sets, drawn per sample on whole batches;
+            the ImageNet training pipeline (random-resized crop and flip) for
+            ``imagefolder``, whose evaluation pipeline (resize and centre
+            crop) is used for both splits when False. None (the default)
+            augments ``imagefolder`` only. Ignored by ``digits`` and
             ``synthetic``.
 
     Returns:
@@ -468,6 +491,8 @@ def build_dataset(
             image_size=image_size, in_channels=in_channels, seed=seed,
             n_train=limit_train or 512, n_test=limit_test or 128,
         )
+    if augment is None:
+        augment = name == "imagefolder"
     spec = builder(root=root, image_size=image_size, in_channels=in_channels, seed=seed, augment=bool(augment))
     spec.train = _subset(spec.train, limit_train, seed)
     spec.test = _subset(spec.test, limit_test, seed + 1)
@@ -484,7 +509,9 @@ def make_loaders(
     """Make the train and test loaders of a data set.
 
     The training order is drawn from a ``torch.Generator`` seeded with
-    ``seed``, so two runs with the same seed see the same batches.
+    ``seed``, so two runs with the same seed see the same batches. Sets held
+    in memory (and their subsets) are read a whole batch per index list, in
+    the same order a per-sample loader would give.
 
     Args:
         spec: A built data set.
@@ -508,10 +535,13 @@ def make_loaders(
         raise ValueError(f"workers must be an int >= 0, got {workers!r}")
     g = torch.Generator().manual_seed(seed)
     extra = dict(persistent_workers=True) if workers > 0 else {}
-    train = DataLoader(spec.train, batch_size=batch_size, shuffle=shuffle_train, num_workers=workers,
-                       generator=g, **extra)
-    test = DataLoader(spec.test, batch_size=batch_size, shuffle=False, num_workers=workers, **extra)
-    return train, test
+
+    def loader(ds: Dataset, shuffle: bool, gen: Optional[torch.Generator]) -> DataLoader:
+        if fetches_batches(ds):
+            return batch_loader(ds, batch_size, shuffle, gen, workers, **extra)
+        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers, generator=gen, **extra)
+
+    return loader(spec.train, shuffle_train, g), loader(spec.test, False, None)
 
 
 def calibration_batches(loader: Any, n: int) -> List[torch.Tensor]:

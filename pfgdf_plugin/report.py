@@ -246,3 +246,47 @@ def write_report(out_dir: str, metrics: Dict, plots: List[str]) -> str:
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
     return path
+
+
+def plot_accuracy_latency(points: List[Dict], path: str, xlabel: str = "latency, batch 1 (ms, median)",
+                          title: str = "") -> str:
+    """Accuracy against latency (or another cost) of several runs: each run's dense model (hollow)
+    joined by an arrow to its pruned model (filled), one colour per method.
+
+    Args:
+        points: one dict per run with ``label``, ``method``, ``dense`` and ``pruned`` as
+            ``(cost, accuracy in %)`` pairs (``dense`` may be None).
+        path: the PNG file to write.
+        xlabel: what the cost axis measures.
+
+    Example:
+        >>> import os, tempfile
+        >>> p = os.path.join(tempfile.mkdtemp(), "runs.png")
+        >>> pts = [{"label": "a", "method": "pfgdf", "dense": (2.0, 91.0), "pruned": (1.0, 90.0)}]
+        >>> os.path.exists(plot_accuracy_latency(pts, p))
+        True
+    """
+    methods = sorted({p["method"] for p in points})
+    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    for p in points:
+        c = colours[p["method"]]
+        x, y = p["pruned"]
+        if p.get("dense") is not None:
+            dx, dy = p["dense"]
+            ax.scatter([dx], [dy], s=50, facecolors="none", edgecolors=c, linewidths=1.2)
+            ax.annotate("", xy=(x, y), xytext=(dx, dy), arrowprops=dict(arrowstyle="->", color=c, lw=0.8, alpha=0.7))
+        ax.scatter([x], [y], s=55, color=c, zorder=3)
+        ax.annotate(p["label"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    for m in methods:
+        ax.scatter([], [], color=colours[m], label=m)
+    ax.scatter([], [], facecolors="none", edgecolors="grey", label="dense (before)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title or "runs: accuracy against latency (up and to the left is better)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

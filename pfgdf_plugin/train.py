@@ -1,12 +1,13 @@
-"""Training loops: seeded, with progress bars and atomic checkpoints."""
+"""Training loops: seeded, with progress bars, atomic checkpoints and per-epoch records."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import tempfile
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -16,6 +17,43 @@ from tqdm.auto import tqdm
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
+
+
+#: What :func:`train` hands every sink after each epoch: ``sink(record, model)``.
+EpochSink = Callable[[Dict[str, Any], nn.Module], None]
+_SINKS: List[EpochSink] = []
+
+
+@contextlib.contextmanager
+def recording(sink: Optional[EpochSink]) -> Iterator[None]:
+    """Send a record of every epoch that :func:`train` runs inside the block to ``sink``.
+
+    After each full epoch (and after a last, partial one) ``sink(record, model)`` is called with
+    ``record`` holding ``phase`` (the ``desc`` of that training), ``epoch`` (epochs trained, a
+    fraction for a partial one), ``step``, ``loss`` (mean over the epoch's steps),
+    ``train_accuracy`` (share of the epoch's training samples classified right; None with a
+    custom ``loss_fn``) and ``lr`` (the learning rate of the epoch's last step). Trainings that a pruning
+    method runs inside the block are recorded too. ``None`` records nothing.
+
+    Example:
+        >>> import torch
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> m = torch.nn.Linear(4, 2)
+        >>> dl = DataLoader(TensorDataset(torch.randn(8, 4), torch.randint(0, 2, (8,))), batch_size=4)
+        >>> seen = []
+        >>> with recording(lambda record, model: seen.append(record)):
+        ...     _ = train(m, dl, TrainConfig(epochs=1.5, lr=0.1), progress=False)
+        >>> [(r["phase"], r["epoch"], r["step"]) for r in seen]
+        [('train', 1.0, 2), ('train', 1.5, 3)]
+    """
+    if sink is None:
+        yield
+        return
+    _SINKS.append(sink)
+    try:
+        yield
+    finally:
+        _SINKS.remove(sink)
 
 
 def seed_everything(seed: int) -> None:
@@ -172,12 +210,16 @@ def _save(checkpoint: Checkpointing, model: nn.Module, opt, sched, pos: _Positio
 
 
 def _loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, teacher: Optional[nn.Module],
-          loss_fn: Optional[Callable[[tuple, nn.Module], torch.Tensor]], desc: str, step: int) -> torch.Tensor:
-    """Cross-entropy (with distillation from ``teacher``), or ``loss_fn``; an error when not finite."""
+          loss_fn: Optional[Callable[[tuple, nn.Module], torch.Tensor]], desc: str,
+          step: int) -> Tuple[torch.Tensor, Optional[int]]:
+    """Cross-entropy (with distillation from ``teacher``), or ``loss_fn``; an error when not finite.
+    Also the number of samples classified right (None with ``loss_fn``)."""
+    correct = None
     if loss_fn is not None:
         loss = loss_fn((x, y), net)
     else:
         out = net(x)
+        correct = int((out.detach().argmax(1) == y).sum()) if out.dim() == 2 and y.dim() == 1 else None
         loss = F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing)
         if teacher is not None and cfg.distill_weight > 0:
             with torch.no_grad():
@@ -187,7 +229,35 @@ def _loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, te
             loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * kd
     if not torch.isfinite(loss):
         raise FloatingPointError(f"{desc}: loss became {loss.item()} at step {step}; lower the learning rate")
-    return loss
+    return loss, correct
+
+
+@dataclass
+class _EpochTally:
+    """Loss and accuracy of the steps of one epoch, for the records of :func:`recording`."""
+
+    steps: int = 0
+    loss: float = 0.0
+    correct: Optional[int] = 0
+    seen: int = 0
+    lr: float = float("nan")
+
+    def add(self, loss: float, correct: Optional[int], n: int, lr: float) -> None:
+        self.steps += 1
+        self.lr = lr
+        self.loss += loss
+        self.correct = None if correct is None or self.correct is None else self.correct + correct
+        self.seen += n
+
+    def emit(self, lp: "_Loop", pos: "_Position", steps_per_epoch: int) -> None:
+        """Hand the epoch's record to every sink; start a new tally."""
+        if self.steps and _SINKS:
+            record = {"phase": lp.desc, "epoch": round(pos.step / max(1, steps_per_epoch), 4), "step": pos.step,
+                      "loss": self.loss / self.steps, "lr": self.lr,
+                      "train_accuracy": None if self.correct is None else self.correct / max(1, self.seen)}
+            for sink in list(_SINKS):
+                sink(dict(record), lp.model)
+        self.__init__()
 
 
 @dataclass
@@ -208,6 +278,7 @@ class _Loop:
     on_step: Optional[Callable[[int, float], None]]
     on_epoch: Optional[Callable[[int], None]]
     checkpoint: Optional[Checkpointing]
+    tally: Optional[_EpochTally] = None
 
 
 def _run_epoch(lp: _Loop, pos: _Position, total: int) -> bool:
@@ -221,13 +292,15 @@ def _run_epoch(lp: _Loop, pos: _Position, total: int) -> bool:
             torch.set_rng_state(pos.rng)  # as it was when the checkpoint was written
             pos.rng = None
         x, y = x.to(lp.device), y.to(lp.device)
-        loss = _loss(lp.net, x, y, lp.cfg, lp.teacher, lp.loss_fn, lp.desc, pos.step)
+        loss, correct = _loss(lp.net, x, y, lp.cfg, lp.teacher, lp.loss_fn, lp.desc, pos.step)
         lp.opt.zero_grad(set_to_none=True)
         loss.backward()
         lp.opt.step()
+        lr = float(lp.opt.param_groups[0]["lr"])  # the rate this step used
         lp.sched.step()
         pos.step += 1
         pos.running = loss.item() if pos.running is None else 0.9 * pos.running + 0.1 * loss.item()
+        lp.tally.add(loss.item(), correct, len(y), lr)
         lp.bar.set_postfix(loss=f"{pos.running:.3f}")
         lp.bar.update(1)
         stop = lp.on_step(pos.step, loss.item()) if lp.on_step is not None else False
@@ -236,6 +309,7 @@ def _run_epoch(lp: _Loop, pos: _Position, total: int) -> bool:
             if lp.on_epoch is not None:
                 lp.on_epoch(pos.epoch)
             pos.epoch += 1
+            lp.tally.emit(lp, pos, steps_per_epoch)
         every = lp.checkpoint.every if lp.checkpoint is not None else 0
         if lp.checkpoint is not None and (end_of_epoch or (every and pos.step % every == 0)):
             _save(lp.checkpoint, lp.model, lp.opt, lp.sched, pos, 0 if end_of_epoch else i + 1)
@@ -261,7 +335,8 @@ def train(model: nn.Module, loader, cfg: TrainConfig, device: str = "cpu", desc:
         teacher: optional model distilled from (``cfg.distill_weight`` > 0).
         on_step: called as ``on_step(step, loss)`` after every optimiser step; a true return
             value ends training there.
-        on_epoch: called with the epoch index after each full epoch.
+        on_epoch: called with the epoch index after each full epoch, before the epoch's record
+            goes to the sinks of :func:`recording`.
         optimizer: use this optimiser (e.g. one an NNI evaluator patched) instead of building one
             from ``cfg``; the schedule still follows ``cfg``.
         checkpoint: save model, optimiser, schedule, position and random state atomically, and
@@ -307,7 +382,7 @@ def train(model: nn.Module, loader, cfg: TrainConfig, device: str = "cpu", desc:
     _restore(checkpoint, model, opt, sched, pos)
     bar = tqdm(total=total, initial=pos.step, desc=desc, leave=False, disable=not progress, unit="step")
     lp = _Loop(model, net, loader, cfg, device, desc, opt, sched, bar,
-               teacher, loss_fn, on_step, on_epoch, checkpoint)
+               teacher, loss_fn, on_step, on_epoch, checkpoint, _EpochTally())
     sampler = getattr(loader, "sampler", None)
     while pos.step < total:
         if gen is not None:
@@ -317,6 +392,7 @@ def train(model: nn.Module, loader, cfg: TrainConfig, device: str = "cpu", desc:
         if _run_epoch(lp, pos, total):
             break
         pos.skip = 0
+    lp.tally.emit(lp, pos, len(loader))  # a last, partial epoch
     bar.close()
     if use_ddp:  # BatchNorm statistics are per rank under DDP: take rank 0's, like DDP's forward does
         dist.broadcast_buffers(model)

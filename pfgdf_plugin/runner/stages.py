@@ -26,7 +26,8 @@ from ..pruning import METHODS, Method, PruneContext, PruneResult, prune
 from ..quantize import quantize
 from ..recipe import Recipe
 from ..report import comparison_rows, plot_filters, text_table, write_report
-from ..train import Checkpointing, read_checkpoint, seed_everything, train
+from ..tracking import CurveWriter
+from ..train import Checkpointing, read_checkpoint, recording, seed_everything, train
 from .exports import export_int8, export_onnx, ort_models
 from .staging import publish_stage
 from .steps import Data, dense_weights, finetune, load_data, measure_model, new_model, prune_and_score
@@ -47,6 +48,7 @@ class RunState:
             fine-tuned in place); ``quantized`` a quantized copy, if any.
         metrics: what the stages measured, under the keys of ``metrics.json``.
         output: the run's final metrics (rank 0: as written to ``metrics.json``).
+        curves: rank 0's writer of ``curves.csv`` (every training epoch of the run).
     """
 
     recipe: Recipe
@@ -64,6 +66,7 @@ class RunState:
     quantized: Optional[nn.Module] = None
     metrics: Dict[str, Any] = field(default_factory=dict)
     output: Dict[str, Any] = field(default_factory=dict)
+    curves: Optional[CurveWriter] = None
 
     @property
     def progress(self) -> bool:
@@ -84,6 +87,10 @@ class RunState:
     def log(self, msg: str) -> None:
         if not self.quiet:
             print(msg, flush=True)
+
+    def recording(self):
+        """Record every training epoch inside the block to ``curves.csv`` (rank 0)."""
+        return recording(self.curves)
 
     def phase(self, phase: int) -> None:
         """Seed every random source for one phase, so a resumed run repeats it exactly."""
@@ -108,6 +115,8 @@ def data_stage(s: RunState) -> None:
     r = s.recipe
     seed_everything(r.seed)
     s.log(f"[1/7] data: {r.data.name}")
+    if distributed.is_main():
+        s.curves = CurveWriter(s.stage)
     s.data = load_data(r.data, r.seed)
     s.parallel_loader = (_distributed_loader(s.data.spec, r.data, r.seed) if distributed.active()
                          else s.data.train_loader)
@@ -127,8 +136,9 @@ def dense_stage(s: RunState) -> None:
 
     def fit() -> None:
         s.phase(1)
-        train(model, s.parallel_loader, r.train, device=r.device, desc="train", progress=s.progress,
-              checkpoint=Checkpointing(s.path("train.ckpt.pt"), r.checkpoint_every))
+        with s.recording():
+            train(model, s.parallel_loader, r.train, device=r.device, desc="train", progress=s.progress,
+                  checkpoint=Checkpointing(s.path("train.ckpt.pt"), r.checkpoint_every))
 
     dense_weights(model, s.path("dense.pt"), fit if r.train.epochs > 0 else None, checkpoint=m.checkpoint,
                   cached=s.resume_dense, write=distributed.is_main())
@@ -180,9 +190,10 @@ def prune_stage(s: RunState) -> None:
         ctx = PruneContext(train_loader=s.data.train_loader, train_cfg=r.finetune, device=r.device,
                            progress=s.progress, quantize=r.quantize, checkpoint=s.path("prune.ckpt.pt"),
                            checkpoint_every=r.checkpoint_every)
-        s.result, after_prune, _ = prune_and_score(
-            lambda: prune(s.dense, s.data.example, p.method, p.framework, p.params, p.ratio, p.ignored_layers,
-                          ctx=ctx), s.data, r.device, s.progress)
+        with s.recording():  # the trainings a method runs while it prunes (SPP, MPD's masked training)
+            s.result, after_prune, _ = prune_and_score(
+                lambda: prune(s.dense, s.data.example, p.method, p.framework, p.params, p.ratio, p.ignored_layers,
+                              ctx=ctx), s.data, r.device, s.progress)
         if distributed.is_main():
             _save_pruned(s, after_prune)
     s.metrics["after_prune_accuracy"] = after_prune["accuracy"]
@@ -207,14 +218,17 @@ def finetune_stage(s: RunState) -> None:
     def on_epoch(epoch: int) -> None:
         acc = measure.evaluate(pruned, s.data.test_loader, r.device, "eval", False)["accuracy"]
         log.append({"epoch": epoch + 1, "accuracy": acc})
+        if s.curves is not None:
+            s.curves.note(test_accuracy=acc)
         pruned.train()
         if s.on_finetune_epoch is not None:
             s.on_finetune_epoch(epoch, acc)
 
     teacher = s.dense if r.finetune.distill_weight > 0 else None
     s.phase(3)
-    finetune(pruned, s.parallel_loader, r.finetune, r.device, "fine-tune", s.progress, teacher=teacher,
-             on_epoch=on_epoch, checkpoint=Checkpointing(ckpt, r.checkpoint_every, lambda: {"log": list(log)}))
+    with s.recording():
+        finetune(pruned, s.parallel_loader, r.finetune, r.device, "fine-tune", s.progress, teacher=teacher,
+                 on_epoch=on_epoch, checkpoint=Checkpointing(ckpt, r.checkpoint_every, lambda: {"log": list(log)}))
     s.timings["finetune_s"] = time.perf_counter() - t
     s.metrics["finetune_log"] = log
     s.metrics["after"] = measure_model(pruned, s.data, r.device, "eval fine-tuned", s.progress)
@@ -233,7 +247,8 @@ def quantize_stage(s: RunState) -> None:
     t = time.perf_counter()
     s.phase(4)
     s.quantized = copy.deepcopy(s.result.model)
-    qres = quantize(s.quantized, q, s.data.train_loader, r.device, s.progress)
+    with s.recording():
+        qres = quantize(s.quantized, q, s.data.train_loader, r.device, s.progress)
     info = {"method": q.method, "bits": q.bits, "scheme": q.config_list()[0]["quant_scheme"], "fused": q.fused,
             "steps": qres.steps, "layers": len(qres.calibration),
             "accuracy": measure.evaluate(s.quantized, s.data.test_loader, r.device, "eval quantized",
@@ -314,6 +329,9 @@ def report_stage(s: RunState) -> None:
     plots += own_plots
     s.timings["total_s"] = time.perf_counter() - s.t0
     metrics["timings"] = s.timings
+    if s.curves is not None:
+        s.curves.close()
+        metrics["curves"] = os.path.basename(s.curves.path) if os.path.exists(s.curves.path) else None
     with open(s.path("metrics.json"), "w", encoding="utf-8") as f:
         json.dump(metrics, f, indent=2, default=float)
     write_report(s.stage, metrics, plots)
