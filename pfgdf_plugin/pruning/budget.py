@@ -69,6 +69,17 @@ def target_problems(method: Method, params: Dict[str, Any], ratio: Optional[floa
     return errors
 
 
+def with_own_target(method: Method, params: Dict[str, Any], target: Any) -> Dict[str, Any]:
+    """``params`` with the target filled in, for a method that carries it as its own key (DBP)."""
+    try:
+        goal = None if target is None else Target.parse(target)
+    except TargetError:
+        return params
+    if goal is None or goal.kind not in own_kinds(method) or any(params.get(k) is not None for k in OWN_KEYS):
+        return params
+    return {**params, goal.kind: goal.value}
+
+
 def route_target(method: Method, params: Dict[str, Any], ctx: PruneContext, target: Any,
                  timing: Any) -> Tuple[Dict[str, Any], PruneContext]:
     """``(params, ctx)`` carrying ``target``: in the params for a method with its own target keys, else in ctx."""

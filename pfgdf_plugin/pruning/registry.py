@@ -169,7 +169,7 @@ def parse_params(method: Method, params: Dict[str, Any],
 def validate_params(method: Method, params: Dict[str, Any], ratio: Optional[float], framework: str,
                     prefix: str = "prune", target: Any = None, timing: Any = None) -> List[str]:
     """Every problem with ``prune.params`` / ``ratio`` / ``framework`` / ``target`` / ``timing`` for ``method``."""
-    from .budget import target_problems
+    from .budget import target_problems, with_own_target
 
     errors: List[str] = target_problems(method, params, ratio, target, timing, prefix)
     if framework not in method.run:
@@ -183,7 +183,7 @@ def validate_params(method: Method, params: Dict[str, Any], ratio: Optional[floa
         errors.append(f"{prefix}.ratio is required for method {method.name!r}")
     elif ratio is not None and not 0.0 < ratio < 1.0:
         errors.append(f"{prefix}.ratio must be in (0, 1), got {ratio!r}")
-    return errors + parse_params(method, params, f"{prefix}.params")[1]
+    return errors + parse_params(method, with_own_target(method, params, target), f"{prefix}.params")[1]
 
 
 def resolve_layers(model: nn.Module, names: Optional[List[str]]) -> List[nn.Module]:

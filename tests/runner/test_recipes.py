@@ -201,7 +201,8 @@ def _target_recipe(tmp_path, method, framework, target=None, **prune):
         set_by_path(data, item)
     params = {"spp": {"A": 0.5, "interval": 1, "max_epochs": 5}, "dbp": {"num_batches": 2},
               "mpd": {"max_epochs": 0.5}}.get(method, {})
-    data["prune"] = {"framework": framework, "method": method, "params": params, "ignored_layers": ["classifier"],
+    ignored = ["classifier"] + (["features.0"] if method == "mpd" else [])  # MPD: a 1-channel stem takes 1 block
+    data["prune"] = {"framework": framework, "method": method, "params": params, "ignored_layers": ignored,
                      "target": target or {"macs": 1.3}, **prune}
     return data
 
