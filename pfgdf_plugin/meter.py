@@ -173,3 +173,30 @@ def modules_of(copied: nn.Module, original: nn.Module, modules: Optional[Any]) -
             raise TargetError(f"ignored_layers holds a {type(m).__name__} that is not a module of the model")
         out.append(found[names[id(m)]])
     return out
+
+
+def target_or_none(owner: str, target: Any, **given: Any) -> Optional[Target]:
+    """``target`` parsed (``None`` without one); a named error when it comes with an explicit knob.
+
+    A pruner with a budget chooses its own knob (PFGDF's ``k``, SPP's ratio, MPD's blocks): giving
+    both is ambiguous, so ``given`` (the knobs the caller set, ``None`` = not given) must be empty.
+
+    Raises:
+        TargetError: a malformed target, or a target together with a knob (naming both).
+
+    Example:
+        >>> target_or_none("PFGDFPruner", {"macs": 2}, k=None)
+        Target(kind='macs', value=2.0)
+        >>> target_or_none("PFGDFPruner", {"macs": 2}, k=1.0)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        pfgdf_plugin.errors.TargetError: PFGDFPruner: give target={'macs': 2} or k=1.0, not both; ...
+    """
+    if target is None:
+        return None
+    goal = Target.parse(target)
+    both = [f"{name}={value!r}" for name, value in given.items() if value is not None and value != {}]
+    if both:
+        raise TargetError(f"{owner}: give target={target!r} or {' / '.join(both)}, not both; the target "
+                          "chooses it (drop one of them)")
+    return goal

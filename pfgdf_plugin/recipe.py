@@ -42,6 +42,8 @@ class PruneSection:
     ratio: Optional[float] = None
     params: Dict[str, Any] = field(default_factory=dict)
     ignored_layers: Optional[List[str]] = None
+    target: Optional[Dict[str, float]] = None  # {latency | macs | params: r}, dense / pruned >= r
+    timing: Optional[Dict[str, Any]] = None  # how a latency target is timed: engine, threads, batch_size
 
 
 @dataclass
@@ -129,7 +131,8 @@ def _semantic_errors(r: Recipe) -> List[str]:
     if p.method not in METHODS:
         errors.append(f"prune.method {p.method!r} is unknown; known: {', '.join(METHODS.names())}")
     elif p.framework in FRAMEWORKS:
-        errors += validate_params(METHODS.get(p.method), p.params, p.ratio, p.framework)
+        errors += validate_params(METHODS.get(p.method), p.params, p.ratio, p.framework, target=p.target,
+                                  timing=p.timing)
     errors += r.quantize.validate("quantize")
     if r.quantize.fused and p.method in METHODS:
         fusable = METHODS.get(p.method).fusable

@@ -204,6 +204,22 @@ def plot_mpd_blocks(snapshot: Dict, layers: Dict[str, dict], path: str) -> str:
     return path
 
 
+def target_line(target: Dict) -> str:
+    """One line of ``report.md``: the budget requested and what the pruned model reached.
+
+    Example:
+        >>> target_line({"requested": {"macs": 2.0}, "reached": 2.13, "met": True, "knob": 0.31})
+        'Budget: macs 2x requested, 2.13x reached (met; knob 0.31).'
+    """
+    ((kind, value),) = target["requested"].items()
+    reached = target.get("reached")
+    got = "not measured" if reached is None else f"{reached:.2f}x reached"
+    notes = [] if target.get("met") is None else ["met" if target["met"] else "NOT met"]
+    if target.get("knob") is not None:
+        notes.append(f"knob {target['knob']:g}")
+    return f"Budget: {kind} {value:g}x requested, {got}" + (f" ({'; '.join(notes)})" if notes else "") + "."
+
+
 def write_report(out_dir: str, metrics: Dict, plots: List[str]) -> str:
     """Write ``report.md`` beside the metrics and plots."""
     b, a = metrics["before"], metrics["after"]
@@ -216,6 +232,8 @@ def write_report(out_dir: str, metrics: Dict, plots: List[str]) -> str:
     if "after_prune_accuracy" in metrics:
         lines += [f"Accuracy right after pruning, before fine-tuning: "
                   f"{100 * metrics['after_prune_accuracy']:.2f}%.", ""]
+    if metrics.get("target"):
+        lines += [target_line(metrics["target"]), ""]
     if metrics.get("onnx"):
         o = metrics["onnx"]
         lines += [f"ONNX export: `{o.get('file', '-')}` ({o.get('status')})"

@@ -26,7 +26,9 @@ from nni.compression.base.target_space import PruningTargetSpace
 from nni.compression.base.wrapper import ModuleWrapper
 from nni.compression.utils.evaluator import Evaluator
 
+from ..errors import TargetError
 from ..graph import find_fold_links
+from ..meter import meet_target, target_or_none
 from ..methods import mpd
 from ..methods.mpd import BlockPlan, MPDError
 from ._common import copy_config, settings, weight_targets
@@ -121,8 +123,15 @@ class MPDPruner(Pruner):
     def __init__(self, model: nn.Module, config_list: List[Dict], evaluator: Optional[Evaluator] = None,
                  existed_wrappers: Optional[Dict[str, ModuleWrapper]] = None, *,
                  blocks: Union[int, Mapping[str, int], None] = None, compression: Optional[float] = None,
-                 permutation: str = "random", seed: int = 0, round_to: Optional[int] = None) -> None:
+                 permutation: str = "random", seed: int = 0, round_to: Optional[int] = None, target: Any = None,
+                 timing: Any = None, example_inputs: Any = None) -> None:
         # validate before NNI wraps the model, so a bad argument leaves the model untouched
+        goal = target_or_none("MPDPruner", target, compression=compression, blocks=blocks)
+        self.target_report: Optional[Dict[str, Any]] = None
+        if goal is not None:
+            self.target_report = _search_blocks(model, config_list, example_inputs, goal, timing,
+                                                dict(permutation=permutation, seed=seed, round_to=round_to))
+            blocks = self.target_report["knob"]
         params, layer_blocks = mpd.pruner_params(compression, blocks, permutation=permutation, seed=seed,
                                                  round_to=round_to)
         self.round_to = mpd.check_round_to(round_to)
@@ -282,6 +291,32 @@ class MPDPruner(Pruner):
         """Per masked layer ``blocks``, ``dense``, ``kept``, ``compression``, and the total ``compression``
         (:func:`~pfgdf_plugin.methods.mpd.plan_summary`)."""
         return mpd.plan_summary(self.plans)
+
+
+def _search_blocks(model: nn.Module, config_list: List[Dict], example_inputs: Any, goal, timing: Any,
+                   options: Dict[str, Any]) -> Dict[str, Any]:
+    """The least block count (one for every configured layer) whose converted copy meets ``goal``."""
+    import copy
+
+    if example_inputs is None:
+        raise TargetError("MPDPruner: a target needs example_inputs (a batch to convert and measure copies)")
+    probe = MPDPruner(copy.deepcopy(model), [dict(e) for e in config_list], blocks=1, **options)
+    round_to = mpd.check_round_to(options["round_to"])
+    caps = {n: mpd.max_blocks(p.weight_shape[0], p.weight_shape[1], round_to) for n, p in probe.plans.items()}
+    if not caps or min(caps.values()) < 2:
+        thin = min(caps, key=caps.get) if caps else "none"
+        raise TargetError(f"target {goal.describe()} cannot be reached: layer {thin!r} takes one block at most; "
+                          "exclude it from config_list")
+
+    def prune_copy(candidate: nn.Module, c: float) -> nn.Module:
+        pruner = MPDPruner(candidate, [dict(e) for e in config_list], blocks=int(c), **options)
+        pruner.compress()
+        pruner.unwrap_model()
+        convert(candidate, pruner, example_inputs)
+        return candidate
+
+    return meet_target(model, example_inputs, goal, prune_copy, 1, min(caps.values()), integer=True,
+                       knob_name="blocks", timing=timing).report()
 
 
 def convert(model: nn.Module, masks_or_pruner: Union[Pruner, Mapping[str, Mapping[str, torch.Tensor]]],

@@ -41,9 +41,11 @@ from nni.compression.pruning.tools import active_sparse_targets_filter, generate
 from nni.compression.pruning.tools.sparse_gen import _expand_masks
 from nni.compression.utils.evaluator import Evaluator
 
+from ..meter import target_or_none
 from ..methods import pfgdf
 from ..methods.pfgdf import PFGDFParams
 from ._common import copy_config, follow_aligned
+from .budget import search_on_copies
 
 _DATA = Dict[str, Dict[str, torch.Tensor]]
 
@@ -109,8 +111,16 @@ class PFGDFPruner(Pruner):
         mode: ``"band"`` (reading A) or ``"tail"`` (reading B).
         min_channels: filters every band-decided layer keeps (>= 1).
         tail_threshold: ``mode="tail"`` cut-off (default ``erfc(k / sqrt 2)``).
+        target: a budget instead of ``k``: ``{"latency": r}``, ``{"macs": r}`` or ``{"params": r}``
+            (dense / pruned >= r). ``k`` is searched in ``[0.01, 8]`` on copies compressed by this
+            pruner, sped up and measured (:func:`pfgdf_plugin.nni.budget.search_on_copies`);
+            ``pruner.target_report`` holds the search (``None`` without a target).
+        timing: how a latency target is timed (:class:`pfgdf_plugin.meter.Timing` or its fields).
+        example_inputs: a batch, needed with a target (to speed up and measure copies).
 
     Raises:
+        TargetError: a malformed or unreachable target, a target with ``k``, or a target without
+            ``example_inputs`` (the model is then untouched).
         ValueError: a bad PFGDF parameter (``k must be > 0, got 0``), a PFGDF knob inside
             ``config_list``, a non-filter ``granularity``, an input/output target, a
             ``global_group_id`` without ``sparse_ratio``, or a dependency group mixing band and
@@ -143,14 +153,22 @@ class PFGDFPruner(Pruner):
     tail_threshold = _knob("tail_threshold", "``mode='tail'`` cut-off (``None``: the Gaussian's own)")
 
     def __init__(self, model: torch.nn.Module, config_list: List[Dict], evaluator: Evaluator | None = None,
-                 existed_wrappers: Dict[str, ModuleWrapper] | None = None, *, k: float = PFGDFParams.k,
+                 existed_wrappers: Dict[str, ModuleWrapper] | None = None, *, k: Optional[float] = None,
                  statistic: str = PFGDFParams.statistic, mode: str = PFGDFParams.mode,
                  min_channels: int = PFGDFParams.min_channels,
-                 tail_threshold: Optional[float] = PFGDFParams.tail_threshold):
+                 tail_threshold: Optional[float] = PFGDFParams.tail_threshold, target: Any = None,
+                 timing: Any = None, example_inputs: Any = None):
         # validate before NNI wraps the model, so a bad argument leaves the model untouched
-        self.params = pfgdf.make_params(k=k, statistic=statistic, mode=mode, min_channels=min_channels,
-                                        tail_threshold=tail_threshold)
+        goal = target_or_none("PFGDFPruner", target, k=k)
+        knobs = dict(statistic=statistic, mode=mode, min_channels=min_channels, tail_threshold=tail_threshold)
+        self.params = pfgdf.make_params(k=PFGDFParams.k if k is None else k, **knobs)
         config_list = _float_ratios(config_list)
+        self.target_report: Optional[Dict[str, Any]] = None
+        if goal is not None:
+            self.target_report = search_on_copies(
+                "PFGDFPruner", model, config_list, example_inputs, goal, timing,
+                lambda net, config, knob: PFGDFPruner(net, config, k=knob, **knobs), 0.01, 8.0, knob_name="k")
+            self.params = pfgdf.make_params(k=self.target_report["knob"], **knobs)
         self.decisions: Dict[str, Dict[str, Any]] = {}
         self._fits: Dict[Tuple[str, str], Tuple[float, float]] = {}
         super().__init__(model, config_list, evaluator, existed_wrappers)

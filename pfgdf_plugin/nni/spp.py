@@ -37,9 +37,11 @@ from nni.compression.pruning.tools.sparse_gen import _expand_masks
 from nni.compression.utils.evaluator import Evaluator
 
 from ..errors import SPPError
+from ..meter import target_or_none
 from ..methods import spp
 from ..methods.params import is_int
 from ._common import copy_config, follow_aligned, settings, weight_targets
+from .budget import search_on_copies
 
 _DATA = Dict[str, Dict[str, torch.Tensor]]
 
@@ -150,7 +152,15 @@ class SPPPruner(Pruner):
 
     Defaults are :class:`~pfgdf_plugin.methods.spp.SPPParams`'s.
 
+    With ``target={"macs": r}`` (or ``latency`` / ``params``; ``timing=`` and ``example_inputs=``
+    beside it), the entries carry no ``sparse_ratio``: one ratio for every entry is chosen before
+    training, on copies pruned by NNI's ``L1NormPruner`` at candidate ratios, sped up and
+    measured (the structure, not which filters go, sets the cost); ``pruner.target_report``
+    holds the search (``None`` without a target).
+
     Raises:
+        TargetError: a malformed or unreachable target, a target with an entry's
+            ``sparse_ratio``, or a target without ``example_inputs`` (the model is then untouched).
         SPPError: (a ``ValueError``) bad SPP parameters, every one listed
             (``interval must be an integer >= 1, got 0``), before the model is wrapped.
         ValueError: no evaluator, an entry
@@ -192,8 +202,14 @@ class SPPPruner(Pruner):
 
     def __init__(self, model: torch.nn.Module, config_list: List[Dict], evaluator: Evaluator, training_steps: int,
                  existed_wrappers: Dict[str, ModuleWrapper] | None = None, *, interval: int = _DEFAULTS.interval,
-                 A: float = _DEFAULTS.A, u: float = _DEFAULTS.u, seed: int = _DEFAULTS.seed):
+                 A: float = _DEFAULTS.A, u: float = _DEFAULTS.u, seed: int = _DEFAULTS.seed, target: Any = None,
+                 timing: Any = None, example_inputs: Any = None):
         # validate before NNI wraps the model, so a bad argument leaves the model untouched
+        ratios = [e.get("sparse_ratio") for e in config_list if e.get("sparse_ratio") is not None]
+        goal = target_or_none("SPPPruner", target, sparse_ratio=ratios[0] if ratios else None)
+        self.target_report = None
+        if goal is not None:
+            config_list, self.target_report = _ratio_for_target(model, config_list, example_inputs, goal, timing)
         bad_steps = [] if is_int(training_steps) and training_steps >= 1 else [
             f"training_steps must be an integer >= 1, got {training_steps!r}"]
         params = spp.checked_params(None, bad_steps, interval=interval, A=A, u=u, seed=seed)
@@ -405,3 +421,16 @@ class SPPPruner(Pruner):
         """
         self.schedule.load_state_dict(state, owner="SPPPruner")
         self.update_masks(self._generate_sparsity({}))
+
+
+def _ratio_for_target(model, config_list: List[Dict], example_inputs: Any, goal, timing) -> Tuple[List[Dict], Dict]:
+    """``(config_list with the chosen sparse_ratio, search report)``: the least ratio whose
+    L1-pruned, sped-up copy meets ``goal``."""
+    from nni.compression.pruning import L1NormPruner
+
+    def make(net, config, r):
+        return L1NormPruner(net, [{**e, "sparse_ratio": float(r)} for e in config])
+
+    report = search_on_copies("SPPPruner", model, config_list, example_inputs, goal, timing, make, 0.01, 0.95,
+                              knob_name="sparse_ratio")
+    return [{**e, "sparse_ratio": float(report["knob"])} for e in config_list], report

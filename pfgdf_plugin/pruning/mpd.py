@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from typing import Any, Dict, List, Optional, Tuple
@@ -62,9 +63,9 @@ def _tp_mpd(model, example_inputs, p: MPDRecipeParams, ratio, ignored, ctx) -> P
     from ..torch_pruning.mpd import MPDPruner
     from ..train import train
 
+    sizes = p.sizes() if ctx.target is None else {"target": ctx.target, "timing": ctx.timing}
     pruner = MPDPruner(model, example_inputs, permutation=p.permutation, ignored_layers=ignored, seed=p.seed,
-                       round_to=p.round_to, fold=p.fold, dense_output=p.dense_output, kernel=p.kernel,
-                       **p.sizes())
+                       round_to=p.round_to, fold=p.fold, dense_output=p.dense_output, kernel=p.kernel, **sizes)
     if p.max_epochs > 0:
         needs_data(ctx, "mpd", "trains with its masks for prune.params.max_epochs")
         # the plans are a function of the dense weights and the seed: a resumed run rebuilds them
@@ -74,7 +75,10 @@ def _tp_mpd(model, example_inputs, p: MPDRecipeParams, ratio, ignored, ctx) -> P
               checkpoint=ckpt)
         model.cpu().eval()
     snapshot = _snapshot(model, pruner.plans)
-    return _result(model, pruner.step(), snapshot)
+    result = _result(model, pruner.step(), snapshot)
+    if pruner.target_report is not None:
+        result.extra["target_search"] = pruner.target_report
+    return result
 
 
 def _nni_mpd(model, example_inputs, p: MPDRecipeParams, ratio, ignored, ctx) -> PruneResult:
@@ -96,14 +100,24 @@ def _nni_mpd(model, example_inputs, p: MPDRecipeParams, ratio, ignored, ctx) -> 
         needs_data(ctx, "mpd", "trains with its masks for prune.params.max_epochs")
         evaluator = torch_evaluator(model, ctx.train_loader, cfg, ctx.device, ctx.progress,
                                     "mpd (masked training, NNI)")
+    sizes, search = p.sizes(), None
+    if ctx.target is not None:  # the block count that meets the target, on converted copies
+        from ..torch_pruning.mpd import MPDPruner as Search
+
+        search = Search(copy.deepcopy(model), example_inputs, permutation=p.permutation, ignored_layers=excl,
+                        seed=p.seed, round_to=p.round_to, fold=p.fold, dense_output=p.dense_output,
+                        target=ctx.target, timing=ctx.timing).target_report
+        sizes = {"blocks": search["knob"]}
     pruner = MPDPruner(model, [entry], evaluator, permutation=p.permutation, seed=p.seed, round_to=p.round_to,
-                       **p.sizes())
+                       **sizes)
     steps = max(1, int(round(cfg.epochs * len(ctx.train_loader)))) if evaluator is not None else None
     _, calibration = nni_train(pruner, evaluator, ctx, steps)
     model.cpu().eval()
     snapshot = _snapshot(model, dict(pruner.plans))
     result = _result(model, convert(model, pruner, example_inputs, fold=p.fold, kernel=p.kernel), snapshot)
     result.fused_calibration = calibration
+    if search is not None:
+        result.extra["target_search"] = search
     return result
 
 
@@ -121,4 +135,5 @@ def report(result: PruneResult, plot_dir: Optional[str]) -> Tuple[Dict[str, Any]
 
 METHOD = register(Method(
     "mpd", "MPDCompress: permuted block-diagonal masks in training, then block-diagonal / grouped layers",
-    params=MPDRecipeParams, run={"torch_pruning": _tp_mpd, "nni": _nni_mpd}, fusable=("nni",), report=report))
+    params=MPDRecipeParams, run={"torch_pruning": _tp_mpd, "nni": _nni_mpd}, fusable=("nni",), report=report,
+    target_knobs=("compression", "blocks")))

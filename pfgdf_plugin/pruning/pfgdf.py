@@ -7,6 +7,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from ..measure import filters_per_layer
 from ..methods.pfgdf import PFGDFParams
+from .budget import nni_search
 from .common import channel_report, nni_config, nni_finish
 from .registry import Method, PruneResult, register
 
@@ -30,26 +31,41 @@ def _tp_pfgdf(model, example_inputs, p: PFGDFParams, ratio, ignored, ctx) -> Pru
         tp.pruner.MetaPruner(model, example_inputs, importance=imp, pruning_ratio=ratio,
                              ignored_layers=ignored).step()
         return PruneResult(model, channel_report(before, model))
-    pruner = PFGDFPruner(model, example_inputs, ignored_layers=ignored, **p.to_dict())
+    knobs = p.to_dict()
+    if ctx.target is not None:  # the target chooses k
+        knobs.pop("k")
+    pruner = PFGDFPruner(model, example_inputs, ignored_layers=ignored, target=ctx.target, timing=ctx.timing, **knobs)
     pruner.step()
     layers = channel_report(before, model)
     _add_fit(layers, pruner.report)
-    return PruneResult(model, layers, extra={"k": p.k, "mode": p.mode, "statistic": p.statistic,
-                                             "pruning_history": pruner.pruning_history()})
+    extra = {"k": pruner.k, "mode": p.mode, "statistic": p.statistic, "pruning_history": pruner.pruning_history()}
+    if pruner.target_report is not None:
+        extra["target_search"] = pruner.target_report
+    return PruneResult(model, layers, extra=extra)
 
 
 def _nni_pfgdf(model, example_inputs, p: PFGDFParams, ratio, ignored, ctx) -> PruneResult:
     from ..nni import PFGDFPruner
 
+    def compress(net, net_ignored, k):
+        config = nni_config(net, example_inputs, net_ignored, ratio)
+        pruner = PFGDFPruner(net, config, k=k, statistic=p.statistic, mode=p.mode, min_channels=p.min_channels,
+                             tail_threshold=p.tail_threshold)
+        _, masks = pruner.compress()
+        pruner.unwrap_model()
+        return masks, config, pruner
+
     before = filters_per_layer(model)
-    config = nni_config(model, example_inputs, ignored, ratio)
-    pruner = PFGDFPruner(model, config, k=p.k, statistic=p.statistic, mode=p.mode, min_channels=p.min_channels,
-                         tail_threshold=p.tail_threshold)
-    _, masks = pruner.compress()
-    pruner.unwrap_model()
+    k, search = p.k, None
+    if ctx.target is not None:  # the band width that meets the target, found on copies
+        search = nni_search(model, example_inputs, ctx, ignored, lambda *a: compress(*a)[:2], 0.01, 8.0, "k")
+        k = search["knob"]
+    masks, config, pruner = compress(model, ignored, k)
     result = nni_finish(model, masks, example_inputs, config, before)
     _add_fit(result.layers, getattr(pruner, "decisions", {}))
-    result.extra.update({"k": p.k, "mode": p.mode, "statistic": p.statistic})
+    result.extra.update({"k": k, "mode": p.mode, "statistic": p.statistic})
+    if search is not None:
+        result.extra["target_search"] = search
     return result
 
 
@@ -68,4 +84,4 @@ def report(result: PruneResult, plot_dir: Optional[str]) -> Tuple[Dict[str, Any]
 METHOD = register(Method(
     "pfgdf", "Gaussian-distribution filter pruning; per-layer ratios from the k-sigma band",
     params=PFGDFParams, run={"torch_pruning": _tp_pfgdf, "nni": _nni_pfgdf},
-    framework_only={"group_reduction": ("torch_pruning",)}, report=report))
+    framework_only={"group_reduction": ("torch_pruning",)}, report=report, target_knobs=("k",)))

@@ -58,6 +58,8 @@ class PruneContext:
     quantize: Any = None  # a pfgdf_plugin.quantize.QuantizeConfig; fused=True runs it inside the pruner's loop
     checkpoint: Optional[str] = None  # resumable checkpoint of a pruning phase that trains (Torch-Pruning SPP, MPD)
     checkpoint_every: int = 0
+    target: Optional[Dict[str, float]] = None  # prune.target: {"latency" | "macs" | "params": ratio}
+    timing: Optional[Dict[str, Any]] = None  # prune.timing: how a latency target is timed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +99,10 @@ class Method:
             entries of ``metrics.json`` and its plots (none when ``plot_dir`` is ``None``).
         rank_checks: ``rank_checks(result) -> {metrics key: tensors}``: state beyond the
             weights that every rank of a distributed run must agree on.
+        target_knobs: the ``prune.params`` a ``prune.target`` replaces (giving both is an
+            error; ``prune.ratio`` always is); ``None``: the method's run functions take no
+            target from ``ctx.target``. A method whose params have a field named after a target's
+            kind (DBP's ``macs``, ``latency``) gets the target as that field instead.
     """
 
     name: str
@@ -108,6 +114,18 @@ class Method:
     framework_only: Dict[str, tuple] = field(default_factory=dict)
     report: ReportHook = no_report
     rank_checks: RankChecks = no_rank_checks
+    target_knobs: Optional[tuple] = None
+
+    def __post_init__(self) -> None:
+        own = self.report
+
+        def report(result: PruneResult, plot_dir: Optional[str]) -> Tuple[Dict[str, Any], List[str]]:
+            metrics, plots = own(result, plot_dir)
+            if result.extra.get("target"):  # requested vs reached, for metrics.json and report.md
+                metrics = {**metrics, "target": result.extra["target"]}
+            return metrics, plots
+
+        self.report = report
 
 
 METHODS: Registry = Registry("method")
@@ -149,9 +167,11 @@ def parse_params(method: Method, params: Dict[str, Any],
 
 
 def validate_params(method: Method, params: Dict[str, Any], ratio: Optional[float], framework: str,
-                    prefix: str = "prune") -> List[str]:
-    """Every problem with ``prune.params`` / ``prune.ratio`` / ``prune.framework`` for ``method``."""
-    errors: List[str] = []
+                    prefix: str = "prune", target: Any = None, timing: Any = None) -> List[str]:
+    """Every problem with ``prune.params`` / ``ratio`` / ``framework`` / ``target`` / ``timing`` for ``method``."""
+    from .budget import target_problems, with_own_target
+
+    errors: List[str] = target_problems(method, params, ratio, target, timing, prefix)
     if framework not in method.run:
         errors.append(f"{prefix}.method {method.name!r} is not available for framework {framework!r} "
                       f"(available: {', '.join(method.run)})")
@@ -159,11 +179,11 @@ def validate_params(method: Method, params: Dict[str, Any], ratio: Optional[floa
         if key in params and framework not in frameworks:
             errors.append(f"{prefix}.params.{key} is used only via {', '.join(frameworks)}, not {framework!r}; "
                           "remove it")
-    if method.needs_ratio and ratio is None:
+    if method.needs_ratio and ratio is None and target is None:
         errors.append(f"{prefix}.ratio is required for method {method.name!r}")
     elif ratio is not None and not 0.0 < ratio < 1.0:
         errors.append(f"{prefix}.ratio must be in (0, 1), got {ratio!r}")
-    return errors + parse_params(method, params, f"{prefix}.params")[1]
+    return errors + parse_params(method, with_own_target(method, params, target), f"{prefix}.params")[1]
 
 
 def resolve_layers(model: nn.Module, names: Optional[List[str]]) -> List[nn.Module]:
@@ -188,11 +208,18 @@ def resolve_layers(model: nn.Module, names: Optional[List[str]]) -> List[nn.Modu
 def prune(model: nn.Module, example_inputs: torch.Tensor, method: str, framework: str = "torch_pruning",
           params: Optional[Dict[str, Any]] = None, ratio: Optional[float] = None,
           ignored_layers: Optional[List[str]] = None, inplace: bool = False,
-          ctx: Optional[PruneContext] = None) -> PruneResult:
+          ctx: Optional[PruneContext] = None, target: Optional[Dict[str, float]] = None,
+          timing: Optional[Dict[str, Any]] = None) -> PruneResult:
     """Prune ``model`` (a copy unless ``inplace``) with a registered method.
 
+    With ``target`` (``{"latency": r}``, ``{"macs": r}`` or ``{"params": r}``, dense / pruned
+    >= r; latency timed as ``timing`` says), the method chooses its own knob to meet it, and
+    ``result.extra["target"]`` is ``{"requested", "reached", ...}``.
+
     Raises:
-        ConfigError: listing every problem with ``params``, ``ratio`` and ``framework``.
+        ConfigError: listing every problem with ``params``, ``ratio``, ``framework``, ``target``
+            and ``timing``.
+        TargetError: a target the method cannot reach (naming the best reached).
 
     Example:
         >>> import torch
@@ -200,20 +227,29 @@ def prune(model: nn.Module, example_inputs: torch.Tensor, method: str, framework
         >>> res = prune(build_model("lenet5"), torch.randn(1, 3, 32, 32), "pfgdf")
         >>> sum(v["pruned"] for v in res.layers.values()) > 0
         True
+        >>> res = prune(build_model("lenet5"), torch.randn(1, 3, 32, 32), "l1", target={"macs": 1.5})
+        >>> res.extra["target"]["requested"], res.extra["target"]["reached"] >= 1.5
+        ({'macs': 1.5}, True)
     """
+    from .budget import attach_target, route_target
+
     m = METHODS.get(method)
     if framework not in FRAMEWORKS:
         raise ConfigError([f"prune.framework must be one of {', '.join(FRAMEWORKS)}; got {framework!r}"],
                           f"method {method!r}")
     params = dict(params or {})
-    errors = validate_params(m, params, ratio, framework)
+    errors = validate_params(m, params, ratio, framework, target=target, timing=timing)
     if errors:
         raise ConfigError(errors, f"method {method!r}")
+    params, ctx = route_target(m, params, ctx or PruneContext(), target, timing)
     parsed, _ = parse_params(m, params)
-    target = model if inplace else copy.deepcopy(model)
-    ignored = resolve_layers(target, ignored_layers)
-    target.eval()
-    result = m.run[framework](target, example_inputs, parsed, ratio, ignored, ctx or PruneContext())
+    pruned = model if inplace else copy.deepcopy(model)
+    ignored = resolve_layers(pruned, ignored_layers)
+    pruned.eval()
+    dense = copy.deepcopy(pruned) if target is not None else None
+    result = m.run[framework](pruned, example_inputs, parsed, ratio, ignored, ctx)
     result.method, result.framework = method, framework
     result.model.eval()
+    if target is not None:
+        attach_target(result, dense, example_inputs, target)
     return result

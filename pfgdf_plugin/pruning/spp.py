@@ -13,6 +13,7 @@ from ..measure import filters_per_layer
 from ..methods.params import is_number
 from ..methods.spp import SPPParams
 from ..train import Checkpointing, read_checkpoint
+from .budget import nni_search
 from .common import channel_report, needs_data, nni_config, nni_finish, nni_train, train_config
 from .registry import Method, PruneResult, register
 
@@ -80,7 +81,8 @@ def _tp_spp(model, example_inputs, p: SPPRecipeParams, ratio, ignored, ctx) -> P
     needs_data(ctx, "spp", "prunes while training")
     before = filters_per_layer(model)
     pruner = SPPPruner(model, example_inputs, pruning_ratio=ratio, interval=p.interval, A=p.A, u=p.u, seed=p.seed,
-                       rounding=p.rounding, rescale_survivors=p.rescale_survivors, ignored_layers=ignored)
+                       rounding=p.rounding, rescale_survivors=p.rescale_survivors, ignored_layers=ignored,
+                       target=ctx.target, timing=ctx.timing)
     every = max(1, int(p.max_epochs * len(ctx.train_loader)) // MAX_SNAPSHOTS)
     history: Dict[str, list] = {}
     steps = _tp_train(model, pruner, p, ctx, history, every)
@@ -92,7 +94,24 @@ def _tp_spp(model, example_inputs, p: SPPRecipeParams, ratio, ignored, ctx) -> P
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pruner.step()
-    return PruneResult(model, channel_report(before, model), extra=_extra(history, every, steps, finished))
+    extra = _extra(history, every, steps, finished)
+    if pruner.target_report is not None:
+        extra["target_search"] = pruner.target_report
+    return PruneResult(model, channel_report(before, model), extra=extra)
+
+
+def _l1_copy(example_inputs):
+    """NNI's L1 pruning of a copy at a ratio: SPP's structure at that ratio, for a target search."""
+    def compress(net, net_ignored, r):
+        import nni.compression.pruning as nni_pruning
+
+        config = nni_config(net, example_inputs, net_ignored, r)
+        pruner = nni_pruning.L1NormPruner(net, config)
+        _, masks = pruner.compress()
+        pruner.unwrap_model()
+        return masks, config
+
+    return compress
 
 
 def _nni_spp(model, example_inputs, p: SPPRecipeParams, ratio, ignored, ctx) -> PruneResult:
@@ -102,6 +121,10 @@ def _nni_spp(model, example_inputs, p: SPPRecipeParams, ratio, ignored, ctx) -> 
     from ..quantize import torch_evaluator
 
     needs_data(ctx, "spp", "prunes while training")
+    search = None
+    if ctx.target is not None:  # the ratio is chosen before training, on L1-pruned copies
+        search = nni_search(model, example_inputs, ctx, ignored, _l1_copy(example_inputs), knob_name="pruning ratio")
+        ratio = search["knob"]
     before = filters_per_layer(model)
     cfg = train_config(ctx, p.max_epochs)
     steps = max(1, int(round(cfg.epochs * len(ctx.train_loader))))
@@ -122,6 +145,8 @@ def _nni_spp(model, example_inputs, p: SPPRecipeParams, ratio, ignored, ctx) -> 
     result = nni_finish(model.cpu(), masks, example_inputs, config, before)
     result.fused_calibration = calibration
     result.extra.update(_extra(history, every, pruner.steps, finished))
+    if search is not None:
+        result.extra["target_search"] = search
     return result
 
 
@@ -149,4 +174,4 @@ METHOD = register(Method(
     "spp", "structured probabilistic pruning: channel probabilities rise or fall with their rank during training",
     params=SPPRecipeParams, run={"torch_pruning": _tp_spp, "nni": _nni_spp}, needs_ratio=True, fusable=("nni",),
     framework_only={"rounding": ("torch_pruning",), "rescale_survivors": ("torch_pruning",)},
-    report=report, rank_checks=rank_checks))
+    report=report, rank_checks=rank_checks, target_knobs=()))

@@ -193,7 +193,7 @@ def prune_stage(s: RunState) -> None:
         with s.recording():  # the trainings a method runs while it prunes (SPP, MPD's masked training)
             s.result, after_prune, _ = prune_and_score(
                 lambda: prune(s.dense, s.data.example, p.method, p.framework, p.params, p.ratio, p.ignored_layers,
-                              ctx=ctx), s.data, r.device, s.progress)
+                              ctx=ctx, target=p.target, timing=p.timing), s.data, r.device, s.progress)
         if distributed.is_main():
             _save_pruned(s, after_prune)
     s.metrics["after_prune_accuracy"] = after_prune["accuracy"]

@@ -10,6 +10,7 @@ graph knows: which permutations may be folded into a neighbour
 
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
@@ -17,6 +18,8 @@ import torch
 import torch.nn as nn
 
 from ..graph import CHANNELWISE_OPS, build_graph, find_fold_links, output_layers
+from ..errors import TargetError
+from ..meter import meet_target, target_or_none
 from ..methods import mpd
 from ..methods.mpd import BlockPlan, FoldLink, MPDError
 
@@ -55,8 +58,17 @@ class MPDPruner:
             dense too, with a warning.
         kernel: how :meth:`step` runs each converted layer (``block``, ``auto``, ``dense``,
             ``bmm``, ``grouped``; see :func:`pfgdf_plugin.methods.mpd.convert_model`).
+        target: a budget instead of ``compression`` / ``blocks``: ``{"latency": r}``,
+            ``{"macs": r}`` or ``{"params": r}`` (dense / pruned >= r). One block count for every
+            masked layer is searched (bisection from 1 to the smallest :func:`~pfgdf_plugin.methods.mpd.max_blocks`
+            of those layers), measuring converted copies; ``pruner.target_report`` holds the
+            search (``None`` without a target). Ignore thin layers (a 3-channel stem) to allow
+            more blocks.
+        timing: how a latency target is timed (:class:`pfgdf_plugin.meter.Timing` or its fields).
 
     Raises:
+        TargetError: a malformed or unreachable target, or a target together with ``compression``
+            or ``blocks`` (the model is then untouched).
         MPDError: both targets, ``blocks < 1``, ``blocks`` above a layer's ``min(out, in)``, a
             grouped/depthwise convolution named in ``blocks``, an unknown layer name (in
             ``blocks`` or ``ignored_layers``), no layer to mask, a bad
@@ -85,16 +97,21 @@ class MPDPruner:
                  blocks: Union[int, Mapping[str, int], None] = None, permutation: str = "random",
                  ignored_layers: Optional[Sequence[Union[nn.Module, str]]] = None, seed: int = 0,
                  round_to: Optional[int] = None, fold: bool = True, dense_output: bool = True,
-                 kernel: str = "block") -> None:
-        self.params, layer_blocks = mpd.pruner_params(compression, blocks, permutation=permutation, seed=seed,
-                                                      round_to=round_to, fold=fold, dense_output=dense_output,
-                                                      kernel=kernel)
-        self.model, self.seed, self.permutation = model, int(seed), permutation
-        self.round_to, self.fold, self.compression = mpd.check_round_to(round_to), fold, self.params.compression
+                 kernel: str = "block", target: Any = None, timing: Any = None) -> None:
+        goal = target_or_none("MPDPruner", target, compression=compression, blocks=blocks)
+        options = dict(permutation=permutation, seed=seed, round_to=round_to, fold=fold, dense_output=dense_output,
+                       kernel=kernel)
+        self.params, layer_blocks = mpd.pruner_params(compression, blocks, **options)
         named = dict(model.named_modules())
         ignored: List[str] = []
         for item in ignored_layers or ():
             ignored += [item] if isinstance(item, str) else [n for n, m in named.items() if m is item]
+        self.target_report: Optional[Dict[str, Any]] = None
+        if goal is not None:
+            self.target_report = _search_blocks(model, example_inputs, goal, timing, ignored, options)
+            self.params, layer_blocks = mpd.pruner_params(None, self.target_report["knob"], **options)
+        self.model, self.seed, self.permutation = model, int(seed), permutation
+        self.round_to, self.fold, self.compression = mpd.check_round_to(round_to), fold, self.params.compression
         self.graph = build_graph(model, example_inputs)
         chosen = mpd.choose_layers(named, self.params.compression, self.params.blocks if layer_blocks is None
                                    else layer_blocks, ignored=ignored, output_layers=output_layers(model, self.graph),
@@ -213,6 +230,30 @@ class MPDPruner:
             self._masks[name] = plan.mask(weight.dtype, weight.device)
         self.plans = plans
         self.apply_masks()
+
+
+def _search_blocks(model: nn.Module, example_inputs: Any, goal, timing: Any, ignored: List[str],
+                   options: Dict[str, Any]) -> Dict[str, Any]:
+    """The least block count (one for every masked layer) whose converted copy meets ``goal``."""
+    probe = copy.deepcopy(model)
+    named = dict(probe.named_modules())
+    round_to = mpd.check_round_to(options["round_to"])
+    chosen = mpd.choose_layers(named, blocks=1, ignored=ignored, output_layers=output_layers(
+        probe, build_graph(probe, example_inputs)), dense_output=options["dense_output"], round_to=round_to)
+    hi = min(mpd.max_blocks(*mpd.layer_shape(n, named[n])[:2], round_to) for n in chosen)
+    if hi < 2:
+        thin = [n for n in chosen if mpd.max_blocks(*mpd.layer_shape(n, named[n])[:2], round_to) < 2]
+        raise TargetError(f"target {goal.describe()} cannot be reached: layer {thin[0]!r} takes one block at "
+                          "most; pass it in ignored_layers")
+
+    def prune_copy(candidate: nn.Module, c: float) -> nn.Module:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the layers left dense were named once, by choose_layers above
+            MPDPruner(candidate, example_inputs, blocks=int(c), ignored_layers=ignored, **options).step()
+        return candidate
+
+    return meet_target(model, example_inputs, goal, prune_copy, 1, hi, integer=True, knob_name="blocks",
+                       timing=timing).report()
 
 
 __all__ = ["CHANNELWISE_OPS", "MPDPruner", "build_graph", "find_fold_links", "output_layers"]

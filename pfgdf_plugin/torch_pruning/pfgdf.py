@@ -8,12 +8,14 @@ tensors and the decision back into a pruning group.
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Dict, List, Optional
+import copy
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.nn as nn
 import torch_pruning as tp
 
+from ..meter import meet_target, modules_of, target_or_none
 from ..methods import pfgdf
 from ..methods.pfgdf import PFGDFParams
 from ._group import IN, NORM, OUT, group_tensors, layer_name, reduce_to_root, skip_misread_group
@@ -102,9 +104,21 @@ class PFGDFPruner(tp.pruner.BasePruner):
         min_channels: filters every layer keeps (>= 1).
         tail_threshold: ``mode="tail"`` cut-off (default ``erfc(k / sqrt 2)``).
         ignored_layers: layers left alone (typically the classifier).
+        target: a budget, ``{"latency": r}``, ``{"macs": r}`` or ``{"params": r}`` (dense / pruned
+            >= r): ``k`` is then searched (bisection over ``K_RANGE`` on copies of the model; a
+            wider band prunes more) and must not be given. The per-layer ratios stay PFGDF's.
+        timing: how a latency target is timed (:class:`pfgdf_plugin.meter.Timing` or its fields;
+            default PyTorch, 1 thread, batch 1).
         **kwargs: other :class:`torch_pruning.pruner.BasePruner` arguments (``max_pruning_ratio``,
             ``round_to``, ``root_module_types``, ``customized_pruners``, ...). ``pruning_ratio``
             is refused: PFGDF chooses the ratios.
+
+    Raises:
+        TargetError: a malformed or unreachable target (naming the best ratio reached), or a
+            target together with ``k``; the model is then untouched.
+
+    ``pruner.target_report`` is ``{"target", "reached", "knob" (k), "trials"}`` with a target,
+    else ``None``.
 
     After :meth:`step`, ``pruner.report`` maps each group's root layer name to a dict with
     ``channels``, ``pruned``, ``ratio``, ``mu``, ``sigma``, ``statistic`` (the per-filter
@@ -118,7 +132,13 @@ class PFGDFPruner(tp.pruner.BasePruner):
         >>> pruner = PFGDFPruner(model, torch.randn(1, 3, 32, 32), k=1.0,
         ...                      ignored_layers=[model.classifier])
         >>> pruner.step()
+        >>> budget = PFGDFPruner(model, torch.randn(1, 3, 32, 32), target={"params": 1.5},
+        ...                      ignored_layers=[model.classifier])
+        >>> budget.target_report["reached"] >= 1.5
+        True
     """
+
+    K_RANGE = (0.01, 8.0)  # the band widths a target search tries
 
     k = _knob("k", "band half-width in standard deviations")
     statistic = _knob("statistic", "per-filter statistic (``mode='band'``)")
@@ -126,16 +146,26 @@ class PFGDFPruner(tp.pruner.BasePruner):
     min_channels = _knob("min_channels", "filters every layer keeps")
     tail_threshold = _knob("tail_threshold", "``mode='tail'`` cut-off (``None``: the Gaussian's own)")
 
-    def __init__(self, model: nn.Module, example_inputs, k: float = PFGDFParams.k,
+    def __init__(self, model: nn.Module, example_inputs, k: Optional[float] = None,
                  statistic: str = PFGDFParams.statistic, mode: str = PFGDFParams.mode,
                  min_channels: int = PFGDFParams.min_channels,
                  tail_threshold: Optional[float] = PFGDFParams.tail_threshold,
                  ignored_layers: Optional[List[nn.Module]] = None,
-                 group_reduction: str = PFGDFParams.group_reduction, **kwargs) -> None:
+                 group_reduction: str = PFGDFParams.group_reduction, target: Any = None,
+                 timing: Any = None, **kwargs) -> None:
         for key in ("pruning_ratio", "pruning_ratio_dict", "importance", "global_pruning"):
             if key in kwargs:
                 raise TypeError(f"PFGDFPruner chooses per-layer ratios itself; {key!r} is not accepted "
                                 "(use tp.pruner.MetaPruner(importance=GaussianImportance(), ...) for a fixed ratio)")
+        goal = target_or_none("PFGDFPruner", target, k=k)
+        knobs = dict(statistic=statistic, mode=mode, min_channels=min_channels, tail_threshold=tail_threshold,
+                     group_reduction=group_reduction)
+        k = PFGDFParams.k if k is None else k
+        pfgdf.make_params(kwargs.get("max_pruning_ratio", 1.0), "max_pruning_ratio", k=k, **knobs)  # errors first
+        self.target_report: Optional[Dict[str, Any]] = None
+        if goal is not None:
+            self.target_report = _search_k(model, example_inputs, goal, timing, ignored_layers, knobs, kwargs)
+            k = self.target_report["knob"]
         self.params = pfgdf.make_params(kwargs.get("max_pruning_ratio", 1.0), "max_pruning_ratio", k=k,
                                         statistic=statistic, mode=mode, min_channels=min_channels,
                                         tail_threshold=tail_threshold, group_reduction=group_reduction)
@@ -181,6 +211,21 @@ class PFGDFPruner(tp.pruner.BasePruner):
         return idxs
 
 
+def _search_k(model: nn.Module, example_inputs, goal, timing, ignored_layers, knobs: Dict[str, Any],
+              kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """The least band width ``k`` whose pruned copy meets ``goal`` (the search report)."""
+
+    def prune_copy(candidate: nn.Module, k: float) -> nn.Module:
+        fresh = {key: (dict(v) if isinstance(v, dict) else v) for key, v in kwargs.items()}
+        PFGDFPruner(candidate, example_inputs, k=k, ignored_layers=modules_of(candidate, model, ignored_layers),
+                    **knobs, **fresh).step()
+        return candidate
+
+    modules_of(model, model, ignored_layers)  # every ignored layer must belong to the model
+    lo, hi = PFGDFPruner.K_RANGE
+    return meet_target(model, example_inputs, goal, prune_copy, lo, hi, knob_name="k", timing=timing).report()
+
+
 def auto_k_prune(model: nn.Module, example_inputs, finetune: Callable[[nn.Module], None],
                  evaluate: Callable[[nn.Module], float], baseline: Optional[float] = None,
                  tolerance: float = 0.003, k_values=(0.5, 0.75, 1.0, 1.25, 1.5, 2.0),
@@ -207,8 +252,6 @@ def auto_k_prune(model: nn.Module, example_inputs, finetune: Callable[[nn.Module
         >>> k
         1.0
     """
-    import copy
-
     names = {m: n for n, m in model.named_modules()}
     ignored_names = None if ignored_layers is None else [names[m] for m in ignored_layers]
     if baseline is None:

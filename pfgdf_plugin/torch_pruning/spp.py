@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from ..methods import spp
+from .target import ratio_for_target
 from ._group import _NORM_TYPES, IN, NORM, OUT, check_finite, group_tensors, reduce_to_root, skip_misread_group
 
 _LAYER_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
@@ -203,7 +204,13 @@ class SPPPruner(tp.pruner.BasePruner):
     Args:
         model: the network (pruned in place by :meth:`step`).
         example_inputs: a batch for tracing.
-        pruning_ratio: the target ratio ``R`` of every group, in (0, 1).
+        pruning_ratio: the target ratio ``R`` of every group, in (0, 1) (default 0.5).
+        target: a budget instead of ``pruning_ratio``: ``{"latency": r}``, ``{"macs": r}`` or
+            ``{"params": r}`` (dense / pruned >= r). ``R`` is chosen before training, on copies
+            pruned by L1 norm at that ratio (the structure, not which channels go, sets the
+            cost); see :func:`pfgdf_plugin.torch_pruning.target.ratio_for_target`.
+            ``pruner.target_report`` holds the search (``None`` without a target).
+        timing: how a latency target is timed (:class:`pfgdf_plugin.meter.Timing` or its fields).
         interval: iterations between probability updates; default 10, the value of
             :class:`~pfgdf_plugin.methods.spp.SPPParams` and the recipes (it used to be 1, the
             official code's default; the paper uses 180).
@@ -248,11 +255,11 @@ class SPPPruner(tp.pruner.BasePruner):
         (8, 60)
     """
 
-    def __init__(self, model: nn.Module, example_inputs, pruning_ratio: float = 0.5,
+    def __init__(self, model: nn.Module, example_inputs, pruning_ratio: Optional[float] = None,
                  interval: int = _DEFAULTS.interval, A: float = _DEFAULTS.A, u: float = _DEFAULTS.u,
                  ignored_layers: Optional[List[nn.Module]] = None, seed: int = _DEFAULTS.seed,
                  rounding: str = _DEFAULTS.rounding, rescale_survivors: bool = _DEFAULTS.rescale_survivors,
-                 **kwargs) -> None:
+                 target: Any = None, timing: Any = None, **kwargs) -> None:
         for key in ("importance", "iterative_steps", "iterative_pruning_ratio_scheduler"):
             if key in kwargs:
                 raise TypeError(f"SPPPruner does not accept {key!r}: SPP's probabilities decide what "
@@ -267,6 +274,10 @@ class SPPPruner(tp.pruner.BasePruner):
                       if not spp._is_number(ratio) or not 0.0 <= ratio < 1.0]
         params = spp.checked_params(pruning_ratio, bad_ratios, interval=interval, A=A, u=u, seed=seed,
                                     rounding=rounding, rescale_survivors=rescale_survivors)
+        self.target_report = ratio_for_target("SPPPruner", model, example_inputs, target, timing, pruning_ratio,
+                                              ignored_layers, kwargs)
+        pruning_ratio = (0.5 if pruning_ratio is None else pruning_ratio) if self.target_report is None \
+            else self.target_report["knob"]
         # Torch-Pruning's BasePruner mutates these dict defaults: always hand it fresh ones.
         for key in ("in_channel_groups", "out_channel_groups", "num_heads"):
             kwargs[key] = dict(kwargs.get(key) or {})

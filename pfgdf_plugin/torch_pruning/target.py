@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Mapping, Optional
 import torch.nn as nn
 import torch_pruning as tp
 
-from ..meter import Timing, meet_target, modules_of, ratio_meter
+from ..meter import Timing, meet_target, modules_of, ratio_meter, target_or_none
 
 _REFUSED = ("pruning_ratio", "pruning_ratio_dict", "importance", "iterative_steps")
 
@@ -30,6 +30,23 @@ def _pruned(model: nn.Module, example_inputs: Any, importance, ratio: float, ign
     tp.pruner.MetaPruner(model, example_inputs, importance=importance, pruning_ratio=ratio, ignored_layers=ignored,
                          **fresh).step()
     return model
+
+
+def usable_ratio(model: nn.Module, example_inputs: Any, ignored: List[nn.Module], max_ratio: float,
+                 kwargs: Mapping[str, Any]) -> float:
+    """``max_ratio``, lowered so that every prunable group keeps a channel.
+
+    Above ``1 - 1 / n`` a group of ``n`` channels would lose them all and Torch-Pruning leaves it
+    whole, so the cost would fall again: the search needs a range where it only grows.
+    """
+    probe = copy.deepcopy(model)
+    fresh = {k: (dict(v) if isinstance(v, dict) else v) for k, v in kwargs.items()}
+    pruner = tp.pruner.MetaPruner(probe, example_inputs, importance=tp.importance.MagnitudeImportance(p=1),
+                                  pruning_ratio=0.0, ignored_layers=modules_of(probe, model, ignored), **fresh)
+    sizes = [len(g[0].idxs) for g in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
+                                                               root_module_types=pruner.root_module_types)]
+    sizes = [n for n in sizes if n > 1]
+    return min([max_ratio] + [1.0 - 1.0 / n - 1e-6 for n in sizes])
 
 
 def prune_to_target(model: nn.Module, example_inputs: Any, importance, target: Mapping[str, float], *,
@@ -71,7 +88,8 @@ def prune_to_target(model: nn.Module, example_inputs: Any, importance, target: M
         return _pruned(candidate, example_inputs, importance, ratio, modules_of(candidate, model, ignored_layers),
                        metapruner_kwargs)
 
-    result = meet_target(model, example_inputs, target, prune_copy, 0.0, max_ratio, steps=steps,
+    hi = usable_ratio(model, example_inputs, list(ignored_layers or ()), max_ratio, metapruner_kwargs)
+    result = meet_target(model, example_inputs, target, prune_copy, 0.0, hi, steps=steps,
                          knob_name="global pruning ratio", timing=timing)
     dense = copy.deepcopy(model) if result.target.kind == "latency" else None
     _pruned(model, example_inputs, importance, result.knob, list(ignored_layers or ()), metapruner_kwargs)
@@ -81,3 +99,47 @@ def prune_to_target(model: nn.Module, example_inputs: Any, importance, target: M
         info["reached"] = ratio_meter("latency", dense, example_inputs, engine, threads, batch_size, warmup,
                                       repeats)(model)
     return info
+
+
+RATIO_RANGE = (0.01, 0.95)  # the per-layer ratios a method's target search tries
+
+
+def ratio_for_target(owner: str, model: nn.Module, example_inputs: Any, target: Any, timing: Any,
+                     ratio: Optional[float], ignored_layers: Optional[List[nn.Module]],
+                     metapruner_kwargs: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+    """The search report of the least uniform ratio meeting ``target`` (``None`` without a target).
+
+    Copies are pruned by ``tp.pruner.MetaPruner`` with L1 norm (``MagnitudeImportance(p=1)``) at
+    each candidate ratio: a method that removes the same number of channels per layer, whichever
+    they are, gets the same structure and so the same cost (SPP chooses its ratio so, before it
+    trains). ``model`` is only copied.
+
+    Raises:
+        TargetError: a malformed or unreachable target, or a target with ``ratio`` or a
+            ``pruning_ratio_dict`` (naming both).
+
+    Example:
+        >>> import torch
+        >>> from pfgdf_plugin.models import build_model
+        >>> net = build_model("lenet5")
+        >>> info = ratio_for_target("SPPPruner", net, torch.randn(1, 3, 32, 32), {"params": 2.0}, None, None,
+        ...                         [net.fc3], {})
+        >>> info["reached"] >= 2.0 and 0 < info["knob"] < 1
+        True
+    """
+    goal = target_or_none(owner, target, pruning_ratio=ratio,
+                          pruning_ratio_dict=metapruner_kwargs.get("pruning_ratio_dict"))
+    if goal is None:
+        return None
+    modules_of(model, model, ignored_layers)  # every ignored layer must belong to the model
+    kwargs = {k: v for k, v in metapruner_kwargs.items() if k != "pruning_ratio_dict"}
+    importance = tp.importance.MagnitudeImportance(p=1)
+
+    def prune_copy(candidate: nn.Module, r: float) -> nn.Module:
+        return _pruned(candidate, example_inputs, importance, r, modules_of(candidate, model, ignored_layers),
+                       kwargs)
+
+    lo, hi = RATIO_RANGE
+    hi = usable_ratio(model, example_inputs, list(ignored_layers or ()), hi, kwargs)
+    return meet_target(model, example_inputs, goal, prune_copy, lo, hi, knob_name="pruning_ratio",
+                       timing=timing).report()

@@ -23,6 +23,8 @@ def test_constructor_defaults_are_pfgdf_params():
     sig = inspect.signature(PFGDFPruner.__init__).parameters
     knobs = [n for n in sig if n in defaults]
     assert knobs == ["k", "statistic", "mode", "min_channels", "tail_threshold"]
+    assert sig["k"].default is None  # not given (a target may choose it): PFGDFParams.k
+    knobs.remove("k")
     assert {n: sig[n].default for n in knobs} == {n: defaults[n][1] for n in knobs}
 
 

@@ -196,3 +196,59 @@ def test_failed_run_keeps_earlier_results_and_input_model(tmp_path):
     ok = tiny(PFGDF_RECIPE, tmp_path, [f"model.checkpoint={ckpt}", "export.onnx=false", "report.latency=false"])
     second = run_recipe(ok, quiet=True)
     assert second["run_dir"] != first["run_dir"] and _digest(ckpt) == before["dense.pt"]
+
+
+def _target_recipe(tmp_path, method, framework, target=None, **prune):
+    """The PFGDF recipe on the tiny digits budget, turned to ``method`` via ``framework`` with a target."""
+    from pfgdf_plugin.config import set_by_path
+
+    data = yaml.safe_load(open(PFGDF_RECIPE))
+    for item in TINY + [f"output_dir={tmp_path}", "export.onnx=false", "report.latency=false", "report.plots=false"]:
+        set_by_path(data, item)
+    params = {"spp": {"A": 0.5, "interval": 1, "max_epochs": 5}, "dbp": {"num_batches": 2},
+              "mpd": {"max_epochs": 0.5}}.get(method, {})
+    ignored = ["classifier"] + (["features.0"] if method == "mpd" else [])  # MPD: a 1-channel stem takes 1 block
+    data["prune"] = {"framework": framework, "method": method, "params": params, "ignored_layers": ignored,
+                     "target": target or {"macs": 1.3}, **prune}
+    return data
+
+
+def _method_frameworks():
+    from pfgdf_plugin.pruning import METHODS
+
+    return [(m, fw) for m in METHODS.names() for fw in sorted(METHODS.get(m).run)]
+
+
+@pytest.mark.parametrize("method,framework", _method_frameworks())
+def test_every_method_meets_a_recipe_target(method, framework, tmp_path):
+    metrics = run_recipe(recipe_from_dict(_target_recipe(tmp_path, method, framework)), quiet=True)
+    target = metrics["target"]
+    assert target["requested"] == {"macs": 1.3}
+    assert target["reached"] >= 1.3 and target["met"]
+    assert metrics["before"]["macs"] / metrics["after"]["macs"] == pytest.approx(target["reached"], rel=1e-6)
+    with open(os.path.join(metrics["run_dir"], "metrics.json")) as f:
+        assert json.load(f)["target"]["requested"] == {"macs": 1.3}
+    with open(os.path.join(metrics["run_dir"], "report.md")) as f:
+        assert "Budget: macs 1.3x requested" in f.read()
+
+
+@pytest.mark.parametrize("method,prune,match", [
+    ("l1", {"ratio": 0.5}, r"prune.target and prune.ratio: give one of them"),
+    ("pfgdf", {"params": {"k": 1.0}}, r"prune.target and prune.params.k: give one of them"),
+    ("mpd", {"params": {"blocks": 4}}, r"prune.target and prune.params.blocks: give one of them"),
+    ("dbp", {"params": {"macs": 2.0}}, r"prune.target and prune.params.macs: give one of them"),
+    ("l1", {"target": {"macs": 2.0, "latency": 2.0}}, r"prune.target: give one target at a time"),
+    ("l1", {"target": {"macs": 0.5}}, r"prune.target: macs must be a finite ratio >= 1"),
+    ("l1", {"target": {"macs": float("nan")}}, r"ratio >= 1 .* got nan"),
+    ("l1", {"timing": {"engine": "tvm"}}, r"prune.timing: engine must be one of pytorch, onnxruntime"),
+])
+def test_bad_recipe_targets_are_named(method, prune, match, tmp_path):
+    with pytest.raises(ConfigError, match=match):
+        recipe_from_dict(_target_recipe(tmp_path, method, "torch_pruning", **prune))
+
+
+def test_timing_without_a_target_is_named(tmp_path):
+    data = _target_recipe(tmp_path, "l1", "torch_pruning", ratio=0.5, timing={"threads": 2})
+    del data["prune"]["target"]
+    with pytest.raises(ConfigError, match=r"prune.timing is used only with prune.target"):
+        recipe_from_dict(data)

@@ -28,6 +28,9 @@ def test_constructor_defaults_are_pfgdf_params(cls):
     sig = inspect.signature(cls.__init__).parameters
     knobs = [n for n in sig if n in defaults]
     assert len(knobs) == (4 if cls is GaussianImportance else 6)
+    if cls is PFGDFPruner:  # k: None = not given (a target may choose it), resolved to PFGDFParams.k
+        assert sig["k"].default is None and PFGDFPruner(_grouped(), X).k == defaults["k"][1]
+        knobs.remove("k")
     assert {n: sig[n].default for n in knobs} == {n: defaults[n][1] for n in knobs}
 
 
