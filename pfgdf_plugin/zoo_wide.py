@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from .models import MODELS, VGG, VGG16_CFG, _check_common, _kaiming_init, _scaled
+from .models import MIN_IMAGE_SIZE, MODELS, VGG, VGG16_CFG, _check_common, _kaiming_init, _scaled
 
 __all__ = ["WideMLP", "WideVGG", "vgg16_bn_wide", "wide_mlp"]
 
@@ -94,3 +94,5 @@ def vgg16_bn_wide(num_classes: int = 10, in_channels: int = 3, width: float = 1.
     """
     _check_common(num_classes, in_channels, width)
     return WideVGG(VGG16_CFG, num_classes=num_classes, in_channels=in_channels, width=width)
+
+MIN_IMAGE_SIZE.update({"wide_mlp": 1, "vgg16_bn_wide": 32})  # the smallest input each model takes

@@ -83,7 +83,7 @@ def test_every_method_reports_its_own_metrics(name):
     metrics, plots = METHODS.get(name).report(_fake_result(name), None)
     expected = {"spp": {"spp": {"steps": 3, "finished": True}},
                 "dbp": {"dbp": {"removed": ["a"], "macs_ratio": 1.5, "latency_ratio": None, "blocks": {}}},
-                "mpd": {"mpd": {"compression": 4.0, "folded": []}}}.get(name, {})
+                "mpd": {"mpd": {"compression": 4.0, "folded": [], "kernels": {}}}}.get(name, {})
     assert metrics == expected and plots == []
 
 
