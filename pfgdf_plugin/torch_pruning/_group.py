@@ -12,6 +12,7 @@ pruners and depthwise convolutions are seen too.
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, List, Optional, Type
 
@@ -244,6 +245,7 @@ def check_pruner_inputs(model: nn.Module, example_inputs: Any, ignored_layers: A
     modes = {m: m.training for m in model.modules()}
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     try:
+        model.eval()  # as Torch-Pruning traces it (a batch of one passes BatchNorm); modes restored below
         with torch.no_grad():
             if isinstance(example_inputs, dict):
                 model(**example_inputs)
@@ -281,9 +283,27 @@ def checked_pruner(pruner_cls: Callable, model: nn.Module, example_inputs: Any, 
     """
     who = getattr(pruner_cls, "__name__", "pruner")  # tp.pruner.MetaPruner is BasePruner
     check_pruner_inputs(model, example_inputs, kwargs.get("ignored_layers"), error, who)
+    with graph_building(model, error, who):
+        return pruner_cls(model, example_inputs, **kwargs)
+
+
+@contextmanager
+def graph_building(model: nn.Module, error: Type[Exception] = ValueError, who: str = "pruner") -> Iterator[None]:
+    """Around the construction of a Torch-Pruning pruner: a failure of its tracing is raised as ``error``
+    naming ``who``, and every module's train/eval mode is restored (Torch-Pruning leaves the model in
+    eval mode), whether the construction succeeds or not.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2))
+        >>> with graph_building(net):
+        ...     net.eval()
+        Sequential(...)
+        >>> net.training
+        True
+    """
     modes = {m: m.training for m in model.modules()}
     try:
-        return pruner_cls(model, example_inputs, **kwargs)
+        yield
     except error:
         raise
     except Exception as e:

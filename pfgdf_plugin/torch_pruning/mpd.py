@@ -22,6 +22,7 @@ from ..errors import TargetError
 from ..meter import meet_target, target_or_none
 from ..methods import mpd
 from ..methods.mpd import BlockPlan, FoldLink, MPDError
+from ._group import check_pruner_inputs, graph_building
 
 
 class MPDPruner:
@@ -105,14 +106,19 @@ class MPDPruner:
         named = dict(model.named_modules())
         ignored: List[str] = []
         for item in ignored_layers or ():
-            ignored += [item] if isinstance(item, str) else [n for n, m in named.items() if m is item]
+            found = [item] if isinstance(item, str) else [n for n, m in named.items() if m is item]
+            if not found:
+                raise MPDError(f"ignored_layers holds a {type(item).__name__} that is not a module of the model")
+            ignored += found
+        check_pruner_inputs(model, example_inputs, None, MPDError, "MPDPruner")
         self.target_report: Optional[Dict[str, Any]] = None
         if goal is not None:
             self.target_report = _search_blocks(model, example_inputs, goal, timing, ignored, options)
             self.params, layer_blocks = mpd.pruner_params(None, self.target_report["knob"], **options)
         self.model, self.seed, self.permutation = model, int(seed), permutation
         self.round_to, self.fold, self.compression = mpd.check_round_to(round_to), fold, self.params.compression
-        self.graph = build_graph(model, example_inputs)
+        with graph_building(model, MPDError, "MPDPruner"):
+            self.graph = build_graph(model, example_inputs)
         chosen = mpd.choose_layers(named, self.params.compression, self.params.blocks if layer_blocks is None
                                    else layer_blocks, ignored=ignored, output_layers=output_layers(model, self.graph),
                                    dense_output=dense_output, round_to=self.round_to)

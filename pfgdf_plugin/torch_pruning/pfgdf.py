@@ -16,9 +16,11 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from ..meter import meet_target, modules_of, target_or_none
+from ..errors import PFGDFError
 from ..methods import pfgdf
 from ..methods.pfgdf import PFGDFParams
-from ._group import IN, NORM, OUT, group_tensors, layer_name, reduce_to_root, skip_misread_group
+from ._group import (IN, NORM, OUT, check_pruner_inputs, graph_building, group_tensors, layer_name, reduce_to_root,
+                     skip_misread_group)
 
 
 def _knob(name: str, doc: str) -> property:
@@ -158,6 +160,7 @@ class PFGDFPruner(tp.pruner.BasePruner):
                 raise TypeError(f"PFGDFPruner chooses per-layer ratios itself; {key!r} is not accepted "
                                 "(use tp.pruner.MetaPruner(importance=GaussianImportance(), ...) for a fixed ratio)")
         goal = target_or_none("PFGDFPruner", target, k=k)
+        check_pruner_inputs(model, example_inputs, ignored_layers, PFGDFError, "PFGDFPruner")
         knobs = dict(statistic=statistic, mode=mode, min_channels=min_channels, tail_threshold=tail_threshold,
                      group_reduction=group_reduction)
         k = PFGDFParams.k if k is None else k
@@ -173,8 +176,9 @@ class PFGDFPruner(tp.pruner.BasePruner):
         for key in ("in_channel_groups", "out_channel_groups", "num_heads"):
             kwargs[key] = dict(kwargs.get(key) or {})
         importance = GaussianImportance(k=k, statistic=statistic, mode=mode, group_reduction=group_reduction)
-        super().__init__(model, example_inputs, importance=importance, pruning_ratio=0.0,
-                         ignored_layers=ignored_layers, **kwargs)
+        with graph_building(model, PFGDFError, "PFGDFPruner"):
+            super().__init__(model, example_inputs, importance=importance, pruning_ratio=0.0,
+                             ignored_layers=ignored_layers, **kwargs)
         importance.layer_names = {m: n for m, n in self.DG._module2name.items()}
         self.report: Dict[str, dict] = {}
 

@@ -21,9 +21,11 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
+from ..errors import SPPError
 from ..methods import spp
 from .target import ratio_for_target
-from ._group import _NORM_TYPES, IN, NORM, OUT, check_finite, group_tensors, reduce_to_root, skip_misread_group
+from ._group import (_NORM_TYPES, IN, NORM, OUT, check_finite, check_pruner_inputs, graph_building, group_tensors,
+                     reduce_to_root, skip_misread_group)
 
 _LAYER_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
 
@@ -274,6 +276,7 @@ class SPPPruner(tp.pruner.BasePruner):
                       if not spp._is_number(ratio) or not 0.0 <= ratio < 1.0]
         params = spp.checked_params(pruning_ratio, bad_ratios, interval=interval, A=A, u=u, seed=seed,
                                     rounding=rounding, rescale_survivors=rescale_survivors)
+        check_pruner_inputs(model, example_inputs, ignored_layers, SPPError, "SPPPruner")
         self.target_report = ratio_for_target("SPPPruner", model, example_inputs, target, timing, pruning_ratio,
                                               ignored_layers, kwargs)
         pruning_ratio = (0.5 if pruning_ratio is None else pruning_ratio) if self.target_report is None \
@@ -281,11 +284,9 @@ class SPPPruner(tp.pruner.BasePruner):
         # Torch-Pruning's BasePruner mutates these dict defaults: always hand it fresh ones.
         for key in ("in_channel_groups", "out_channel_groups", "num_heads"):
             kwargs[key] = dict(kwargs.get(key) or {})
-        modes = {m: m.training for m in model.modules()}
-        super().__init__(model, example_inputs, importance=SPPImportance(), pruning_ratio=float(pruning_ratio),
-                         ignored_layers=ignored_layers, iterative_steps=1, **kwargs)
-        for m, mode in modes.items():  # tracing left the model in eval mode
-            m.training = mode
+        with graph_building(model, SPPError, "SPPPruner"):
+            super().__init__(model, example_inputs, importance=SPPImportance(), pruning_ratio=float(pruning_ratio),
+                             ignored_layers=ignored_layers, iterative_steps=1, **kwargs)
         self.params = params
         self.schedule = spp.SPPSchedule(params)
         _share_generator_state(self.schedule.generator)

@@ -195,12 +195,14 @@ def _auto_candidates(model: nn.Module) -> Raw:
 
 
 def _named_candidates(model: nn.Module, candidates: Sequence) -> Raw:
+    if isinstance(candidates, (str, bytes)) or not isinstance(candidates, (list, tuple)):
+        raise DBPError(f"candidates must be a list of block names (or of lists of member names), got {candidates!r}")
     modules = dict(model.named_modules())
     out = []
     for c in candidates:
-        members = (c,) if isinstance(c, str) else tuple(c)
+        members = (c,) if isinstance(c, str) else tuple(c) if isinstance(c, (list, tuple)) else ()
         if not members or not all(isinstance(n, str) for n in members):
-            raise TypeError(f"candidates must be module names or sequences of module names, got {c!r}")
+            raise DBPError(f"candidates must be module names or sequences of module names, got {c!r}")
         for n in members:
             if n == "":
                 raise DBPError("candidates: the whole model ('') cannot be a block")
