@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -17,7 +17,6 @@ __all__ = [
     "evaluate",
     "filters_per_layer",
     "measure_latency",
-    "paired_latency",
     "summarize",
 ]
 
@@ -327,34 +326,6 @@ def _time_interleaved(models: Mapping[str, nn.Module], x: torch.Tensor, warmup: 
         out[n] = {"median_ms": float(statistics.median(ts)), "p10_ms": float(_percentile(ts, 10)),
                   "p90_ms": float(_percentile(ts, 90))}
     return out
-
-
-def paired_latency(input_shape: Sequence[int], warmup: int = 5, repeats: int = 30,
-                   threads: Optional[int] = None) -> Callable[[nn.Module, nn.Module], Tuple[float, float]]:
-    """A timer of two models side by side at batch 1: ``(dense, pruned) -> (dense_ms, pruned_ms)``.
-
-    Each call runs :func:`measure_latency` on the pair (interleaved, in this process) and returns
-    the two medians; DBP's latency targets use it to compare the dense model with a pruned copy.
-
-    Args:
-        input_shape: ``(C, H, W)`` of one sample.
-        warmup, repeats, threads: as in :func:`measure_latency`.
-
-    Example:
-        >>> timer = paired_latency((3, 8, 8), warmup=1, repeats=3)
-        >>> dense_ms, pruned_ms = timer(nn.Conv2d(3, 4, 3), nn.Identity())
-        >>> dense_ms > 0 and pruned_ms > 0
-        True
-    """
-    _check_latency_args({"dense": nn.Identity()}, input_shape, (1,), warmup, repeats, threads)
-    shape = tuple(input_shape)
-
-    def timer(dense: nn.Module, pruned: nn.Module) -> Tuple[float, float]:
-        r = measure_latency({"dense": dense, "pruned": pruned}, shape, batch_sizes=(1,), warmup=warmup,
-                            repeats=repeats, threads=threads)
-        return r["dense"][1]["median_ms"], r["pruned"][1]["median_ms"]
-
-    return timer
 
 
 def summarize(model: nn.Module, example_inputs: Any) -> Dict[str, Any]:

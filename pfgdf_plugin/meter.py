@@ -19,7 +19,7 @@ import copy
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -84,21 +84,47 @@ def _input_shape(example_inputs: Any) -> tuple:
     return tuple(example_inputs.shape[1:])
 
 
+def paired_timer(example_inputs: Any, timing: Optional[Union["Timing", Mapping[str, Any]]] = None
+                 ) -> Callable[[nn.Module, nn.Module], Tuple[float, float]]:
+    """A timer of two models side by side: ``(dense, pruned) -> (dense_ms, pruned_ms)``, medians.
+
+    Both run interleaved in this process with ``timing``'s settings (engine ``pytorch`` or
+    ``onnxruntime``, threads, batch size, warm-up and timed runs; defaults PyTorch, 1 thread,
+    batch 1). DBP, which removes blocks one at a time, needs both medians; budgets need their
+    ratio (:func:`latency_ratio`).
+
+    Example:
+        >>> import torch.nn as nn
+        >>> timer = paired_timer(torch.randn(1, 3, 8, 8), {"warmup": 0, "repeats": 2})
+        >>> dense_ms, pruned_ms = timer(nn.Conv2d(3, 4, 3), nn.Identity())
+        >>> dense_ms > 0 and pruned_ms > 0
+        True
+    """
+    t = Timing.parse(timing)
+    shape = _input_shape(example_inputs)
+    bs = t.batch_size
+
+    def timer(dense: nn.Module, pruned: nn.Module) -> Tuple[float, float]:
+        models = {"dense": dense, "pruned": pruned}
+        with tempfile.TemporaryDirectory() as tmp:
+            if t.engine == "onnxruntime":
+                for name, m in list(models.items()):
+                    path = os.path.join(tmp, f"{name}.onnx")
+                    measure.export_onnx(m, torch.zeros(1, *shape), path)
+                    models[name] = measure.OnnxRuntimeModel(path, t.threads)
+            res = measure.measure_latency(models, shape, (bs,), warmup=t.warmup, repeats=t.repeats,
+                                          threads=t.threads)
+        return res["dense"][bs]["median_ms"], res["pruned"][bs]["median_ms"]
+
+    return timer
+
+
 def latency_ratio(dense: nn.Module, candidate: nn.Module, example_inputs: Any, engine: str = "pytorch",
                   threads: int = 1, batch_size: int = 1, warmup: int = 5, repeats: int = 30) -> float:
     """``dense / candidate`` median latency, both timed side by side in this process."""
-    shape = _input_shape(example_inputs)
-    models = {"dense": dense, "candidate": candidate}
-    if engine == "onnxruntime":
-        with tempfile.TemporaryDirectory() as tmp:
-            paths = {k: os.path.join(tmp, f"{k}.onnx") for k in models}
-            for k, m in models.items():
-                measure.export_onnx(m, example_inputs[:1], paths[k])
-            ort = {k: measure.OnnxRuntimeModel(p, threads) for k, p in paths.items()}
-            res = measure.measure_latency(ort, shape, (batch_size,), warmup=warmup, repeats=repeats, threads=threads)
-    else:
-        res = measure.measure_latency(models, shape, (batch_size,), warmup=warmup, repeats=repeats, threads=threads)
-    return res["dense"][batch_size]["median_ms"] / res["candidate"][batch_size]["median_ms"]
+    dense_ms, candidate_ms = paired_timer(example_inputs, Timing(engine, threads, batch_size, warmup, repeats))(
+        dense, candidate)
+    return dense_ms / candidate_ms
 
 
 def ratio_meter(kind: str, dense: nn.Module, example_inputs: Any, engine: str = "pytorch", threads: int = 1,

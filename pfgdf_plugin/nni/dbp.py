@@ -4,7 +4,7 @@ The method lives in :mod:`pfgdf_plugin.methods.dbp`; this module reads an NNI ``
 (which blocks, what share of them to remove), takes the probes' labelled batches from an NNI
 evaluator or from ``data=``, and calls :func:`pfgdf_plugin.methods.dbp.prune_` with the project's
 MACs and parameter counters (:func:`pfgdf_plugin.measure.count_macs`, ``count_params``) and
-latency timer (:func:`pfgdf_plugin.pair_timing.paired_timer`). NNI's DBP is depth only: a target
+latency timer (:func:`pfgdf_plugin.meter.paired_timer`). NNI's DBP is depth only: a target
 that removing every selected block cannot reach is a
 :class:`~pfgdf_plugin.errors.DBPTargetError` (the Torch-Pruning ``DBPPruner`` then prunes width).
 
@@ -27,9 +27,8 @@ from nni.compression.utils.evaluator import Evaluator
 
 from .. import measure
 from .. import models as _models  # noqa: F401  (registers the residual block types DBP can remove)
-from ..meter import Timing
+from ..meter import Timing, paired_timer
 from ..methods import dbp
-from ..pair_timing import paired_timer
 from ._common import copy_config
 
 _D = dbp.DBPParams()
@@ -224,6 +223,7 @@ class DBPPruner:
             raise TypeError("DBPPruner needs example_inputs=... (the evaluator has no dummy input)")
         self.example_inputs = example_inputs
         if self.target is not None and self.target.kind == "latency" and latency_fn is None:
+            dbp.latency_input_shape(example_inputs)  # DBPError for anything but one image batch
             latency_fn = paired_timer(example_inputs, self.timing)
         self._options = dict(num_batches=num_batches, num_classes=num_classes, holdout=float(holdout),
                              seed=int(seed), weight_decay=float(weight_decay), max_iter=int(max_iter),

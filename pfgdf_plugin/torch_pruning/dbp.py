@@ -2,7 +2,7 @@
 
 The method lives in :mod:`pfgdf_plugin.methods.dbp`; this module supplies the project's MACs and
 parameter counters (:func:`pfgdf_plugin.measure.count_macs`, ``count_params``) and latency timer
-(:func:`pfgdf_plugin.pair_timing.paired_timer`) to it, prunes width with
+(:func:`pfgdf_plugin.meter.paired_timer`) to it, prunes width with
 :func:`pfgdf_plugin.torch_pruning.target.prune_to_target` where blocks alone fall short of a target,
 and turns dependency groups into per-channel scores.
 """
@@ -19,9 +19,8 @@ import torch_pruning as tp
 from .. import measure
 from .. import models as _models  # noqa: F401  (registers the residual block types DBP can remove)
 from ..errors import DBPTargetError, TargetError
-from ..meter import Timing, modules_of
+from ..meter import Timing, modules_of, paired_timer
 from ..methods import dbp
-from ..pair_timing import paired_timer
 from ._group import _NORM_TYPES, reduce_to_root
 from .target import prune_to_target
 
@@ -146,6 +145,7 @@ class DBPPruner:
         self.ignored_layers = head + [m for m in ignored_layers or () if not any(m is h for h in head)]
         modules_of(model, model, self.ignored_layers)  # each must belong to the model
         if self.target.kind == "latency" and latency_fn is None:
+            dbp.latency_input_shape(example_inputs)  # DBPError for anything but one image batch
             latency_fn = paired_timer(example_inputs, self.timing)
         self.latency_fn = latency_fn
         self.blocks: List[dbp.Block] = dbp.find_blocks(model, example_inputs, candidates, macs_fn=self._macs)

@@ -23,7 +23,6 @@ from pfgdf_plugin.measure import (
     evaluate,
     filters_per_layer,
     measure_latency,
-    paired_latency,
     summarize,
 )
 from pfgdf_plugin.models import MODELS, build_model
@@ -266,18 +265,6 @@ def test_measure_latency_interleaves_models_and_rotates_the_first():
     measure_latency(models, (1, 2, 2), batch_sizes=(1, 2), warmup=1, repeats=3)
     one_size = ["a", "b", "c"] + ["a", "b", "c", "b", "c", "a", "c", "a", "b"]  # warmup, then rotated repeats
     assert log == one_size * 2
-
-
-def test_paired_latency_times_dense_and_pruned_at_batch_one():
-    log = []
-    timer = paired_latency((1, 3, 3), warmup=0, repeats=2, threads=1)
-    dense_ms, pruned_ms = timer(_Counting(log, "dense"), _Counting(log, "pruned"))
-    assert log == ["dense", "pruned", "pruned", "dense"]
-    assert dense_ms > 0 and pruned_ms > 0
-    with pytest.raises(ValueError, match="input_shape must be"):
-        paired_latency((3, 3))
-    with pytest.raises(ValueError, match="repeats must be a positive int, got 0"):
-        paired_latency((1, 3, 3), repeats=0)
 
 
 def test_imagefolder_from_tiny_pngs(tmp_path):

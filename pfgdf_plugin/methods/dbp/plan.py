@@ -255,7 +255,7 @@ def _check_meters(target: Target, macs_fn: Optional[MacsFn], params_fn: Optional
                         "(e.g. pfgdf_plugin.measure.count_params)")
     if target.kind == "latency" and latency_fn is None:
         raise TypeError(f"{where}: a 'latency' target needs latency_fn=..., a callable (dense, pruned) -> "
-                        "(dense_ms, pruned_ms) (e.g. pfgdf_plugin.measure.paired_latency(input_shape))")
+                        "(dense_ms, pruned_ms) (e.g. pfgdf_plugin.meter.paired_timer(example_inputs))")
 
 
 def plan_removal(model: nn.Module, blocks: Sequence[Block], order: Sequence[str], target: Any,
