@@ -384,6 +384,18 @@ def _block_mask(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     return (rows[:, None] == cols[None, :]) & (rows[:, None] >= 0)
 
 
+def _zeroed_with_labels(owner: nn.Module, layer: nn.Module) -> nn.Module:
+    """``layer`` with zero weights, and on ``owner`` the block labels of its rows and columns (unset: -1, -2)."""
+    with torch.no_grad():
+        layer.weight.zero_()
+        if layer.bias is not None:
+            layer.bias.zero_()
+    out, inp = layer.weight.shape[:2]
+    owner.register_buffer("row_labels", torch.full((out,), -1, dtype=torch.long))
+    owner.register_buffer("col_labels", torch.full((inp,), -2, dtype=torch.long))
+    return layer
+
+
 class MaskedDenseLinear(nn.Module):
     """The ``"dense"`` kernel of a converted linear layer: the whole matrix, zeros included.
 
@@ -416,13 +428,7 @@ class MaskedDenseLinear(nn.Module):
         self.out_sizes, self.in_sizes = _check_layout(out_sizes, in_sizes)
         self.blocks = len(self.out_sizes)
         self.in_features, self.out_features = int(in_features), int(out_features)
-        self.linear = nn.Linear(self.in_features, self.out_features, bias=bias)
-        with torch.no_grad():
-            self.linear.weight.zero_()
-            if self.linear.bias is not None:
-                self.linear.bias.zero_()
-        self.register_buffer("row_labels", torch.full((self.out_features,), -1, dtype=torch.long))
-        self.register_buffer("col_labels", torch.full((self.in_features,), -2, dtype=torch.long))
+        self.linear = _zeroed_with_labels(self, nn.Linear(self.in_features, self.out_features, bias=bias))
 
     @property
     def width(self) -> int:
@@ -481,14 +487,9 @@ class MaskedDenseConv2d(nn.Module):
         self.out_sizes, self.in_sizes = _check_layout(out_sizes, in_sizes)
         self.blocks = len(self.out_sizes)
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
-        self.conv = nn.Conv2d(self.in_channels, self.out_channels, kernel_size, stride=stride, padding=padding,
-                              dilation=dilation, bias=bias, padding_mode=padding_mode)
-        with torch.no_grad():
-            self.conv.weight.zero_()
-            if self.conv.bias is not None:
-                self.conv.bias.zero_()
-        self.register_buffer("row_labels", torch.full((self.out_channels,), -1, dtype=torch.long))
-        self.register_buffer("col_labels", torch.full((self.in_channels,), -2, dtype=torch.long))
+        self.conv = _zeroed_with_labels(self, nn.Conv2d(self.in_channels, self.out_channels, kernel_size,
+                                                        stride=stride, padding=padding, dilation=dilation,
+                                                        bias=bias, padding_mode=padding_mode))
 
     @property
     def width(self) -> int:
