@@ -123,12 +123,11 @@ def nni_search(model: nn.Module, example_inputs: Any, ctx: PruneContext, ignored
     ``compress(copy, ignored_of_copy, knob) -> (masks, config_list)`` prunes a copy with NNI (and
     unwraps it); the copy is then sped up (:func:`pfgdf_plugin.nni.speedup`) and measured.
     """
-    from ..meter import meet_target, modules_of
-    from ..nni import speedup
+    from ..meter import modules_of
+    from ..nni.budget import search_masks_on_copies
 
-    def prune_copy(candidate: nn.Module, knob: float) -> nn.Module:
-        masks, config = compress(candidate, modules_of(candidate, model, ignored), knob)
-        return speedup(candidate, masks, example_inputs, config_list=config)
+    def compress_copy(candidate: nn.Module, knob: float):
+        return compress(candidate, modules_of(candidate, model, ignored), knob)
 
-    return meet_target(model, example_inputs, ctx.target, prune_copy, lo, hi, knob_name=knob_name,
-                       timing=ctx.timing).report()
+    return search_masks_on_copies(model, example_inputs, ctx.target, ctx.timing, compress_copy, lo, hi,
+                                  knob_name=knob_name)
