@@ -238,10 +238,12 @@ def load_weights(model: nn.Module, model_name: str, value: str, key: str = "mode
             weights for another architecture (the first differing keys named).
 
     Example:
-        >>> import torchvision
-        >>> m = torchvision.models.resnet18(num_classes=10)
-        >>> load_weights(m, "resnet18", "DEFAULT")  # doctest: +SKIP
-        ['model.weights ResNet18_Weights.IMAGENET1K_V1: classifier head fc replaced ...']
+        >>> import os, tempfile
+        >>> path = os.path.join(tempfile.mkdtemp(), "w.pt")
+        >>> torch.save(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 100)).state_dict(), path)
+        >>> notes = load_weights(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 10)), "mlp", path)
+        >>> "classifier head 1 replaced" in notes[0]
+        True
     """
     if is_weights_name(value):
         bare = model_name[3:] if model_name.startswith("tv:") else model_name
