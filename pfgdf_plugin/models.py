@@ -3,7 +3,9 @@
 Registered names: ``vgg16_bn``, ``resnet20``, ``resnet56`` (CIFAR-style, for
 32x32 inputs), ``lenet300`` and ``lenet5``. Any torchvision classification
 model also works by name (``"resnet18"`` or, to be explicit, ``"tv:resnet18"``),
-always without pretrained weights.
+freshly initialised, or with starting weights through :func:`build_pretrained`
+(torchvision's pretrained weights from the local cache, or a state dict file; see
+:mod:`pfgdf_plugin.weights`).
 
 Every model traces with ``torch.fx.symbolic_trace`` and builds a Torch-Pruning
 dependency graph: forward passes use modules and plain tensor arithmetic only.
@@ -17,7 +19,8 @@ before anything is built, whether a registered model can take a given image side
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence, Union
+import logging
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -25,6 +28,7 @@ import torch.nn as nn
 from .errors import ConfigError
 from .methods.dbp.blocks import register_block_type
 from .registry import Registry, UnknownNameError
+from .weights import PRETRAINED_KWARGS, is_weights_name, load_weights
 
 __all__ = [
     "MODELS",
@@ -34,12 +38,14 @@ __all__ = [
     "LeNet5",
     "VGG",
     "build_model",
+    "build_pretrained",
     "check_input",
     "input_size_problem",
     "torchvision_model_names",
 ]
 
 MODELS: Registry = Registry("model")
+logger = logging.getLogger(__name__)
 
 VGG16_CFG: List[Union[int, str]] = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M",
                                     512, 512, 512, "M", 512, 512, 512, "M"]
@@ -435,10 +441,6 @@ def _torchvision_model(name: str, num_classes: int, in_channels: int, width: flo
 
     if width != 1.0:
         raise ValueError(f"width must be 1.0 for torchvision model {name!r}, got {width!r}")
-    if kwargs.get("weights") is not None:
-        raise ValueError(f"weights must be None for torchvision model {name!r} (nothing is downloaded), "
-                         f"got {kwargs['weights']!r}")
-    kwargs.pop("weights", None)
     kwargs.pop("image_size", None)
     if name in ("googlenet", "inception_v3"):
         kwargs.setdefault("aux_logits", False)
@@ -474,8 +476,9 @@ def build_model(
             size of ``lenet300``/``lenet5`` and is checked against
             :data:`MIN_IMAGE_SIZE` for every registered model; torchvision
             models take any size their layers allow, see :func:`check_input`);
-            anything else goes to the torchvision constructor (``weights``
-            must stay None).
+            ``weights``: starting weights, as in :func:`build_pretrained`
+            (its notes, such as a replaced head, go to this module's logger);
+            anything else goes to the torchvision constructor.
 
     Returns:
         The model, freshly initialised.
@@ -485,6 +488,7 @@ def build_model(
             classification model; the message lists the registered names.
         ValueError: An argument is out of range.
         TypeError: An unexpected keyword argument for a registered model.
+        DataNotFoundError, ConfigError: ``weights`` cannot be loaded (see :func:`build_pretrained`).
 
     Example:
         >>> m = build_model("resnet20", num_classes=10, width=0.5)
@@ -493,6 +497,12 @@ def build_model(
     """
     if not isinstance(name, str):
         raise TypeError(f"name must be a str, got {type(name).__name__}")
+    weights = kwargs.pop("weights", None)
+    if weights is not None:
+        model, notes = build_pretrained(name, weights, num_classes, in_channels, width, **kwargs)
+        for note in notes:
+            logger.info(note)
+        return model
     _check_common(num_classes, in_channels, width)
     if name.startswith("tv:"):
         tv_name = name[3:]
@@ -512,6 +522,57 @@ def build_model(
             f"works (e.g. resnet18 or tv:resnet18)"
         )
     return _torchvision_model(tv_name, num_classes, in_channels, width, **kwargs)
+
+
+def build_pretrained(
+    name: str,
+    weights: str,
+    num_classes: int = 10,
+    in_channels: int = 3,
+    width: float = 1.0,
+    **kwargs: Any,
+) -> Tuple[nn.Module, List[str]]:
+    """Build model ``name`` for the data and give it starting ``weights``; nothing is downloaded.
+
+    Args:
+        name: as in :func:`build_model`.
+        weights: a torchvision weights name of a torchvision model (``DEFAULT``,
+            ``IMAGENET1K_V1``, ``ResNet18_Weights.IMAGENET1K_V1``), read from
+            ``$TORCH_HOME/hub/checkpoints/`` with ``weights_only=True``; or a path to a state
+            dict file (any model). A classifier head sized for another number of classes than
+            ``num_classes`` (and a first convolution for another ``in_channels``) is kept as
+            built; every other layer takes the file's tensors.
+        num_classes, in_channels, width, **kwargs: as in :func:`build_model`.
+
+    Returns:
+        The model and the notes for the log (a layer kept as built, with the shapes).
+
+    Raises:
+        DataNotFoundError: the weights file is not there; for a weights name, one line saying
+            which file to put into which folder.
+        ConfigError: a weights name the model does not have (the known ones listed), a weights
+            name for a registered model, an unreadable file, or a file for another architecture
+            (the first missing/unexpected keys and mismatching shapes named).
+
+    Example:
+        >>> import os, tempfile
+        >>> path = os.path.join(tempfile.mkdtemp(), "w.pt")
+        >>> torch.save(build_model("lenet300", num_classes=100, image_size=8).state_dict(), path)
+        >>> model, notes = build_pretrained("lenet300", path, num_classes=10, image_size=8)
+        >>> notes[0].endswith("the rest loaded")
+        True
+    """
+    if not isinstance(weights, str) or not weights:
+        raise ConfigError([f"model.weights must be a weights name or a file path, got {weights!r}"], "model")
+    bare = name[3:] if name.startswith("tv:") else name
+    named = is_weights_name(weights)
+    if named and (name in MODELS and not name.startswith("tv:")):
+        raise ConfigError([f"model.weights {weights!r}: weights names are for torchvision models; model "
+                           f"{name!r} takes a path to a state_dict file"], "model")
+    if named and bare in PRETRAINED_KWARGS:
+        kwargs = {**PRETRAINED_KWARGS[bare], **kwargs}
+    model = build_model(name, num_classes=num_classes, in_channels=in_channels, width=width, **kwargs)
+    return model, load_weights(model, name, weights)
 
 
 # the wide models (pfgdf_plugin/zoo_wide.py) register themselves here

@@ -21,6 +21,7 @@ class ModelSection:
     name: str = "vgg16_bn"
     width: float = 1.0
     checkpoint: Optional[str] = None
+    weights: Optional[str] = None  # torchvision weights name (DEFAULT, ...) or a state_dict file
 
 
 @dataclass
@@ -101,6 +102,7 @@ def _semantic_errors(r: Recipe) -> List[str]:
     if m.name not in MODELS and bare not in torchvision_model_names():
         errors.append(f"model.name {m.name!r} is unknown; known: {', '.join(MODELS.names())} "
                       "or any torchvision classification model")
+    errors += _weights_errors(m, bare)
     if m.width <= 0:
         errors.append(f"model.width must be > 0, got {m.width!r}")
     elif m.width > MAX_WIDTH:
@@ -141,6 +143,29 @@ def _semantic_errors(r: Recipe) -> List[str]:
             errors.append(f"quantize.fused: method {p.method!r} via {p.framework!r} has no training loop to share; "
                           f"it needs {where}")
     return errors + _report_errors(r.report)
+
+
+def _weights_errors(m: ModelSection, bare: str) -> List[str]:
+    """``model.weights``: a weights name of the torchvision model (checked here), or a file path (read
+    when the model is built, where a missing file says where to put it)."""
+    from .models import MODELS, torchvision_model_names
+    from .weights import is_weights_name, resolve_weights
+
+    if m.weights is None:
+        return []
+    if m.checkpoint is not None:
+        return [f"model.weights {m.weights!r} and model.checkpoint {m.checkpoint!r}: set one of them "
+                "(the checkpoint replaces every weight)"]
+    if not m.weights or not is_weights_name(m.weights):
+        return [] if m.weights else ["model.weights must be a weights name or a file path, got ''"]
+    if m.name in MODELS or bare not in torchvision_model_names():
+        return [f"model.weights {m.weights!r}: weights names are for torchvision models, not {m.name!r}; "
+                "give a path to a state_dict file"]
+    try:
+        resolve_weights(bare, m.weights)
+    except ConfigError as e:
+        return list(e.errors)
+    return []
 
 
 def _report_errors(rep: ReportSection) -> List[str]:

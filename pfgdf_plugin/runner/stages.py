@@ -129,7 +129,7 @@ def dense_stage(s: RunState) -> None:
     """The dense model: the interrupted run's, the recipe's checkpoint, or trained (resumably)."""
     r, m = s.recipe, s.recipe.model
     s.log(f"[2/7] model: {m.name} (width {m.width:g}), {len(s.data.spec.train)} training images")
-    model = new_model(m, s.data)
+    model = new_model(m, s.data, log=s.log)
     t = time.perf_counter()
     if s.resume_dense:
         s.log("      resuming: dense model from the interrupted run")

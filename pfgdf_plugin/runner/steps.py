@@ -17,10 +17,12 @@ import torch.nn as nn
 
 from .. import measure
 from ..data import build_dataset, make_loaders
-from ..errors import ConfigError, RunError
-from ..models import build_model, check_input
+from ..errors import ConfigError, DataNotFoundError, RunError
+from ..models import build_model, build_pretrained, check_input
+from ..models import logger as models_logger
 from ..pruning import PruneResult
 from ..train import Checkpointing, TrainConfig, atomic_save, train
+from ..weights import fit_state_dict, read_state_dict
 
 
 @dataclass
@@ -49,40 +51,58 @@ def load_data(section, seed: int) -> Data:
     return Data(spec, train_loader, test_loader, next(iter(test_loader))[0][:1])
 
 
-def new_model(section, data: Data) -> nn.Module:
-    """The untrained model of a ``model`` section, sized for ``data`` (classes, channels, image side).
+def new_model(section, data: Data, log: Optional[Callable[[str], None]] = None) -> nn.Module:
+    """The model of a ``model`` section, sized for ``data`` (classes, channels, image side), freshly
+    initialised or with the section's ``weights`` (torchvision's pretrained weights from the local
+    cache, or a state dict file; a head for another number of classes is replaced).
+
+    Args:
+        section: the ``model`` section (``name``, ``width``, optional ``weights``).
+        data: the data the model is sized for.
+        log: where notes go (a replaced head); default: ``pfgdf_plugin.models``' logger.
 
     Raises:
         ConfigError: the model cannot take the data's inputs (too small for its poolings, or a
             layer whose size does not follow the input); raised before any training, naming the
-            model and the size.
+            model and the size. Also an unknown weights name or weights for another architecture.
+        DataNotFoundError: the weights file is missing; the message says which file to put where.
     """
+    weights = getattr(section, "weights", None)
+    sizes = dict(num_classes=data.spec.num_classes, in_channels=data.spec.in_channels, width=section.width,
+                 image_size=data.spec.image_size)
     try:
-        model = build_model(section.name, num_classes=data.spec.num_classes, in_channels=data.spec.in_channels,
-                            width=section.width, image_size=data.spec.image_size)
+        if weights is None:
+            model, notes = build_model(section.name, **sizes), []
+        else:
+            model, notes = build_pretrained(section.name, weights, **sizes)
+    except ConfigError:
+        raise
     except ValueError as e:
         raise ConfigError([f"model.name {section.name!r} cannot be built for {data.input_shape} inputs: {e}"],
                           "model") from None
+    for note in notes:
+        (log or models_logger.info)(note)
     check_input(model, section.name, data.example)
     return model
 
 
-def load_checkpoint(model: nn.Module, path: str) -> None:
-    """Load a plain state dict (or a dict with ``state_dict``) with ``weights_only=True``."""
-    if not os.path.exists(path):
-        raise RunError(f"model.checkpoint: no such file {path}")
+def load_checkpoint(model: nn.Module, path: str, log: Optional[Callable[[str], None]] = None) -> None:
+    """Load a plain state dict (or a dict with ``state_dict``) with ``weights_only=True``, in place.
+
+    A classifier head sized for another number of classes is kept as built (noted to ``log``);
+    anything else that differs is an error and ``model`` is left untouched.
+
+    Raises:
+        RunError: no such file, a file that is not a state dict, or one for another architecture;
+            the message names the file and the first missing/unexpected keys and mismatching shapes.
+    """
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise RunError(f"model.checkpoint {path}: cannot be loaded safely ({type(e).__name__}: {e})") from None
-    state = blob.get("state_dict", blob) if isinstance(blob, dict) else None
-    if not isinstance(state, dict):
-        raise RunError(f"model.checkpoint {path}: expected a state dict")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        detail = " ".join(str(e).splitlines()[:2])
-        raise RunError(f"model.checkpoint {path} does not fit model {type(model).__name__}: {detail}") from None
+        notes = fit_state_dict(model, read_state_dict(path), f"model.checkpoint {path}")
+    except (ConfigError, DataNotFoundError) as e:
+        detail = str(e)[len("model: "):] if str(e).startswith("model: ") else str(e)
+        raise RunError(detail) from None
+    for note in notes:
+        (log or models_logger.info)(note)
 
 
 def dense_weights(model: nn.Module, cache: str, fit: Optional[Callable[[], Any]], checkpoint: Optional[str] = None,
