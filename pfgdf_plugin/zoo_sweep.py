@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import re
 import sys
 import tempfile
 import time
@@ -270,7 +271,7 @@ def run_check(fn: Callable[[Case], None], case: Optional[Case], name: Optional[s
         fn(case)
     except Exception as exc:  # the sweep records every failure instead of stopping
         status = PLUGIN if _documented(exc, name) else OTHER
-        line = " ".join(str(exc).split())[:300]
+        line = " ".join(re.sub(re.escape(tempfile.gettempdir()) + r"/\w+/", "", str(exc)).split())[:300]
         return Result(status, type(exc).__name__, line, time.perf_counter() - start)
     return Result(PASS, seconds=time.perf_counter() - start)
 
@@ -333,13 +334,13 @@ def sweep(names: Sequence[str], checks: Optional[Sequence[str]] = None, max_para
     out = {"checks": checks, "rows": {}, "excluded": {}, "skipped": {}}
     start = clock()
     for name in names:
-        if clock() - start > budget:
-            out["skipped"][name] = f"the sweep's time budget ({budget:.0f} s) ran out before this model"
-            continue
         params = param_count(name)
         if params > max_params:
             out["skipped"][name] = f"{params / 1e6:.0f}M parameters, above the sweep's {max_params / 1e6:.0f}M"
             log(f"{name}: skipped ({out['skipped'][name]})")
+            continue
+        if clock() - start > budget:
+            out["skipped"][name] = f"the sweep's time budget ({budget:.0f} s) ran out before this model"
             continue
         case, reason = eligible(name)
         if case is None:
