@@ -200,12 +200,13 @@ def check_mpd(case: Case) -> None:
 
 
 def check_nni(case: Case) -> None:
-    """NNI ``PFGDFPruner`` on the Conv2d layers (classifier excluded), ``compress``, ``unwrap``, ``speedup``."""
-    from .nni import PFGDFPruner, speedup
+    """NNI ``PFGDFPruner`` on the Conv2d layers (classifier excluded; coupled layers grouped with
+    ``dependency_config_list``, as ``speedup`` asks), ``compress``, ``unwrap``, ``speedup``."""
+    from .nni import PFGDFPruner, dependency_config_list, speedup
 
     model = case.fresh()
     config = [{"op_types": ["Conv2d"], "exclude_op_names": [classifier(model)[0]]}]
-    pruner = PFGDFPruner(model, config)
+    pruner = PFGDFPruner(model, dependency_config_list(model, case.x(1), config))
     _, masks = pruner.compress()
     pruner.unwrap_model()
     speedup(model, masks, case.x(4))
