@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.pfgdf-installed
 
-.PHONY: install data demo lint test bench clean
+.PHONY: install data demo lint test bench zoo clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ test: install lint
 
 bench: install
 	$(VENV)/bin/pfgdf-plugin bench
+
+# every torchvision classifier through every method (see pfgdf_plugin/zoo_sweep.py); writes docs/zoo.md
+zoo: install
+	$(PY) -m pfgdf_plugin.zoo_sweep --out docs/zoo.md
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
