@@ -10,8 +10,8 @@ Example:
     ...                      pruning_ratio=0.5, ignored_layers=[model.fc]).step()
 """
 
-from .errors import (ConfigError, DataNotFoundError, DBPError, MPDError, PFGDFError, PluginError, PrunedFileError,
-                     QuantizeError, RunError, SearchError, SPPError, TargetError, UnknownNameError)
+from .errors import (ConfigError, DataNotFoundError, DBPError, ExportError, MPDError, PFGDFError, PluginError,
+                     PrunedFileError, QuantizeError, RunError, SearchError, SPPError, TargetError, UnknownNameError)
 from .persist import load_pruned, save_pruned
 from .torch_pruning import (DBPPruner, DiscriminationImportance, GaussianImportance, MPDPruner, PFGDFPruner,
                             SPPImportance, SPPPruner, auto_k_prune, prune_to_target)
@@ -22,6 +22,7 @@ __all__ = [
     "ConfigError",
     "DataNotFoundError",
     "DBPError",
+    "ExportError",
     "MPDError",
     "PluginError",
     "PrunedFileError",

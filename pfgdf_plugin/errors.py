@@ -86,5 +86,9 @@ class SearchError(PluginError, ValueError):
     """An experiment config or search space that cannot work; the message names the key."""
 
 
+class ExportError(PluginError, RuntimeError):
+    """The model cannot be written to ONNX; the message names the layer and the exporter's complaint."""
+
+
 class RunError(PluginError, RuntimeError):
     """A recipe stage failed; the message names the stage."""

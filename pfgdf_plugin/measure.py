@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .errors import ExportError
 
 __all__ = [
     "conv_params",
@@ -380,10 +382,50 @@ class OnnxRuntimeModel(nn.Module):
         return torch.from_numpy(self.session.run(None, {self.input_name: x.numpy()})[0])
 
 
+def _unexportable_pools(net: nn.Module, example: torch.Tensor) -> List[str]:
+    """Adaptive average pools whose output size does not divide their input size at ``example``'s
+    size: the ONNX exporter cannot write them as a fixed pooling."""
+    found: List[str] = []
+
+    def check(name: str):
+        def hook(module, inputs, _output):
+            size = inputs[0].shape[-2:]
+            out = torch.nn.modules.utils._pair(module.output_size)
+            out = tuple(s if o is None else o for s, o in zip(size, out))
+            if any(s % o for s, o in zip(size, out)):
+                found.append(f"{name} (input {tuple(size)}, output {out})")
+        return hook
+
+    handles = [m.register_forward_hook(check(n)) for n, m in net.named_modules()
+               if isinstance(m, nn.AdaptiveAvgPool2d)]
+    try:
+        with torch.no_grad():
+            net(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return found
+
+
 def export_onnx(model: nn.Module, example: torch.Tensor, path: str) -> None:
-    """Export ``model`` (a copy, in eval mode) with a dynamic batch dimension."""
+    """Export ``model`` (a copy, in eval mode) with a dynamic batch dimension.
+
+    Raises:
+        ExportError: the exporter cannot write the model at this input size (the message names the
+            layer, e.g. an adaptive pool whose output size does not divide its input size), or failed.
+    """
     import copy
 
     net = copy.deepcopy(model).eval()
-    torch.onnx.export(net, (example,), path, input_names=["input"], output_names=["logits"],
-                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+    pools = _unexportable_pools(net, example)
+    if pools:
+        raise ExportError(
+            f"ONNX export at input {tuple(example.shape[-2:])}: adaptive average pool {', '.join(pools)} has an "
+            "output size that does not divide its input size, which ONNX cannot express; export at a larger "
+            "input size (one where the input is a multiple of the pool's output)")
+    try:
+        torch.onnx.export(net, (example,), path, input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+    except Exception as e:  # the exporter's own errors are long TorchScript dumps; keep its first line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ExportError(f"ONNX export of {type(model).__name__} failed: {type(e).__name__}: {first}") from None

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from collections import OrderedDict
 from typing import Any, Dict, Mapping, Optional
 
 import torch
@@ -111,7 +112,10 @@ def save_pruned(model: nn.Module, path: str, arch: Optional[Dict[str, Any]] = No
             "tensors": _loose_tensors(model, skip),
             "identity": [n for n, m in model.named_modules() if n and isinstance(m, nn.Identity)],
             "block_diagonal": block_diagonal}
-    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    full = model.state_dict()
+    state = OrderedDict((k, v.detach().cpu().clone()) for k, v in full.items())
+    # keep the per-module versions: some modules (torchvision's MNASNet) refuse a state dict without them
+    state._metadata = copy.deepcopy(getattr(full, "_metadata", OrderedDict()))
     atomic_save({"meta": json.dumps(meta), "state_dict": state}, path)
 
 

@@ -279,3 +279,18 @@ def test_imagefolder_from_tiny_pngs(tmp_path):
     spec = build_dataset("imagefolder", root=tmp_path, image_size=16, in_channels=1)
     assert spec.num_classes == 2 and len(spec.train) == 4 and len(spec.test) == 4
     assert tuple(spec.train[0][0].shape) == (1, 16, 16)
+
+
+def test_onnx_export_of_an_unexportable_pool_names_the_layer(tmp_path):
+    """AlexNet at 64x64 pools a 1x1 map to 6x6, which ONNX cannot express: ExportError names the layer,
+    and no file is left behind."""
+    import torchvision
+
+    from pfgdf_plugin.errors import ExportError
+    from pfgdf_plugin.measure import export_onnx
+
+    model = torchvision.models.alexnet(num_classes=10).eval()
+    path = tmp_path / "a.onnx"
+    with pytest.raises(ExportError, match=r"avgpool \(input \(1, 1\), output \(6, 6\)\)"):
+        export_onnx(model, torch.randn(1, 3, 64, 64), str(path))
+    assert not path.exists()

@@ -228,3 +228,20 @@ def test_weights_of_another_type_are_a_pruned_file_error(zoo_file, tmp_path):
     with pytest.raises(PrunedFileError, match="must map names to tensors"):
         load_pruned(str(tmp_path / "typed.pt"), base)
     assert _unchanged(base, snap)
+
+
+def test_mnasnet_round_trips_with_its_module_versions(tmp_path):
+    """MNASNet refuses a state dict without its module versions; the file keeps them."""
+    import torchvision
+
+    from pfgdf_plugin import load_pruned, save_pruned
+
+    torch.manual_seed(0)
+    model = torchvision.models.mnasnet0_5(num_classes=10).eval()
+    path = str(tmp_path / "mnas.pt")
+    save_pruned(model, path)
+    fresh = torchvision.models.mnasnet0_5(num_classes=10)
+    loaded = load_pruned(path, fresh)[0].eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
