@@ -324,8 +324,12 @@ def eligible(name: str, sizes: Sequence[int] = SIZES) -> Tuple[Optional[Case], s
 
 def sweep(names: Sequence[str], checks: Optional[Sequence[str]] = None, max_params: float = float("inf"),
           log: Callable[[str], None] = print, budget: float = float("inf"),
-          clock: Callable[[], float] = time.monotonic) -> Dict[str, object]:
+          clock: Callable[[], float] = time.monotonic,
+          after_each: Optional[Callable[[Dict[str, object]], None]] = None) -> Dict[str, object]:
     """Find the list among ``names`` and run ``checks`` (default: all of :data:`CHECKS`) on each model.
+
+    ``after_each(out)`` is called with the results so far after every model (the command line rewrites
+    the markdown file, so a sweep cut short keeps what it did).
 
     Returns ``{"checks": [...], "rows": {model: {"size": s, "results": {check: Result}}},
     "excluded": {model: reason}, "skipped": {model: reason}}``. Models above ``max_params`` parameters,
@@ -351,6 +355,8 @@ def sweep(names: Sequence[str], checks: Optional[Sequence[str]] = None, max_para
         results = {c: run_check(CHECKS[c], case, c) for c in checks}
         out["rows"][name] = {"size": case.size, "params": params, "results": results}
         log(f"{name} @{case.size}: " + ", ".join(f"{c}={r.cell()}" for c, r in results.items()))
+        if after_each is not None:
+            after_each(out)
     return out
 
 
@@ -408,8 +414,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--out", default="docs/zoo.md", help="the markdown file to write")
     ap.add_argument("--models", nargs="*", help="these models only (default: the whole torchvision list)")
     ap.add_argument("--checks", nargs="*", choices=list(CHECKS), help="these checks only (default: all)")
-    ap.add_argument("--max-params", type=float, default=100e6,
-                    help="skip models with more parameters (time and memory on a small machine)")
+    ap.add_argument("--max-params", type=float, default=float("inf"),
+                    help="skip models with more parameters (time and memory on a small machine; default: none)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--budget", type=float, default=float("inf"), help="seconds; the models left are skipped")
     args = ap.parse_args(argv)
@@ -420,7 +426,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     start = time.perf_counter()
     names = sorted(args.models or zoo_models(), key=param_count)  # smallest first: most models within a budget
     out = sweep(names, args.checks, args.max_params,
-                log=lambda s: print(s, file=sys.stderr, flush=True), budget=args.budget)
+                log=lambda s: print(s, file=sys.stderr, flush=True), budget=args.budget,
+                after_each=lambda so_far: write_markdown(so_far, args.out, time.perf_counter() - start,
+                                                         note="(sweep in progress)"))
     write_markdown(out, args.out, time.perf_counter() - start)
     print(f"wrote {args.out}: {len(out['rows'])} models swept", file=sys.stderr)
     return 0
