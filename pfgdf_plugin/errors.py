@@ -64,6 +64,11 @@ class MPDError(PluginError, ValueError):
     """A bad MPD argument or layer; the message names the layer and the value."""
 
 
+class BaselineError(PluginError, ValueError):
+    """A baseline criterion (``taylor``, ``lamp``, ``slim``) cannot score this model or data, or got a bad
+    parameter; the message names the layer or the key and the value."""
+
+
 class TargetError(PluginError, ValueError):
     """A budget (``target``) that is malformed or cannot be reached; the message names the target and the
     best ratio reached, and the model is left untouched."""

@@ -279,6 +279,7 @@ class _Loop:
     on_epoch: Optional[Callable[[int], None]]
     checkpoint: Optional[Checkpointing]
     tally: Optional[_EpochTally] = None
+    after_backward: Optional[Callable[[nn.Module], None]] = None
 
 
 def _run_epoch(lp: _Loop, pos: _Position, total: int) -> bool:
@@ -295,6 +296,8 @@ def _run_epoch(lp: _Loop, pos: _Position, total: int) -> bool:
         loss, correct = _loss(lp.net, x, y, lp.cfg, lp.teacher, lp.loss_fn, lp.desc, pos.step)
         lp.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if lp.after_backward is not None:
+            lp.after_backward(lp.model)
         lp.opt.step()
         lr = float(lp.opt.param_groups[0]["lr"])  # the rate this step used
         lp.sched.step()
@@ -325,7 +328,8 @@ def train(model: nn.Module, loader, cfg: TrainConfig, device: str = "cpu", desc:
           optimizer: Optional[torch.optim.Optimizer] = None,
           checkpoint: Optional[Checkpointing] = None,
           loss_fn: Optional[Callable[[tuple, nn.Module], torch.Tensor]] = None,
-          distributed: Optional[bool] = None) -> Dict[str, float]:
+          distributed: Optional[bool] = None,
+          after_backward: Optional[Callable[[nn.Module], None]] = None) -> Dict[str, float]:
     """Train ``model`` in place for ``cfg.epochs`` epochs (fractions allowed) and return stats.
 
     Args:
@@ -351,6 +355,9 @@ def train(model: nn.Module, loader, cfg: TrainConfig, device: str = "cpu", desc:
             more than one process is active, see :mod:`pfgdf_plugin.distributed`). A
             ``DistributedSampler`` behind ``loader`` gets ``set_epoch`` every epoch; only rank 0
             writes checkpoints.
+        after_backward: called as ``after_backward(model)`` after every ``loss.backward()`` and
+            before the optimiser step, e.g. to add a penalty's subgradient to the gradients
+            (network slimming's L1 on BatchNorm scales).
 
     Example:
         >>> import torch
@@ -382,7 +389,7 @@ def train(model: nn.Module, loader, cfg: TrainConfig, device: str = "cpu", desc:
     _restore(checkpoint, model, opt, sched, pos)
     bar = tqdm(total=total, initial=pos.step, desc=desc, leave=False, disable=not progress, unit="step")
     lp = _Loop(model, net, loader, cfg, device, desc, opt, sched, bar,
-               teacher, loss_fn, on_step, on_epoch, checkpoint, _EpochTally())
+               teacher, loss_fn, on_step, on_epoch, checkpoint, _EpochTally(), after_backward)
     sampler = getattr(loader, "sampler", None)
     while pos.step < total:
         if gen is not None:

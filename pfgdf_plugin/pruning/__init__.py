@@ -6,11 +6,11 @@ Torch-Pruning and NNI are registered too, so a recipe can compare against them o
 and budget (:func:`prune_like`, :func:`prune_matching`).
 
 Modules: :mod:`.registry` (``Method``, ``METHODS``, validation, :func:`prune`), one module per
-method (:mod:`.pfgdf`, :mod:`.spp`, :mod:`.dbp`, :mod:`.mpd`, :mod:`.builtin`), each registering
-itself, and :mod:`.compare`.
+method (:mod:`.pfgdf`, :mod:`.spp`, :mod:`.dbp`, :mod:`.mpd`, :mod:`.builtin`, :mod:`.baselines`), each
+registering itself, and :mod:`.compare`.
 """
 
-from . import builtin, dbp, mpd, pfgdf, spp  # noqa: F401  (each registers its method)
+from . import baselines, builtin, dbp, mpd, pfgdf, spp  # noqa: F401  (each registers its method)
 from .compare import prune_like, prune_matching
 from .registry import (FRAMEWORKS, METHODS, Method, NoParams, PruneContext, PruneResult, parse_params, prune,
                        resolve_layers, validate_params)

@@ -28,10 +28,11 @@ def _tp_builtin(importance_factory: Callable[[], object]):
                                    threads=t.threads, batch_size=t.batch_size, warmup=t.warmup, repeats=t.repeats,
                                    ignored_layers=ignored)
             search = {"reached": info["reached"], "knob": info["ratio"], "trials": info["trials"]}
-            return PruneResult(model, channel_report(before, model), extra={"target_search": search})
+            return PruneResult(model, channel_report(before, model), extra={"target_search": search,
+                                                                            "train_epochs": 0.0})
         tp.pruner.MetaPruner(model, example_inputs, importance=importance_factory(), pruning_ratio=ratio or 0.0,
                              pruning_ratio_dict=ratio_dict, ignored_layers=ignored).step()
-        return PruneResult(model, channel_report(before, model))
+        return PruneResult(model, channel_report(before, model), extra={"train_epochs": 0.0})
 
     return run
 
@@ -54,6 +55,7 @@ def _nni_builtin(cls_name: str):
             ratio = search["knob"]
         masks, config = compress(model, ignored, ratio, config)
         result = nni_finish(model, masks, example_inputs, config, before)
+        result.extra["train_epochs"] = 0.0
         if search is not None:
             result.extra["target_search"] = search
         return result

@@ -8,6 +8,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch.nn as nn
 
+from ..errors import ConfigError
 from ..measure import filters_per_layer
 from .registry import PruneContext, PruneResult
 
@@ -34,9 +35,18 @@ def train_config(ctx: PruneContext, epochs: Optional[float] = None):
 
 
 def needs_data(ctx: PruneContext, method: str, why: str) -> None:
-    """Raise ``ValueError`` when a method that trains or probes got no training data."""
+    """Raise :class:`~pfgdf_plugin.errors.ConfigError` when a method that trains or probes got no training data.
+
+    Example:
+        >>> needs_data(PruneContext(), "taylor", "scores channels by loss gradients")
+        Traceback (most recent call last):
+        ...
+        pfgdf_plugin.errors.ConfigError: method 'taylor': it scores channels by loss gradients: it needs training \
+data (PruneContext.train_loader; a recipe passes its data section's)
+    """
     if ctx.train_loader is None:
-        raise ValueError(f"method {method!r} {why}: it needs training data")
+        raise ConfigError([f"it {why}: it needs training data (PruneContext.train_loader; a recipe passes its "
+                           "data section's)"], f"method {method!r}")
 
 
 def nni_config(model: nn.Module, example_inputs, ignored: List[nn.Module], ratio: Optional[float]) -> List[dict]:
@@ -53,6 +63,21 @@ def nni_config(model: nn.Module, example_inputs, ignored: List[nn.Module], ratio
     if ratio is not None:
         entry["sparse_ratio"] = float(ratio)
     return dependency_config_list(model, example_inputs, [entry])
+
+
+def nni_l1_copy(example_inputs):
+    """``compress(net, ignored, ratio)`` for :func:`~.budget.nni_search`: NNI's L1 pruning of a copy at
+    one ratio per layer, which gives any per-layer criterion's structure (and so its cost) at that ratio."""
+    def compress(net, net_ignored, r):
+        import nni.compression.pruning as nni_pruning
+
+        config = nni_config(net, example_inputs, net_ignored, r)
+        pruner = nni_pruning.L1NormPruner(net, config)
+        _, masks = pruner.compress()
+        pruner.unwrap_model()
+        return masks, config
+
+    return compress
 
 
 def nni_finish(model: nn.Module, masks, example_inputs, config: List[dict], before: Dict[str, int]) -> PruneResult:

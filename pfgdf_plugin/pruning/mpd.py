@@ -50,10 +50,11 @@ def _snapshot(model: nn.Module, plans: Dict[str, Any]) -> Dict[str, Any]:
             "in_labels": plan.in_labels.tolist(), "blocks": plan.blocks}
 
 
-def _result(model: nn.Module, report: Dict[str, Any], snapshot: Dict[str, Any]) -> PruneResult:
+def _result(model: nn.Module, report: Dict[str, Any], snapshot: Dict[str, Any], epochs: float) -> PruneResult:
     layers = {n: {k: v for k, v in e.items() if k in ("blocks", "dense", "kept", "stored", "compression")}
               for n, e in report["layers"].items()}
-    return PruneResult(model, layers, extra={"mpd_snapshot": snapshot, "mpd_compression": report["compression"],
+    return PruneResult(model, layers, extra={"train_epochs": float(epochs), "mpd_snapshot": snapshot,
+                                             "mpd_compression": report["compression"],
                                              "mpd_folded": report.get("folded", []),
                                              "mpd_kernels": report.get("kernels", {})})
 
@@ -66,16 +67,18 @@ def _tp_mpd(model, example_inputs, p: MPDRecipeParams, ratio, ignored, ctx) -> P
     sizes = p.sizes() if ctx.target is None else {"target": ctx.target, "timing": ctx.timing}
     pruner = MPDPruner(model, example_inputs, permutation=p.permutation, ignored_layers=ignored, seed=p.seed,
                        round_to=p.round_to, fold=p.fold, dense_output=p.dense_output, kernel=p.kernel, **sizes)
+    epochs = 0.0
     if p.max_epochs > 0:
         needs_data(ctx, "mpd", "trains with its masks for prune.params.max_epochs")
         # the plans are a function of the dense weights and the seed: a resumed run rebuilds them
         ckpt = Checkpointing(ctx.checkpoint, ctx.checkpoint_every) if ctx.checkpoint else None
-        train(model, ctx.train_loader, train_config(ctx, p.max_epochs), device=ctx.device,
+        stats = train(model, ctx.train_loader, train_config(ctx, p.max_epochs), device=ctx.device,
               desc="mpd (masked training)", progress=ctx.progress, on_step=lambda step, loss: pruner.update(),
               checkpoint=ckpt)
+        epochs = stats["steps"] / max(1, len(ctx.train_loader))
         model.cpu().eval()
     snapshot = _snapshot(model, pruner.plans)
-    result = _result(model, pruner.step(), snapshot)
+    result = _result(model, pruner.step(), snapshot, epochs)
     if pruner.target_report is not None:
         result.extra["target_search"] = pruner.target_report
     return result
@@ -114,7 +117,8 @@ def _nni_mpd(model, example_inputs, p: MPDRecipeParams, ratio, ignored, ctx) -> 
     _, calibration = nni_train(pruner, evaluator, ctx, steps)
     model.cpu().eval()
     snapshot = _snapshot(model, dict(pruner.plans))
-    result = _result(model, convert(model, pruner, example_inputs, fold=p.fold, kernel=p.kernel), snapshot)
+    epochs = steps / len(ctx.train_loader) if steps is not None else 0.0
+    result = _result(model, convert(model, pruner, example_inputs, fold=p.fold, kernel=p.kernel), snapshot, epochs)
     result.fused_calibration = calibration
     if search is not None:
         result.extra["target_search"] = search

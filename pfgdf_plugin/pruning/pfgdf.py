@@ -30,7 +30,7 @@ def _tp_pfgdf(model, example_inputs, p: PFGDFParams, ratio, ignored, ctx) -> Pru
         imp = GaussianImportance(k=p.k, statistic=p.statistic, mode=p.mode, group_reduction=p.group_reduction)
         tp.pruner.MetaPruner(model, example_inputs, importance=imp, pruning_ratio=ratio,
                              ignored_layers=ignored).step()
-        return PruneResult(model, channel_report(before, model))
+        return PruneResult(model, channel_report(before, model), extra={"train_epochs": 0.0})
     knobs = p.to_dict()
     if ctx.target is not None:  # the target chooses k
         knobs.pop("k")
@@ -38,7 +38,8 @@ def _tp_pfgdf(model, example_inputs, p: PFGDFParams, ratio, ignored, ctx) -> Pru
     pruner.step()
     layers = channel_report(before, model)
     _add_fit(layers, pruner.report)
-    extra = {"k": pruner.k, "mode": p.mode, "statistic": p.statistic, "pruning_history": pruner.pruning_history()}
+    extra = {"train_epochs": 0.0, "k": pruner.k, "mode": p.mode, "statistic": p.statistic,
+             "pruning_history": pruner.pruning_history()}
     if pruner.target_report is not None:
         extra["target_search"] = pruner.target_report
     return PruneResult(model, layers, extra=extra)
@@ -63,7 +64,7 @@ def _nni_pfgdf(model, example_inputs, p: PFGDFParams, ratio, ignored, ctx) -> Pr
     masks, config, pruner = compress(model, ignored, k)
     result = nni_finish(model, masks, example_inputs, config, before)
     _add_fit(result.layers, getattr(pruner, "decisions", {}))
-    result.extra.update({"k": k, "mode": p.mode, "statistic": p.statistic})
+    result.extra.update({"train_epochs": 0.0, "k": k, "mode": p.mode, "statistic": p.statistic})
     if search is not None:
         result.extra["target_search"] = search
     return result

@@ -29,6 +29,14 @@ FRAMEWORKS = ("torch_pruning", "nni")
 class PruneResult:
     """What a pruning stage hands back: the pruned model and what the report needs.
 
+    Every method sets ``extra["train_epochs"]`` (a float): the epochs of the training data over
+    which the pruning stage itself updated the weights, so that a comparison can give every entry
+    the same total training after the dense model (fine-tune epochs = total - ``train_epochs``).
+    It counts optimiser steps / batches per epoch: SPP's probabilistic-mask training, MPD's masked
+    training, slim's sparsity phase. Passes that only compute gradients or features (Taylor's
+    gradient batches, DBP's linear probes on a frozen backbone) update no weight of the model and
+    count 0; so do the data-free methods (PFGDF, l1, l2, fpgm, random, lamp).
+
     Attributes:
         model: the pruned model.
         layers: per root layer: ``channels``, ``pruned``, ``ratio`` (and method-specific entries).
@@ -123,6 +131,8 @@ class Method:
             metrics, plots = own(result, plot_dir)
             if result.extra.get("target"):  # requested vs reached, for metrics.json and report.md
                 metrics = {**metrics, "target": result.extra["target"]}
+            if "train_epochs" in result.extra:  # what the pruning stage trained, beside the fine-tuning
+                metrics = {**metrics, "prune_train_epochs": result.extra["train_epochs"]}
             return metrics, plots
 
         self.report = report

@@ -14,7 +14,7 @@ from ..methods.params import is_number
 from ..methods.spp import SPPParams
 from ..train import Checkpointing, read_checkpoint
 from .budget import nni_search
-from .common import channel_report, needs_data, nni_config, nni_finish, nni_train, train_config
+from .common import channel_report, needs_data, nni_config, nni_finish, nni_l1_copy, nni_train, train_config
 from .registry import Method, PruneResult, register
 
 MAX_SNAPSHOTS = 200  # probability snapshots kept for the report's heat map
@@ -44,8 +44,9 @@ def _snapshot(probabilities: Dict[str, torch.Tensor], history: Dict[str, list], 
             history.setdefault(name, []).append(p.detach().float().cpu().tolist())
 
 
-def _extra(history: Dict[str, list], every: int, steps: int, finished: bool) -> Dict[str, Any]:
-    return {"spp_history": history, "spp_history_every": every, "spp_steps": steps, "spp_finished": finished}
+def _extra(history: Dict[str, list], every: int, steps: int, finished: bool, batches: int) -> Dict[str, Any]:
+    return {"spp_history": history, "spp_history_every": every, "spp_steps": steps, "spp_finished": finished,
+            "train_epochs": steps / max(1, batches)}
 
 
 def _tp_train(model, pruner, p: SPPRecipeParams, ctx, history: Dict[str, list], every: int) -> int:
@@ -94,24 +95,10 @@ def _tp_spp(model, example_inputs, p: SPPRecipeParams, ratio, ignored, ctx) -> P
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pruner.step()
-    extra = _extra(history, every, steps, finished)
+    extra = _extra(history, every, steps, finished, len(ctx.train_loader))
     if pruner.target_report is not None:
         extra["target_search"] = pruner.target_report
     return PruneResult(model, channel_report(before, model), extra=extra)
-
-
-def _l1_copy(example_inputs):
-    """NNI's L1 pruning of a copy at a ratio: SPP's structure at that ratio, for a target search."""
-    def compress(net, net_ignored, r):
-        import nni.compression.pruning as nni_pruning
-
-        config = nni_config(net, example_inputs, net_ignored, r)
-        pruner = nni_pruning.L1NormPruner(net, config)
-        _, masks = pruner.compress()
-        pruner.unwrap_model()
-        return masks, config
-
-    return compress
 
 
 def _nni_spp(model, example_inputs, p: SPPRecipeParams, ratio, ignored, ctx) -> PruneResult:
@@ -123,7 +110,7 @@ def _nni_spp(model, example_inputs, p: SPPRecipeParams, ratio, ignored, ctx) -> 
     needs_data(ctx, "spp", "prunes while training")
     search = None
     if ctx.target is not None:  # the ratio is chosen before training, on L1-pruned copies
-        search = nni_search(model, example_inputs, ctx, ignored, _l1_copy(example_inputs), knob_name="pruning ratio")
+        search = nni_search(model, example_inputs, ctx, ignored, nni_l1_copy(example_inputs), knob_name="pruning ratio")
         ratio = search["knob"]
     before = filters_per_layer(model)
     cfg = train_config(ctx, p.max_epochs)
@@ -144,7 +131,7 @@ def _nni_spp(model, example_inputs, p: SPPRecipeParams, ratio, ignored, ctx) -> 
     finished = pruner.finished
     result = nni_finish(model.cpu(), masks, example_inputs, config, before)
     result.fused_calibration = calibration
-    result.extra.update(_extra(history, every, pruner.steps, finished))
+    result.extra.update(_extra(history, every, pruner.steps, finished, len(ctx.train_loader)))
     if search is not None:
         result.extra["target_search"] = search
     return result

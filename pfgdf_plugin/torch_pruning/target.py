@@ -13,7 +13,7 @@ Example:
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch.nn as nn
 import torch_pruning as tp
@@ -24,9 +24,11 @@ _REFUSED = ("pruning_ratio", "pruning_ratio_dict", "importance", "iterative_step
 
 
 def _pruned(model: nn.Module, example_inputs: Any, importance, ratio: float, ignored: List[nn.Module],
-            kwargs: Mapping[str, Any]) -> nn.Module:
-    """``model`` itself pruned at ``ratio`` (call it on a copy to measure)."""
+            kwargs: Mapping[str, Any], before_step: Optional[Callable[[nn.Module], None]] = None) -> nn.Module:
+    """``model`` itself pruned at ``ratio`` (call it on a copy to measure); ``before_step(model)`` first."""
     fresh = {k: (dict(v) if isinstance(v, dict) else v) for k, v in kwargs.items()}  # BasePruner mutates dicts
+    if before_step is not None:
+        before_step(model)
     tp.pruner.MetaPruner(model, example_inputs, importance=importance, pruning_ratio=ratio, ignored_layers=ignored,
                          **fresh).step()
     return model
@@ -52,7 +54,9 @@ def usable_ratio(model: nn.Module, example_inputs: Any, ignored: List[nn.Module]
 def prune_to_target(model: nn.Module, example_inputs: Any, importance, target: Mapping[str, float], *,
                     engine: str = "pytorch", threads: int = 1, batch_size: int = 1, max_ratio: float = 0.95,
                     steps: int = 10, warmup: int = 5, repeats: int = 30,
-                    ignored_layers: Optional[List[nn.Module]] = None, **metapruner_kwargs) -> Dict[str, Any]:
+                    ignored_layers: Optional[List[nn.Module]] = None,
+                    before_step: Optional[Callable[[nn.Module], None]] = None,
+                    **metapruner_kwargs) -> Dict[str, Any]:
     """Prune ``model`` in place with ``tp.pruner.MetaPruner`` at the least global ratio that meets ``target``.
 
     The ratio is found by bisection over copies of the model; the model itself is pruned once, at
@@ -69,6 +73,10 @@ def prune_to_target(model: nn.Module, example_inputs: Any, importance, target: M
         steps: bisection steps.
         warmup, repeats: latency timing runs per candidate (medians).
         ignored_layers: layers left alone (typically the classifier).
+        before_step: called as ``before_step(net)`` on every candidate copy and on ``model`` before
+            its pruner is built, for an importance that reads state ``copy.deepcopy`` drops:
+            Torch-Pruning's ``TaylorImportance`` reads ``weight.grad``, which a deep copy does
+            not keep, so the hook puts the gradients back.
         **metapruner_kwargs: other ``MetaPruner`` arguments (``global_pruning``, ``round_to``, ...).
 
     Returns:
@@ -86,13 +94,13 @@ def prune_to_target(model: nn.Module, example_inputs: Any, importance, target: M
 
     def prune_copy(candidate: nn.Module, ratio: float) -> nn.Module:
         return _pruned(candidate, example_inputs, importance, ratio, modules_of(candidate, model, ignored_layers),
-                       metapruner_kwargs)
+                       metapruner_kwargs, before_step)
 
     hi = usable_ratio(model, example_inputs, list(ignored_layers or ()), max_ratio, metapruner_kwargs)
     result = meet_target(model, example_inputs, target, prune_copy, 0.0, hi, steps=steps,
                          knob_name="global pruning ratio", timing=timing)
     dense = copy.deepcopy(model) if result.target.kind == "latency" else None
-    _pruned(model, example_inputs, importance, result.knob, list(ignored_layers or ()), metapruner_kwargs)
+    _pruned(model, example_inputs, importance, result.knob, list(ignored_layers or ()), metapruner_kwargs, before_step)
     info = result.report()
     info["ratio"] = info.pop("knob")
     if dense is not None:  # the budget says what the final model does, measured afresh

@@ -1,5 +1,6 @@
 """Conformance: every registered method x framework prunes the same small models, and the result runs,
-keeps the output shape, is smaller, and round-trips through save_pruned/load_pruned.
+keeps the output shape, is smaller, reports the epochs its pruning stage trained, and round-trips through
+save_pruned/load_pruned.
 
 Driven by the method registry: a newly registered method fails here until it has a budget below.
 """
@@ -29,6 +30,9 @@ BUDGETS = {
     "l2": ({}, 0.4),
     "fpgm": ({}, 0.4),
     "random": ({}, 0.4),
+    "taylor": ({"batches": 2}, 0.4),
+    "lamp": ({}, 0.4),
+    "slim": ({"sparsity_epochs": 0.5}, 0.4),
 }
 
 CASES = [(method, framework, model) for method in METHODS.names() for framework in METHODS.get(method).run
@@ -57,7 +61,10 @@ def test_method_prunes_runs_and_round_trips(method, framework, model_name, data,
     params, ratio = BUDGETS[method]
     ctx = PruneContext(train_loader=train_loader, train_cfg=TrainConfig(epochs=1, lr=0.01))
     before = {k: v.clone() for k, v in dense.state_dict().items()}
-    pruned = prune(dense, x[:1], method, framework, dict(params), ratio, ctx=ctx).model.eval()
+    res = prune(dense, x[:1], method, framework, dict(params), ratio, ctx=ctx)
+    pruned = res.model.eval()
+    epochs = res.extra["train_epochs"]  # every method says how long its pruning stage trained
+    assert isinstance(epochs, float) and 0.0 <= epochs <= params.get("max_epochs", 0) + params.get("sparsity_epochs", 0)
 
     assert all(torch.equal(v, dense.state_dict()[k]) for k, v in before.items()), "prune() changed its input model"
     with torch.no_grad():

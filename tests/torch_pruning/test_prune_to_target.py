@@ -90,3 +90,22 @@ def test_bad_latency_settings_are_named():
         prune_to_target(model, X, tp.importance.MagnitudeImportance(p=1), {"latency": 2.0}, engine="tvm")
     with pytest.raises(TargetError, match="threads must be an integer >= 1, got 0"):
         prune_to_target(model, X, tp.importance.MagnitudeImportance(p=1), {"latency": 2.0}, threads=0)
+
+
+def test_before_step_runs_on_every_candidate_copy_and_the_model():
+    """Taylor reads ``weight.grad``, which ``copy.deepcopy`` drops: the hook puts it back on each copy."""
+    model = build_model("lenet5")
+    model(torch.randn(4, 3, 32, 32)).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    seen = []
+
+    def load(net):
+        seen.append(net)
+        for n, p in net.named_parameters():
+            p.grad = grads[n].clone()
+
+    info = prune_to_target(model, X, tp.importance.TaylorImportance(), {"params": 2.0}, ignored_layers=[model.fc3],
+                           before_step=load)
+    assert info["reached"] >= 2.0
+    assert len(seen) == len(info["trials"]) + 1 and seen[-1] is model and all(m is not model for m in seen[:-1])
