@@ -161,7 +161,7 @@ def run_bench(config_path: Optional[str] = None, overrides: Optional[List[str]] 
                              "accuracy_after_prune": after_prune["accuracy"], "prune_s": prune_s,
                              "layers": res.layers,
                              "extra": {k: v for k, v in res.extra.items()
-                                       if k.startswith(("matched_", "dbp_removed", "mpd_compression"))}}
+                                       if k.startswith(("matched_", "dbp_removed", "mpd_compression", "train_epochs"))}}
         models[entry.label] = pm
         if cfg.quantize.method:
             rows[entry.label].update(_quantized(pm, entry.label, cfg, data.train_loader, data.test_loader,
