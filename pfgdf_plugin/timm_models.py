@@ -40,8 +40,8 @@ import torch.nn as nn
 from .errors import ConfigError, DataNotFoundError, UnknownNameError
 from .methods.dbp.blocks import register_block_type
 
-__all__ = ["INSTALL_HINT", "PREFIX", "build_timm_model", "hub_cache_dir", "is_timm_name", "timm_name_problem",
-           "timm_pretrained", "timm_weights_file"]
+__all__ = ["INSTALL_HINT", "PREFIX", "build_timm_model", "hub_cache_dir", "is_timm_name", "sync_widths_",
+           "timm_name_problem", "timm_pretrained", "timm_weights_file"]
 
 PREFIX = "timm/"
 INSTALL_HINT = "pip install 'pfgdf-plugin[timm]'"
@@ -315,6 +315,47 @@ def _load_report() -> Iterator[Dict[str, List[str]]]:
     finally:
         log.removeHandler(handler)
         log.setLevel(level)
+
+
+# --------------------------------------------------------------------------- after pruning
+
+
+def sync_widths_(model: nn.Module) -> List[str]:
+    """Set a pruned timm model's ``num_features`` / ``head_hidden_size`` to the width its classifier now reads.
+
+    Pruning changes the layers, not the widths timm keeps as plain attributes, so after pruning
+    ``model.reset_classifier(n)`` would build a head for the unpruned width. Models with a
+    pre-logits layer (``head_hidden_size != num_features``) get only ``head_hidden_size`` set.
+    Anything that is not a timm model with a ``Linear`` classifier is left alone.
+
+    Returns:
+        ``"attr: old -> new"`` for each attribute changed.
+
+    Example:
+        >>> import torch, torch_pruning as tp
+        >>> from pfgdf_plugin import GaussianImportance
+        >>> m = build_timm_model("timm/resnet10t", num_classes=10).eval()
+        >>> tp.pruner.MetaPruner(m, torch.randn(1, 3, 32, 32), importance=GaussianImportance(),
+        ...                      pruning_ratio=0.5, ignored_layers=[m.fc]).step()
+        >>> sync_widths_(m)
+        ['num_features: 512 -> 256', 'head_hidden_size: 512 -> 256']
+        >>> m.reset_classifier(5); m.eval()(torch.randn(2, 3, 32, 32)).shape
+        torch.Size([2, 5])
+    """
+    head = model.get_classifier() if callable(getattr(model, "get_classifier", None)) else None
+    if not isinstance(head, nn.Linear):
+        return []
+    width = head.in_features
+    features, hidden = getattr(model, "num_features", None), getattr(model, "head_hidden_size", None)
+    attrs = ["head_hidden_size"] if isinstance(hidden, int) and hidden != features else \
+        ["num_features", "head_hidden_size"]
+    changed = []
+    for attr in attrs:
+        old = getattr(model, attr, None)
+        if isinstance(old, int) and old != width:
+            setattr(model, attr, width)
+            changed.append(f"{attr}: {old} -> {width}")
+    return changed
 
 
 # --------------------------------------------------------------------------- DBP's removable blocks

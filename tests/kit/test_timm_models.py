@@ -20,7 +20,7 @@ from pfgdf_plugin import GaussianImportance, PFGDFPruner, load_pruned, save_prun
 from pfgdf_plugin.errors import ConfigError, DataNotFoundError, UnknownNameError  # noqa: E402
 from pfgdf_plugin.methods.dbp import find_blocks  # noqa: E402
 from pfgdf_plugin.models import build_model, build_pretrained  # noqa: E402
-from pfgdf_plugin.timm_models import hub_cache_dir, timm_weights_file  # noqa: E402
+from pfgdf_plugin.timm_models import hub_cache_dir, sync_widths_, timm_weights_file  # noqa: E402
 from pfgdf_plugin.weights import load_weights  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -284,6 +284,11 @@ def test_timm_models_prune_run_and_round_trip(name, how, tmp_path):
         with torch.no_grad():
             assert torch.equal(reloaded(x), y)
         assert sum(p.numel() for p in reloaded.parameters()) == after
+    # timm's width attributes follow the pruned layers, so a new head fits
+    assert pruned.num_features != pruned.get_classifier().in_features
+    assert sync_widths_(pruned) and pruned.num_features == pruned.get_classifier().in_features
+    pruned.reset_classifier(3)
+    assert pruned.eval()(x).shape == (2, 3)
 
 
 def test_dbp_finds_timm_residual_blocks():
