@@ -255,6 +255,8 @@ def timm_pretrained(name: str, weights: str, num_classes: int = 10, in_channels:
         raise ConfigError([f"model.weights {weights!r}: timm models take DEFAULT (choose the weights with a tag in "
                            f"the name, e.g. timm/resnet18.a1_in1k) or a path to a state_dict file"], "model")
     timm = _checked(name)
+    if width != 1.0:  # before loading, so that it is not taken for a problem of the file
+        raise ValueError(f"width must be 1.0 for timm model {name!r}, got {width!r}")
     path = timm_weights_file(name)
     cfg = timm.models.get_pretrained_cfg(name[len(PREFIX):])
     source = f"model.weights DEFAULT ({path})"

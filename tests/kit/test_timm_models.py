@@ -232,6 +232,8 @@ def test_a_cached_file_that_does_not_fit_names_the_file(hf_home):
 def test_other_weights_names_and_state_dict_files(hf_home, tmp_path):
     with pytest.raises(ConfigError, match="timm models take DEFAULT"):
         build_pretrained("timm/resnet10t", "IMAGENET1K_V1", num_classes=10)
+    with pytest.raises(ValueError, match=r"width must be 1.0 for timm model 'timm/resnet10t', got 0.5"):
+        build_pretrained("timm/resnet10t", "DEFAULT", num_classes=10, width=0.5)
     with pytest.raises(ConfigError, match=r"use pfgdf_plugin.models.build_pretrained\('timm/resnet10t'"):
         load_weights(build_model("timm/resnet10t"), "timm/resnet10t", "DEFAULT")
     # a state_dict file works for timm models as for any other (the head kept as built for 10 classes)
