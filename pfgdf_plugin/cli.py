@@ -70,7 +70,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             for name in METHODS.names():
                 m = METHODS.get(name)
                 print(f"{name:8s} [{', '.join(m.run)}] {m.summary}")
-            print(f"\nmodels: {', '.join(MODELS.names())} (and any torchvision classification model)")
+            print(f"\nmodels: {', '.join(MODELS.names())} (and any torchvision classification model, "
+                  "or timm/NAME for a timm model with timm installed)")
             print(f"data sets: {', '.join(DATASETS.names())}")
             return 0
         if args.command == "validate":

@@ -2,10 +2,11 @@
 
 Registered names: ``vgg16_bn``, ``resnet20``, ``resnet56`` (CIFAR-style, for
 32x32 inputs), ``lenet300`` and ``lenet5``. Any torchvision classification
-model also works by name (``"resnet18"`` or, to be explicit, ``"tv:resnet18"``),
-freshly initialised, or with starting weights through :func:`build_pretrained`
-(torchvision's pretrained weights from the local cache, or a state dict file; see
-:mod:`pfgdf_plugin.weights`).
+model also works by name (``"resnet18"`` or, to be explicit, ``"tv:resnet18"``), and
+so does any timm model as ``"timm/NAME"`` (with timm installed: ``pip install
+'pfgdf-plugin[timm]'``; see :mod:`pfgdf_plugin.timm_models`), freshly initialised, or with
+starting weights through :func:`build_pretrained` (torchvision's or timm's pretrained weights
+from the local cache, or a state dict file; see :mod:`pfgdf_plugin.weights`).
 
 Every model traces with ``torch.fx.symbolic_trace`` and builds a Torch-Pruning
 dependency graph: forward passes use modules and plain tensor arithmetic only.
@@ -28,6 +29,7 @@ import torch.nn as nn
 from .errors import ConfigError
 from .methods.dbp.blocks import register_block_type
 from .registry import Registry, UnknownNameError
+from .timm_models import build_timm_model, is_timm_name, timm_pretrained
 from .weights import PRETRAINED_KWARGS, is_weights_name, load_weights
 
 __all__ = [
@@ -465,27 +467,31 @@ def build_model(
 
     Args:
         name: A registered name (``MODELS.names()``), a torchvision
-            classification model name (``"resnet18"``), or ``"tv:NAME"`` to
-            pick torchvision's model even where a registered name matches.
+            classification model name (``"resnet18"``), ``"tv:NAME"`` to
+            pick torchvision's model even where a registered name matches, or
+            ``"timm/NAME"`` for ``timm.create_model(NAME, ...)``.
         num_classes: Output classes.
         in_channels: Input channels; for torchvision models other than 3, the
-            first conv is replaced by one with ``in_channels`` inputs.
+            first conv is replaced by one with ``in_channels`` inputs (timm
+            builds its models with ``in_chans``).
         width: Channel multiplier of registered models (each layer keeps at
-            least one channel); must be 1.0 for torchvision models.
+            least one channel); must be 1.0 for torchvision and timm models.
         **kwargs: Extra arguments: ``image_size`` (default 32; sets the input
             size of ``lenet300``/``lenet5`` and is checked against
             :data:`MIN_IMAGE_SIZE` for every registered model; torchvision
             models take any size their layers allow, see :func:`check_input`);
             ``weights``: starting weights, as in :func:`build_pretrained`
             (its notes, such as a replaced head, go to this module's logger);
-            anything else goes to the torchvision constructor.
+            anything else goes to the torchvision constructor or ``timm.create_model``.
 
     Returns:
         The model, freshly initialised.
 
     Raises:
         UnknownNameError: The name is neither registered nor a torchvision
-            classification model; the message lists the registered names.
+            classification model; the message lists the registered names. For
+            ``timm/NAME``: an unknown timm model (similar names listed), or timm
+            not installed (the message says ``pip install 'pfgdf-plugin[timm]'``).
         ValueError: An argument is out of range.
         TypeError: An unexpected keyword argument for a registered model.
         DataNotFoundError, ConfigError: ``weights`` cannot be loaded (see :func:`build_pretrained`).
@@ -504,6 +510,8 @@ def build_model(
             logger.info(note)
         return model
     _check_common(num_classes, in_channels, width)
+    if is_timm_name(name):
+        return build_timm_model(name, num_classes, in_channels, width, **kwargs)
     if name.startswith("tv:"):
         tv_name = name[3:]
     elif name in MODELS:
@@ -538,8 +546,11 @@ def build_pretrained(
         name: as in :func:`build_model`.
         weights: a torchvision weights name of a torchvision model (``DEFAULT``,
             ``IMAGENET1K_V1``, ``ResNet18_Weights.IMAGENET1K_V1``), read from
-            ``$TORCH_HOME/hub/checkpoints/`` with ``weights_only=True``; or a path to a state
-            dict file (any model). A classifier head sized for another number of classes than
+            ``$TORCH_HOME/hub/checkpoints/`` with ``weights_only=True``; ``DEFAULT`` of a
+            ``timm/NAME`` model, read by timm from its Hugging Face hub cache (see
+            :func:`pfgdf_plugin.timm_models.timm_pretrained`: timm replaces the head and
+            adapts the first convolution); or a path to a state dict file (any model). For the
+            other weights, a classifier head sized for another number of classes than
             ``num_classes`` (and a first convolution for another ``in_channels``) is kept as
             built; every other layer takes the file's tensors.
         num_classes, in_channels, width, **kwargs: as in :func:`build_model`.
@@ -566,6 +577,9 @@ def build_pretrained(
         raise ConfigError([f"model.weights must be a weights name or a file path, got {weights!r}"], "model")
     bare = name[3:] if name.startswith("tv:") else name
     named = is_weights_name(weights)
+    if named and is_timm_name(name):
+        _check_common(num_classes, in_channels, width)
+        return timm_pretrained(name, weights, num_classes, in_channels, width, **kwargs)
     if named and (name in MODELS and not name.startswith("tv:")):
         raise ConfigError([f"model.weights {weights!r}: weights names are for torchvision models; model "
                            f"{name!r} takes a path to a state_dict file"], "model")

@@ -87,6 +87,7 @@ def _semantic_errors(r: Recipe) -> List[str]:
     from .data import DATASETS
     from .models import MODELS, input_size_problem, torchvision_model_names
     from .pruning import FRAMEWORKS, METHODS, validate_params
+    from .timm_models import is_timm_name, timm_name_problem
 
     errors: List[str] = []
     if not r.name or any(c in r.name for c in "/\\") or r.name.startswith("."):
@@ -99,9 +100,15 @@ def _semantic_errors(r: Recipe) -> List[str]:
         errors.append(f"device must be one of {', '.join(DEVICES)}; got {r.device!r}")
     m = r.model
     bare = m.name[3:] if m.name.startswith("tv:") else m.name
-    if m.name not in MODELS and bare not in torchvision_model_names():
-        errors.append(f"model.name {m.name!r} is unknown; known: {', '.join(MODELS.names())} "
-                      "or any torchvision classification model")
+    if is_timm_name(m.name):
+        problem = timm_name_problem(m.name)
+        if problem is not None:
+            errors.append(problem if problem.startswith("model.name") else f"model.name: {problem}")
+        elif m.width != 1.0:
+            errors.append(f"model.width must be 1.0 for timm model {m.name!r}, got {m.width!r}")
+    elif m.name not in MODELS and bare not in torchvision_model_names():
+        errors.append(f"model.name {m.name!r} is unknown; known: {', '.join(MODELS.names())}, "
+                      "any torchvision classification model, or timm/NAME for a timm model")
     errors += _weights_errors(m, bare)
     if m.width <= 0:
         errors.append(f"model.width must be > 0, got {m.width!r}")
@@ -158,6 +165,10 @@ def _weights_errors(m: ModelSection, bare: str) -> List[str]:
                 "(the checkpoint replaces every weight)"]
     if not m.weights or not is_weights_name(m.weights):
         return [] if m.weights else ["model.weights must be a weights name or a file path, got ''"]
+    if m.name.startswith("timm/"):  # the file itself is looked for when the model is built
+        return [] if m.weights == "DEFAULT" else [
+            f"model.weights {m.weights!r}: timm models take DEFAULT (choose the weights with a tag in the name, "
+            "e.g. timm/resnet18.a1_in1k) or a path to a state_dict file"]
     if m.name in MODELS or bare not in torchvision_model_names():
         return [f"model.weights {m.weights!r}: weights names are for torchvision models, not {m.name!r}; "
                 "give a path to a state_dict file"]

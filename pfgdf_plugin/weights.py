@@ -246,6 +246,9 @@ def load_weights(model: nn.Module, model_name: str, value: str, key: str = "mode
         True
     """
     if is_weights_name(value):
+        if model_name.startswith("timm/"):
+            raise ConfigError([f"{key} {value!r}: timm's pretrained weights are loaded while the model is built; "
+                               f"use pfgdf_plugin.models.build_pretrained({model_name!r}, {value!r}, ...)"], "model")
         bare = model_name[3:] if model_name.startswith("tv:") else model_name
         weights = resolve_weights(bare, value)
         state = _cached_state_dict(weights)
