@@ -505,6 +505,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--wide-mlp", action="store_true", help="time the wide MLP, dense against 8 blocks")
     p.add_argument("--wide-kernels", default="bmm", help="kernels of --wide-mlp (default bmm)")
     p.add_argument("--wide-batches", default="1,32", help="batch sizes of --wide-mlp (default 1,32)")
+    p.add_argument("--wide-width", type=float, default=1.0, help="width multiplier of the wide MLP (default 1)")
     a = p.parse_args(argv)
     clock = CLOCKS[a.clock]
     engines = a.engines.split(",")
@@ -517,6 +518,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         bad = [k for k in a.wide_kernels.split(",") if k not in ("bmm", "grouped", "dense", "block", "auto")]
         if bad:
             raise ValueError(f"--wide-kernels: unknown {bad} (bmm, grouped, dense, block, auto)")
+        if not 0 < a.wide_width <= 4:
+            raise ValueError(f"--wide-width must be in (0, 4], got {a.wide_width}")
         if a.clock == "cpu" and not modes and any(t != 1 for t in grid.threads):
             raise ValueError(f"--clock cpu measures one thread; --threads must be 1, got {a.threads}")
     except ValueError as e:
@@ -529,7 +532,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"wrote {paths['md']}, {paths['json']}")
     if a.wide_mlp:
         rows = bench_wide_mlp(a.wide_kernels.split(","), _ints(a.wide_batches), engines=engines,
-                              warmup=a.warmup, repeats=a.repeats or 60, warm=a.warm, clock=clock, progress=print)
+                              warmup=a.warmup, repeats=a.repeats or 60, warm=a.warm, clock=clock,
+                              width=a.wide_width, progress=print)
         paths = write_mode(rows, a.out, "wide_mlp", meta)
         print(engine_table(rows))
         print(f"wrote {paths['md']}, {paths['json']}")
