@@ -157,11 +157,11 @@ class BlockDiagonalLinear(nn.Module):
     stored ``[c, I, O]``; at ``N = 1`` the result ``[c, 1, O]`` (bias fused in, ``baddbmm``)
     already is the output, and for ``N > 1`` without autograd the matmul writes straight into
     the ``[N, c, O]`` output through a transposed view and the bias is added in place (with
-    autograd: ``baddbmm`` and one copy). Traced
-    for export (``torch.onnx``, ``torch.jit.trace``) it emits the feature-major form ONNX
-    Runtime runs fastest: ``Transpose``, ``Gather`` (only where one is needed), ``Reshape``,
-    one 3-D ``MatMul`` of the ``[c, O, I]`` blocks, ``Add``, ``Reshape``, ``Transpose`` (ONNX
-    Runtime cancels the ``Transpose`` pairs between two such layers across an activation).
+    autograd: ``baddbmm`` and one copy). Traced for export (``torch.onnx``, ``torch.jit.trace``)
+    it emits the feature-major form ONNX Runtime runs fastest: ``Transpose``, ``Gather`` (only
+    where one is needed), ``Reshape``, one 3-D ``MatMul`` of the ``[c, O, I]`` blocks, ``Add``,
+    ``Reshape``, ``Transpose`` (ONNX Runtime cancels the ``Transpose`` pairs between two such
+    layers across an activation).
 
     Args:
         in_features: features of the input (for a layer whose input permutation was folded
