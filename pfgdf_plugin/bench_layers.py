@@ -11,6 +11,23 @@ blocks, one panel per kind and batch, the ideal as a dashed line).
 ``python -m pfgdf_plugin.bench_layers --out docs/bench/layers`` runs the full grid (sizes 256 to
 4096, blocks 2 to 16, batch 1 and 64, 1 and 2 threads, both engines); it takes long and needs a
 quiet machine: the timings are only as good as the machine is idle.
+
+Two fixed comparisons have their own modes (one thread, both engines):
+
+* ``--targets``: the configurations MPDCompress's speed goals are stated for (:data:`TARGETS`:
+  three ``Linear(1024, 1024)`` with ReLUs, 8 blocks, batch 1 and 64; one ``Linear(4096, 4096)``,
+  8 blocks, batch 64), each row with its goal and whether it was met;
+* ``--wide-mlp``: the wide MLP (:func:`pfgdf_plugin.zoo_wide.wide_mlp`, 1024-2048-2048-10) with
+  ``fc1`` and ``fc2`` in 8 blocks (random masks, no training: latency does not depend on the
+  values), dense against converted at batch 1 and 32, and the converted model in ONNX Runtime
+  against the same model in PyTorch.
+
+``--clock cpu`` times with the thread's CPU clock (``time.thread_time``) instead of the wall
+clock: on a machine shared with other work it leaves out the time the process waits for a core
+(one thread only; ONNX Runtime with one intra-op thread runs on the calling thread). ``--warm``
+runs every model once, untimed, before each timed call, so neither model times the cache misses
+the other one caused (the steady state of a model served alone); without it the rounds simply
+alternate.
 """
 
 from __future__ import annotations
@@ -22,16 +39,25 @@ import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 from .methods import mpd
 
-__all__ = ["LayerGrid", "bench_layers", "main", "markdown_table", "plot_speedups"]
+__all__ = ["CLOCKS", "LayerGrid", "TARGETS", "bench_layers", "bench_targets", "bench_wide_mlp", "engine_table",
+           "main", "markdown_table", "plot_speedups", "wide_mlp_pair"]
 
 Clock = Callable[[], float]
+CLOCKS: Dict[str, Clock] = {"wall": time.perf_counter, "cpu": time.thread_time}
+
+# MPDCompress's speed goals (PyTorch, 1 thread, converted against dense, bmm kernel, 8 blocks)
+TARGETS: Tuple[Dict[str, Any], ...] = (
+    {"kind": "linear", "size": 1024, "blocks": 8, "depth": 3, "kernel": "bmm", "batch": 1, "target": 4.0},
+    {"kind": "linear", "size": 1024, "blocks": 8, "depth": 3, "kernel": "bmm", "batch": 64, "target": 6.0},
+    {"kind": "linear", "size": 4096, "blocks": 8, "depth": 1, "kernel": "bmm", "batch": 64, "target": 7.2},
+)
 
 
 @dataclass(frozen=True)
@@ -50,6 +76,7 @@ class LayerGrid:
         engines: ``pytorch`` and/or ``onnxruntime``.
         spatial: the side of a convolution's input.
         warmup, repeats: runs before timing, and timed rounds.
+        warm: run each model once, untimed, right before each of its timed calls.
     """
 
     kinds: Sequence[str] = ("linear", "conv2d")
@@ -64,6 +91,7 @@ class LayerGrid:
     spatial: int = 8
     warmup: int = 5
     repeats: int = 30
+    warm: bool = False
 
     def __post_init__(self) -> None:
         problems = [f"kinds: unknown {k!r} (linear, conv2d)" for k in self.kinds if k not in ("linear", "conv2d")]
@@ -117,8 +145,10 @@ def build_pair(kind: str, n: int, blocks: int, depth: int, kernel: str, seed: in
     return dense, masked.eval()
 
 
-def _interleaved(runs: Dict[str, Callable[[], Any]], warmup: int, repeats: int, clock: Clock) -> Dict[str, float]:
-    """Median seconds of each run, both timed in every round, the starting one alternating."""
+def _interleaved(runs: Dict[str, Callable[[], Any]], warmup: int, repeats: int, clock: Clock,
+                 warm: bool = False) -> Dict[str, float]:
+    """Median seconds of each run, both timed in every round, the starting one alternating (``warm``:
+    each timed call right after an untimed one of the same run)."""
     names = list(runs)
     for name in names:
         for _ in range(warmup):
@@ -126,6 +156,8 @@ def _interleaved(runs: Dict[str, Callable[[], Any]], warmup: int, repeats: int, 
     times: Dict[str, List[float]] = {n: [] for n in names}
     for r in range(repeats):
         for name in (names if r % 2 == 0 else names[::-1]):
+            if warm:
+                runs[name]()
             start = clock()
             runs[name]()
             times[name].append(clock() - start)
@@ -154,12 +186,12 @@ def _time_pair(dense: nn.Module, converted: nn.Module, x: torch.Tensor, engine: 
         try:
             with torch.no_grad():
                 return _interleaved({"dense": lambda: dense(x), "converted": lambda: converted(x)},
-                                    grid.warmup, grid.repeats, clock)
+                                    grid.warmup, grid.repeats, clock, grid.warm)
         finally:
             torch.set_num_threads(previous)
     runs = {"dense": _ort_runner(dense, x, threads, folder, "dense"),
             "converted": _ort_runner(converted, x, threads, folder, "converted")}
-    return _interleaved(runs, grid.warmup, grid.repeats, clock)
+    return _interleaved(runs, grid.warmup, grid.repeats, clock, grid.warm)
 
 
 def _cases(grid: LayerGrid) -> Iterable[Dict[str, Any]]:
@@ -206,22 +238,165 @@ def bench_layers(grid: Optional[LayerGrid] = None, clock: Optional[Clock] = None
                 for threads in grid.threads:
                     for engine in grid.engines:
                         t = _time_pair(dense, converted, x, engine, threads, grid, clock, folder)
-                        speedup = t["dense"] / t["converted"] if t["converted"] > 0 else float("inf")
-                        row = dict(case, batch=batch, threads=threads, engine=engine, dense_ms=t["dense"] * 1e3,
-                                   converted_ms=t["converted"] * 1e3, speedup=speedup, ideal=case["blocks"],
-                                   of_ideal=speedup / case["blocks"])
+                        row = _row(case, batch, threads, engine, t["dense"], t["converted"], case["blocks"])
                         rows.append(row)
                         if progress:
                             progress(markdown_table([row], header=False))
     return rows
 
 
+def _row(case: Dict[str, Any], batch: int, threads: int, engine: str, dense_s: float, converted_s: float,
+         ideal: float) -> Dict[str, Any]:
+    speedup = dense_s / converted_s if converted_s > 0 else float("inf")
+    return dict(case, batch=batch, threads=threads, engine=engine, dense_ms=dense_s * 1e3,
+                converted_ms=converted_s * 1e3, speedup=speedup, ideal=ideal, of_ideal=speedup / ideal)
+
+
+def bench_targets(engines: Sequence[str] = ("pytorch", "onnxruntime"), warmup: int = 5, repeats: int = 60,
+                  warm: bool = False, clock: Optional[Clock] = None, targets: Sequence[Dict[str, Any]] = TARGETS,
+                  progress: Optional[Callable[[str], None]] = None) -> List[Dict[str, Any]]:
+    """Time the configurations of :data:`TARGETS` (1 thread): one row per target and engine, with
+    ``target`` (the speed-up asked for) and ``met`` (``speedup >= target``; the goals are stated for
+    PyTorch, the ONNX Runtime rows are for comparison).
+
+    Example:
+        >>> ticks = iter(range(10 ** 4))
+        >>> small = [dict(kind="linear", size=16, blocks=4, depth=3, kernel="bmm", batch=2, target=2.0)]
+        >>> rows = bench_targets(("pytorch",), 0, 1, clock=lambda: next(ticks), targets=small)
+        >>> [(r["depth"], r["speedup"], r["target"], r["met"]) for r in rows]
+        [(3, 1.0, 2.0, False)]
+    """
+    rows = []
+    for t in targets:
+        grid = LayerGrid(kinds=(t["kind"],), sizes=(t["size"],), conv_sizes=(t["size"],), blocks=(t["blocks"],),
+                         depths=(t["depth"],), kernels=(t["kernel"],), batches=(t["batch"],), threads=(1,),
+                         engines=tuple(engines), warmup=warmup, repeats=repeats, warm=warm)
+        for row in bench_layers(grid, clock):
+            row.update(target=float(t["target"]), met=bool(row["speedup"] >= t["target"]))
+            rows.append(row)
+            if progress:
+                progress(markdown_table([row], header=False, columns=_COLUMNS + ("target", "met")))
+    return rows
+
+
+def wide_mlp_pair(kernel: str = "bmm", blocks: int = 8, width: float = 1.0, seed: int = 0):
+    """``(dense, converted)``: the wide MLP, and a copy with ``fc1``/``fc2`` masked by random
+    ``blocks``-block plans and converted with ``kernel`` (``fc1 -> fc2 -> fc3`` folded; the
+    classifier ``fc3`` stays dense and absorbs ``fc2``'s output permutation).
+
+    Example:
+        >>> dense, conv = wide_mlp_pair(width=1 / 64)
+        >>> type(conv.fc2).__name__, conv(torch.randn(2, 1, 32, 32)).shape
+        ('BlockDiagonalLinear', torch.Size([2, 10]))
+    """
+    from .zoo_wide import wide_mlp
+
+    torch.manual_seed(seed)
+    dense = wide_mlp(width=width).eval()
+    masked = wide_mlp(width=width).eval()
+    masked.load_state_dict(dense.state_dict())
+    plans = {n: mpd.make_plan(n, masked.get_submodule(n).weight, blocks, seed=seed) for n in ("fc1", "fc2")}
+    with torch.no_grad():
+        for name, plan in plans.items():
+            masked.get_submodule(name).weight.mul_(plan.mask())
+    mpd.convert_model(masked, plans, [mpd.FoldLink("fc1", "fc2"), mpd.FoldLink("fc2", "fc3")], kernel=kernel)
+    return dense, masked.eval()
+
+
+def _weights(model: nn.Module) -> int:
+    """Multiplications per sample: stored weights of plain and converted linear layers."""
+    total = 0
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            total += m.weight.numel()
+        elif hasattr(m, "stored_weights"):
+            total += m.stored_weights()
+    return total
+
+
+def bench_wide_mlp(kernels: Sequence[str] = ("bmm",), batches: Sequence[int] = (1, 32), blocks: int = 8,
+                   engines: Sequence[str] = ("pytorch", "onnxruntime"), warmup: int = 5, repeats: int = 60,
+                   warm: bool = False, clock: Optional[Clock] = None, width: float = 1.0,
+                   progress: Optional[Callable[[str], None]] = None) -> List[Dict[str, Any]]:
+    """The wide MLP, dense against ``fc1``/``fc2`` in ``blocks`` blocks, on 1 thread.
+
+    For each kernel and batch, the dense and the converted model on every engine are timed in the
+    same interleaved rounds, so the rows of one batch compare engines as fairly as models. One row
+    per kernel, batch and engine (``kind`` ``wide_mlp``, ``size`` the hidden width, ``depth`` 3
+    layers, ``ideal`` the ratio of multiplications); :func:`engine_table` sets the engines side by side.
+
+    Example:
+        >>> ticks = iter(range(10 ** 4))
+        >>> rows = bench_wide_mlp(batches=(2,), engines=("pytorch",), warmup=0, repeats=1, width=1 / 64,
+        ...                       clock=lambda: next(ticks))
+        >>> [(r["kind"], r["size"], r["batch"], r["engine"], r["speedup"]) for r in rows]
+        [('wide_mlp', 32, 2, 'pytorch', 1.0)]
+    """
+    clock = clock or time.perf_counter
+    rows = []
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with tempfile.TemporaryDirectory() as folder, torch.no_grad():
+            for kernel in kernels:
+                dense, converted = wide_mlp_pair(kernel, blocks, width)
+                ideal = round(_weights(dense) / _weights(converted), 2)
+                case = {"kind": "wide_mlp", "size": dense.fc1.out_features, "blocks": blocks, "depth": 3,
+                        "kernel": kernel}
+                for batch in batches:
+                    x = torch.randn(batch, 1, 32, 32)
+                    runs: Dict[str, Callable[[], Any]] = {}
+                    for engine in engines:
+                        for which, model in (("dense", dense), ("converted", converted)):
+                            if engine == "pytorch":
+                                runs[f"{engine}:{which}"] = (lambda m, inp: lambda: m(inp))(model, x)
+                            else:
+                                runs[f"{engine}:{which}"] = _ort_runner(model, x, 1, folder, f"{which}_{batch}")
+                    t = _interleaved(runs, warmup, repeats, clock, warm)
+                    for engine in engines:
+                        row = _row(case, batch, 1, engine, t[f"{engine}:dense"], t[f"{engine}:converted"], ideal)
+                        rows.append(row)
+                        if progress:
+                            progress(markdown_table([row], header=False))
+    finally:
+        torch.set_num_threads(previous)
+    return rows
+
+
+def engine_table(rows: Sequence[Dict[str, Any]]) -> str:
+    """ONNX Runtime against PyTorch for the rows measured on both: ``ort/pt`` is the ONNX Runtime time
+    over the PyTorch time (below 1: ONNX Runtime is faster).
+
+    Example:
+        >>> r = {"kind": "linear", "size": 8, "blocks": 2, "depth": 1, "kernel": "bmm", "batch": 1, "threads": 1}
+        >>> rows = [dict(r, engine="pytorch", dense_ms=2.0, converted_ms=1.0),
+        ...         dict(r, engine="onnxruntime", dense_ms=1.0, converted_ms=0.5)]
+        >>> print(engine_table(rows).splitlines()[-1])
+        | linear | 8 | 2 | 1 | bmm | 1 | 1 | 2.000 | 1.000 | 0.50 | 1.000 | 0.500 | 0.50 |
+    """
+    key_cols = ("kind", "size", "blocks", "depth", "kernel", "batch", "threads")
+    by_key: Dict[tuple, Dict[str, Dict[str, Any]]] = {}
+    for r in rows:
+        by_key.setdefault(tuple(r[k] for k in key_cols), {})[r["engine"]] = r
+    lines = ["| " + " | ".join(key_cols) + " | pt dense_ms | ort dense_ms | ort/pt dense | pt converted_ms "
+             "| ort converted_ms | ort/pt converted |", "|" + "---|" * (len(key_cols) + 6)]
+    for key, eng in by_key.items():
+        if "pytorch" in eng and "onnxruntime" in eng:
+            pt, ort = eng["pytorch"], eng["onnxruntime"]
+            cells = [str(v) for v in key] + [
+                f"{pt['dense_ms']:.3f}", f"{ort['dense_ms']:.3f}", f"{ort['dense_ms'] / pt['dense_ms']:.2f}",
+                f"{pt['converted_ms']:.3f}", f"{ort['converted_ms']:.3f}",
+                f"{ort['converted_ms'] / pt['converted_ms']:.2f}"]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 _COLUMNS = ("kind", "size", "blocks", "depth", "kernel", "batch", "threads", "engine", "dense_ms", "converted_ms",
             "speedup", "ideal", "of_ideal")
 
 
-def markdown_table(rows: Sequence[Dict[str, Any]], header: bool = True) -> str:
-    """The rows as a markdown table (times in ms, speed-ups as ``x``).
+def markdown_table(rows: Sequence[Dict[str, Any]], header: bool = True, columns: Sequence[str] = _COLUMNS) -> str:
+    """The rows as a markdown table (times in ms, speed-ups as ``x``) of ``columns``.
 
     Example:
         >>> print(markdown_table([{"kind": "linear", "size": 8, "blocks": 2, "depth": 1, "kernel": "bmm",
@@ -232,18 +407,20 @@ def markdown_table(rows: Sequence[Dict[str, Any]], header: bool = True) -> str:
     def cell(key: str, v: Any) -> str:
         if key.endswith("_ms"):
             return f"{v:.3f}"
-        if key == "speedup":
+        if key in ("speedup", "target"):
             return f"{v:.2f}x"
         if key == "ideal":
-            return f"{v}x"
+            return f"{v:g}x"
+        if key == "met":
+            return "yes" if v else "no"
         if key == "of_ideal":
             return f"{v * 100:.0f}%"
         return str(v)
 
     lines = []
     if header:
-        lines += ["| " + " | ".join(_COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
-    lines += ["| " + " | ".join(cell(k, r[k]) for k in _COLUMNS) + " |" for r in rows]
+        lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(k, r[k]) for k in columns) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -294,8 +471,22 @@ def _ints(text: str) -> List[int]:
     return [int(v) for v in text.split(",") if v.strip()]
 
 
+def write_mode(rows: Sequence[Dict[str, Any]], out_dir: str, name: str, meta: Dict[str, Any],
+               columns: Sequence[str] = _COLUMNS) -> Dict[str, str]:
+    """``<name>.json`` and ``<name>.md`` (the rows, then ONNX Runtime against PyTorch) in ``out_dir``."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {k: os.path.join(out_dir, f"{name}.{k}") for k in ("json", "md")}
+    meta = dict(meta, torch=torch.__version__, cpu_threads_available=os.cpu_count())
+    with open(paths["json"], "w", encoding="utf-8") as f:
+        json.dump({"meta": meta, "rows": list(rows)}, f, indent=1)
+    with open(paths["md"], "w", encoding="utf-8") as f:
+        f.write(markdown_table(rows, columns=columns) + "\n\n" + engine_table(rows) + "\n")
+    return paths
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Command line: ``python -m pfgdf_plugin.bench_layers [--sizes 256,1024] [--out DIR] ...``."""
+    """Command line: ``python -m pfgdf_plugin.bench_layers [--sizes 256,1024] [--out DIR] ...``;
+    ``--targets`` and/or ``--wide-mlp`` run those comparisons instead of the grid."""
     d = LayerGrid()
     p = argparse.ArgumentParser(prog="bench-layers", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/bench_layers", help="output folder (layers.json, .md, .png)")
@@ -305,16 +496,50 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.add_argument(f"--{key}", default=",".join(getattr(d, key)))
     p.add_argument("--spatial", type=int, default=d.spatial)
     p.add_argument("--warmup", type=int, default=d.warmup)
-    p.add_argument("--repeats", type=int, default=d.repeats)
+    p.add_argument("--repeats", type=int, default=None,
+                   help=f"timed rounds ({d.repeats} for the grid, 60 for --targets and --wide-mlp)")
+    p.add_argument("--warm", action="store_true", help="an untimed call of the same model before each timed call")
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                   help="wall: time.perf_counter; cpu: the thread's CPU time (1 thread only)")
+    p.add_argument("--targets", action="store_true", help="time the configurations of the speed goals (TARGETS)")
+    p.add_argument("--wide-mlp", action="store_true", help="time the wide MLP, dense against 8 blocks")
+    p.add_argument("--wide-kernels", default="bmm", help="kernels of --wide-mlp (default bmm)")
+    p.add_argument("--wide-batches", default="1,32", help="batch sizes of --wide-mlp (default 1,32)")
+    p.add_argument("--wide-width", type=float, default=1.0, help="width multiplier of the wide MLP (default 1)")
     a = p.parse_args(argv)
+    clock = CLOCKS[a.clock]
+    engines = a.engines.split(",")
+    modes = a.targets or a.wide_mlp
     try:
         grid = LayerGrid(kinds=a.kinds.split(","), sizes=_ints(a.sizes), conv_sizes=_ints(a.conv_sizes),
                          blocks=_ints(a.blocks), depths=_ints(a.depths), kernels=a.kernels.split(","),
-                         batches=_ints(a.batches), threads=_ints(a.threads), engines=a.engines.split(","),
-                         spatial=a.spatial, warmup=a.warmup, repeats=a.repeats)
+                         batches=_ints(a.batches), threads=_ints(a.threads), engines=engines,
+                         spatial=a.spatial, warmup=a.warmup, repeats=a.repeats or d.repeats, warm=a.warm)
+        bad = [k for k in a.wide_kernels.split(",") if k not in ("bmm", "grouped", "dense", "block", "auto")]
+        if bad:
+            raise ValueError(f"--wide-kernels: unknown {bad} (bmm, grouped, dense, block, auto)")
+        if not 0 < a.wide_width <= 4:
+            raise ValueError(f"--wide-width must be in (0, 4], got {a.wide_width}")
+        if a.clock == "cpu" and not modes and any(t != 1 for t in grid.threads):
+            raise ValueError(f"--clock cpu measures one thread; --threads must be 1, got {a.threads}")
     except ValueError as e:
         p.error(str(e))
-    rows = bench_layers(grid, progress=print)
+    meta = {"clock": a.clock, "warm": a.warm, "warmup": a.warmup, "repeats": a.repeats or 60, "threads": 1}
+    if a.targets:
+        rows = bench_targets(engines, a.warmup, a.repeats or 60, a.warm, clock, progress=print)
+        paths = write_mode(rows, a.out, "targets", dict(meta, targets=list(TARGETS)),
+                           columns=_COLUMNS + ("target", "met"))
+        print(f"wrote {paths['md']}, {paths['json']}")
+    if a.wide_mlp:
+        rows = bench_wide_mlp(a.wide_kernels.split(","), _ints(a.wide_batches), engines=engines,
+                              warmup=a.warmup, repeats=a.repeats or 60, warm=a.warm, clock=clock,
+                              width=a.wide_width, progress=print)
+        paths = write_mode(rows, a.out, "wide_mlp", meta)
+        print(engine_table(rows))
+        print(f"wrote {paths['md']}, {paths['json']}")
+    if modes:
+        return 0
+    rows = bench_layers(grid, clock, progress=print)
     paths = write_results(rows, a.out, grid)
     print(f"wrote {paths['md']}, {paths['json']}, {paths['png']}")
     return 0

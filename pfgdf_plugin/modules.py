@@ -39,7 +39,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.fx._symbolic_trace import is_fx_tracing
+from torch.fx import Proxy
 
 __all__ = ["BlockDiagonalLinear", "ChannelPermute", "MaskedDenseConv2d", "MaskedDenseLinear", "PermutedGroupConv2d",
            "BLOCK_KERNELS", "MODULE_TYPES", "module_from_description"]
@@ -145,15 +145,23 @@ class BlockDiagonalLinear(nn.Module):
 
     ``forward`` gathers the inputs into block order (``in_index``), multiplies the ``c`` blocks
     (padded to a common size with zero inputs), adds the bias and gathers the outputs back into
-    their original order (``out_index``). ``kernel="bmm"`` multiplies with one batched matmul
-    (``[c, N, I] x [c, I, O]``; ONNX: ``Reshape``, ``Transpose``, one 3-D ``MatMul``, ``Add``,
-    ``Transpose``, ``Reshape``, which ONNX Runtime ran as fast as or faster than a broadcast 4-D
-    ``MatMul`` or a grouped ``Conv``), ``kernel="grouped"`` with a grouped 1-D convolution (ONNX:
-    ``Conv`` with ``group=c``). A 2-D input runs without any reshape around the layer. Without
+    their original order (``out_index``). ``kernel="bmm"`` multiplies with one batched matmul,
+    ``kernel="grouped"`` with a grouped 1-D convolution (ONNX: ``Conv`` with ``group=c``). Without
     ``out_index`` (``scatter=False``: the next layer has absorbed the output permutation, or it
-    is the identity) the output is the
-    raw block layout of ``c * O`` features; without ``in_index`` (``gather=False``) the input
-    must already be in block layout (``in_features == c * I``).
+    is the identity) the output is the raw block layout of ``c * O`` features; without
+    ``in_index`` (``gather=False``) the input must already be in block layout
+    (``in_features == c * I``).
+
+    The ``bmm`` forward of a 2-D input ``[N, F]`` does no copy besides the gathers: the
+    gathered input viewed as ``[c, N, I]`` (a free transpose of ``[N, c, I]``) times the weight
+    stored ``[c, I, O]``; at ``N = 1`` the result ``[c, 1, O]`` (bias fused in, ``baddbmm``)
+    already is the output, and for ``N > 1`` without autograd the matmul writes straight into
+    the ``[N, c, O]`` output through a transposed view and the bias is added in place (with
+    autograd: ``baddbmm`` and one copy). Traced for export (``torch.onnx``, ``torch.jit.trace``)
+    it emits the feature-major form ONNX Runtime runs fastest: ``Transpose``, ``Gather`` (only
+    where one is needed), ``Reshape``, one 3-D ``MatMul`` of the ``[c, O, I]`` blocks, ``Add``,
+    ``Reshape``, ``Transpose`` (ONNX Runtime cancels the ``Transpose`` pairs between two such
+    layers across an activation).
 
     Args:
         in_features: features of the input (for a layer whose input permutation was folded
@@ -165,15 +173,19 @@ class BlockDiagonalLinear(nn.Module):
         gather: whether ``forward`` gathers its input (``in_index``).
 
     Attributes:
-        weight: ``[c, O, I]`` parameter (padded slots hold zeros).
+        weight: the blocks (padded slots hold zeros): a ``[c, I, O]`` parameter for ``bmm`` (what
+            the batched matmul reads), ``[c, O, I]`` for ``grouped``. The ``state_dict`` holds
+            ``[c, O, I]`` (each block oriented like an ``nn.Linear`` weight) for both kernels, so a
+            saved layer loads into either (``state_dict(keep_vars=True)``, which tracers use to
+            find the parameters, holds the parameter itself); :meth:`block_weight` is that view.
         bias: ``[c, O]`` parameter or ``None``.
         in_index: ``long [c * I]`` buffer (entries equal to ``in_features`` feed zeros) or ``None``.
         out_index: ``long [out_features]`` buffer (raw position of each output) or ``None``.
 
     Example:
         >>> layer = BlockDiagonalLinear(5, out_sizes=[2, 1], in_sizes=[3, 2])
-        >>> layer.weight.shape, layer(torch.randn(4, 5)).shape
-        (torch.Size([2, 2, 3]), torch.Size([4, 3]))
+        >>> layer.block_weight().shape, layer.weight.shape, layer(torch.randn(4, 5)).shape
+        (torch.Size([2, 2, 3]), torch.Size([2, 3, 2]), torch.Size([4, 3]))
         >>> layer.effective_weights(), layer.stored_weights()
         (8, 12)
         >>> x = torch.randn(4, 5)
@@ -195,13 +207,33 @@ class BlockDiagonalLinear(nn.Module):
         self.raw_features = self.blocks * self.block_out
         self.scatter, self.gather = bool(scatter), bool(gather)
         self.kernel = _check_kernel(kernel, BLOCK_KERNELS, "BlockDiagonalLinear")
-        self.weight = nn.Parameter(torch.zeros(self.blocks, self.block_out, self.block_in))
+        shape = ((self.blocks, self.block_in, self.block_out) if self.kernel == "bmm"
+                 else (self.blocks, self.block_out, self.block_in))
+        self.weight = nn.Parameter(torch.zeros(shape))
         self.bias = nn.Parameter(torch.zeros(self.blocks, self.block_out)) if bias else None
         in_index, out_index = _natural_layout(o, i, self.in_features, "BlockDiagonalLinear")
         self.register_buffer("in_index", None)
         self.register_buffer("out_index", out_index if self.scatter else None)
         self.padded_in = False
         self.set_gather(in_index if self.gather else None, self.in_features)
+
+    def block_weight(self) -> torch.Tensor:
+        """The blocks as ``[c, O, I]`` (a view of :attr:`weight`; what the ``state_dict`` holds)."""
+        return self.weight.transpose(1, 2) if self.kernel == "bmm" else self.weight
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        # keep_vars=True (the tracers' view: the parameters themselves) leaves the parameter as it is
+        if self.kernel == "bmm" and not keep_vars and prefix + "weight" in destination:
+            destination[prefix + "weight"] = destination[prefix + "weight"].transpose(1, 2)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "weight"
+        if self.kernel == "bmm" and isinstance(state_dict.get(key), torch.Tensor) and state_dict[key].dim() == 3:
+            state_dict[key] = state_dict[key].transpose(1, 2)  # Module.load_state_dict works on its own copy
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def set_gather(self, index: Optional[torch.Tensor], in_features: int) -> None:
         """Read inputs of ``in_features`` through ``index`` (``None``: already in block layout)."""
@@ -222,27 +254,64 @@ class BlockDiagonalLinear(nn.Module):
         return self.out_features if self.scatter else self.raw_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not is_fx_tracing() and x.dim() == 2:  # no reshapes around the layer (ONNX: no Shape/Concat chain)
+        if not isinstance(x, Proxy) and x.dim() == 2:  # no reshapes around the layer (ONNX: no Shape/Concat chain)
             return self._forward_2d(x)
         return self._forward_2d(x.reshape(-1, self.in_features)).reshape(x.shape[:-1] + (self.width,))
 
     def _forward_2d(self, x: torch.Tensor) -> torch.Tensor:
-        if self.in_index is not None:
+        if self.kernel == "bmm" and torch.jit.is_tracing():
+            return self._bmm_feature_major(x)
+        index = self.in_index
+        if index is not None:
             if self.padded_in:
                 x = _with_zero_channel(x, 1)
-            x = x.index_select(1, self.in_index)
+            x = x.index_select(1, index)
         if self.kernel == "grouped":
             w = self.weight.reshape(self.raw_features, self.block_in, 1)
             b = self.bias.reshape(-1) if self.bias is not None else None
             y = F.conv1d(x.unsqueeze(-1), w, b, groups=self.blocks).squeeze(-1)
         else:
-            y = torch.matmul(x.reshape(-1, self.blocks, self.block_in).transpose(0, 1), self.weight.transpose(1, 2))
-            if self.bias is not None:
-                y = y + self.bias.unsqueeze(1)
-            y = y.transpose(0, 1).reshape(-1, self.raw_features)
+            y = self._bmm(x)
+        index = self.out_index
+        return y if index is None else y.index_select(1, index)
+
+    def _bmm(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N, c * I]`` in block layout -> ``[N, c * O]`` raw output, with as few copies as the mode allows."""
+        c, i, o = self.blocks, self.block_in, self.block_out
+        w, bias = self.weight, self.bias
+        if isinstance(x, Proxy):  # torch.fx: one graph for every batch size
+            n = -1
+        else:
+            n = x.shape[0]
+            if n == 1:  # [1, c*I] is [c, 1, I], and [c, 1, O] is [1, c*O]: no transpose at all
+                xb = x.reshape(c, 1, i)
+                y = torch.bmm(xb, w) if bias is None else torch.baddbmm(bias.unsqueeze(1), xb, w)
+                return y.view(1, c * o)
+            if not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
+                                                 or (bias is not None and bias.requires_grad))):
+                out = x.new_empty((n, c, o))  # the matmul writes [c, N, O] straight into the [N, c, O] output
+                torch.bmm(x.reshape(n, c, i).transpose(0, 1), w, out=out.transpose(0, 1))
+                if bias is not None:
+                    out += bias
+                return out.view(n, c * o)
+        xb = x.reshape(n, c, i).transpose(0, 1)
+        y = torch.bmm(xb, w) if bias is None else torch.baddbmm(bias.unsqueeze(1), xb, w)
+        return y.transpose(0, 1).reshape(n, c * o)
+
+    def _bmm_feature_major(self, x: torch.Tensor) -> torch.Tensor:
+        """The traced (ONNX) form: features first, ``[c, O, I] x [c, I, N]``; no batch-size arithmetic."""
+        xt = x.t()
+        if self.in_index is not None:
+            if self.padded_in:
+                xt = _with_zero_channel(xt, 0)
+            xt = xt.index_select(0, self.in_index)
+        y = torch.matmul(self.block_weight(), xt.reshape(self.blocks, self.block_in, -1))
+        if self.bias is not None:
+            y = y + self.bias.unsqueeze(2)
+        y = y.reshape(self.raw_features, -1)
         if self.out_index is not None:
-            y = y.index_select(1, self.out_index)
-        return y
+            y = y.index_select(0, self.out_index)
+        return y.t()
 
     def effective_weights(self) -> int:
         """Weights that are not padding: ``sum(out_sizes[b] * in_sizes[b])``."""

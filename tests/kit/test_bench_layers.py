@@ -56,3 +56,59 @@ def test_main_runs_a_tiny_grid_with_the_real_clock(tmp_path, capsys):
 def test_a_bad_grid_lists_every_problem():
     with pytest.raises(ValueError, match=r"kinds: unknown 'lstm'.*engines: unknown 'tvm'.*blocks must be positive"):
         LayerGrid(kinds=("lstm",), engines=("tvm",), blocks=(0,))
+
+
+def test_the_targets_mode_marks_each_goal_met_or_not_by_the_clock():
+    from pfgdf_plugin.bench_layers import TARGETS, bench_targets
+
+    assert [(t["size"], t["depth"], t["batch"], t["target"]) for t in TARGETS] == [
+        (1024, 3, 1, 4.0), (1024, 3, 64, 6.0), (4096, 1, 64, 7.2)]
+    # a ticking clock: every timed call lasts one tick, so each speed-up is exactly 1
+    small = [dict(kind="linear", size=12, blocks=3, depth=3, kernel="bmm", batch=b, target=t)
+             for b, t in ((1, 1.0), (5, 1.5))]
+    ticks = iter(range(10 ** 6))
+    rows = bench_targets(("pytorch",), warmup=0, repeats=3, clock=lambda: float(next(ticks)), targets=small)
+    assert [(r["depth"], r["batch"], r["speedup"], r["target"], r["met"]) for r in rows] == [
+        (3, 1, 1.0, 1.0, True), (3, 5, 1.0, 1.5, False)]
+
+
+def test_the_wide_mlp_pair_computes_what_the_masked_mlp_does_and_the_mode_runs_both_engines(tmp_path):
+    import torch
+
+    from pfgdf_plugin.bench_layers import bench_wide_mlp, engine_table, wide_mlp_pair
+    from pfgdf_plugin.modules import BlockDiagonalLinear
+
+    dense, converted = wide_mlp_pair("bmm", blocks=4, width=1 / 32)
+    assert isinstance(converted.fc1, BlockDiagonalLinear) and isinstance(converted.fc3, torch.nn.Linear)
+    assert converted.fc2.in_index is not None and converted.fc2.out_index is None  # fc3 absorbs fc2's scatter
+    x = torch.randn(3, 1, 32, 32)
+    with torch.no_grad():
+        assert converted(x).shape == dense(x).shape == (3, 10)
+    engines = ("pytorch", "onnxruntime") if _has("onnxruntime") else ("pytorch",)
+    ticks = iter(range(10 ** 6))
+    rows = bench_wide_mlp(batches=(1, 2), blocks=4, engines=engines, warmup=0, repeats=2, width=1 / 32,
+                          clock=lambda: float(next(ticks)))
+    assert [(r["batch"], r["engine"]) for r in rows] == [(b, e) for b in (1, 2) for e in engines]
+    assert all(r["kind"] == "wide_mlp" and r["size"] == 64 and 1 < r["ideal"] <= 4 for r in rows)
+    if len(engines) == 2:
+        assert engine_table(rows).count("\n") == 3  # header, rule, one line per batch
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def test_main_runs_the_modes_and_refuses_bad_options(tmp_path, capsys):
+    assert main(["--wide-mlp", "--wide-width", "0.03125", "--wide-batches", "2", "--engines", "pytorch",
+                 "--warmup", "0", "--repeats", "2", "--clock", "cpu", "--warm", "--out", str(tmp_path)]) == 0
+    saved = json.load(open(tmp_path / "wide_mlp.json"))
+    assert saved["meta"]["clock"] == "cpu" and saved["meta"]["warm"] is True and len(saved["rows"]) == 1
+    capsys.readouterr()
+    for argv, message in ((["--wide-mlp", "--wide-kernels", "fast"], "--wide-kernels: unknown"),
+                          (["--clock", "cpu", "--threads", "1,2"], "--clock cpu measures one thread"),
+                          (["--clock", "sundial"], "invalid choice")):
+        with pytest.raises(SystemExit):
+            main(argv + ["--out", str(tmp_path)])
+        assert message in capsys.readouterr().err

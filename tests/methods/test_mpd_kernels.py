@@ -272,3 +272,64 @@ def test_macs_count_what_each_kernel_computes():
     dense_macs = count_macs(model, x[:1])
     assert count_macs(_convert("mlp", "dense")[0], x[:1]) == dense_macs  # the zeros are multiplied too
     assert count_macs(_convert("mlp", "bmm")[0], x[:1]) < dense_macs / 2
+
+
+def _masked_linear(bias: bool = True, seed: int = 0):
+    """A masked Linear(23, 19) in 3 unequal (so padded) blocks, its plan and its converted bmm layer."""
+    torch.manual_seed(seed)
+    lin = nn.Linear(23, 19, bias=bias)
+    plan = mpd.make_plan("lin", lin.weight, 3, seed=seed)
+    with torch.no_grad():
+        lin.weight.mul_(plan.mask())
+    return lin, mpd.convert_layer(plan, copy.deepcopy(lin), kernel="bmm")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_every_bmm_path_computes_what_the_masked_layer_does(bias, tmp_path):
+    lin, layer = _masked_linear(bias)
+    assert layer.padded_in and layer.in_index is not None and layer.out_index is not None
+    x = torch.randn(5, 23)
+    for batch in (x[:1], x):  # batch 1: no transpose; batch 5: through the transposed output view
+        with torch.no_grad():
+            assert _rel(layer(batch), lin(batch)) <= 1e-5
+        assert _rel(layer(batch), lin(batch)) <= 1e-5  # with autograd
+    assert _rel(layer(x.view(5, 1, 23)), lin(x).view(5, 1, 19)) <= 1e-5  # the reshaping path
+    assert _rel(torch.fx.symbolic_trace(layer)(x), lin(x)) <= 1e-5
+    traced = torch.jit.trace(layer, x[:1], check_trace=False)  # the feature-major form, for any batch size
+    assert _rel(traced(x), lin(x)) <= 1e-5 and _rel(traced(x[:1]), lin(x[:1])) <= 1e-5
+    # gradients flow as through the masked layer
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    layer(a).pow(2).sum().backward()
+    lin(b).pow(2).sum().backward()
+    assert _rel(a.grad, b.grad) <= 1e-5
+    if bias:
+        assert _rel(layer.bias.grad.sum(), lin.bias.grad.sum()) <= 1e-5
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from pfgdf_plugin.measure import export_onnx
+
+    for exported_at in (1, 5):
+        path = str(tmp_path / f"l{exported_at}.onnx")
+        export_onnx(layer, x[:exported_at], path)
+        session = onnxruntime.InferenceSession(path)
+        for batch in (x[:1], x[:2], x):
+            out = session.run(None, {"input": batch.numpy()})[0]
+            assert _rel(torch.from_numpy(out), lin(batch)) <= 1e-5
+
+
+def test_the_bmm_state_dict_keeps_the_block_layout_whatever_the_stored_one():
+    lin, layer = _masked_linear()
+    c, o, i = layer.blocks, layer.block_out, layer.block_in
+    assert layer.weight.shape == (c, i, o)  # what the batched matmul reads
+    state = layer.state_dict()
+    assert state["weight"].shape == (c, o, i) and torch.equal(state["weight"], layer.block_weight())
+    assert layer.state_dict(keep_vars=True)["weight"] is layer.weight  # tracers find the parameter itself
+    x = torch.randn(4, 23)
+    twin = BlockDiagonalLinear.from_description(dict(layer.describe(), kernel="grouped"))
+    twin.load_state_dict(state)
+    assert twin.weight.shape == (c, o, i) and _rel(twin(x), layer(x)) <= 1e-5
+    back = BlockDiagonalLinear.from_description(layer.describe())
+    back.load_state_dict(twin.state_dict())
+    assert torch.equal(back.weight, layer.weight) and torch.equal(back(x), layer(x))
+    assert state["weight"].shape == (c, o, i)  # loading did not touch the caller's dict
+    with pytest.raises(RuntimeError, match="size mismatch for weight"):
+        back.load_state_dict(dict(state, weight=torch.zeros(c, o + 1, i)))

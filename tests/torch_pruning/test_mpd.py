@@ -220,12 +220,12 @@ def test_padding_weights_cannot_leak_into_outputs():
     new = mpd.convert_layer(plan, _masked(lin, plan))
     x = torch.randn(4, 7, dtype=torch.float64)
     ref = new(x)
-    pad = torch.ones_like(new.weight, dtype=torch.bool)
+    pad = torch.ones_like(new.block_weight(), dtype=torch.bool)  # [c, O, I], whatever the stored layout
     for b, (o, i) in enumerate(zip(new.out_sizes, new.in_sizes)):
         pad[b, :o, :i] = False
     assert pad.any()
     with torch.no_grad():
-        new.weight[pad] = 123.0  # what fine-tuning could write into padded slots
+        new.block_weight()[pad] = 123.0  # what fine-tuning could write into padded slots
     assert torch.equal(new(x), ref)
     assert torch.equal(ChannelPermute(torch.tensor([1, 2]), 2)(torch.tensor([[5.0, 6.0]])), torch.tensor([[6.0, 0.0]]))
 

@@ -139,7 +139,7 @@ def convert_layer(plan: BlockPlan, module: nn.Module, strict: bool = True, kerne
         new: nn.Module = BlockDiagonalLinear(in_n, out_sizes, in_sizes, bias=bias is not None, kernel=kernel)
         new.to(device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
-            new.weight.copy_(blocks_w)
+            new.block_weight().copy_(blocks_w)
             if raw_bias is not None:
                 new.bias.copy_(raw_bias.view(plan.blocks, o_w))
             new.in_index.copy_(in_gather)
