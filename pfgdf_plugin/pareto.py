@@ -50,7 +50,7 @@ from .methods.target import Target
 from .persist import save_pruned
 from .pruning import METHODS, PruneContext, prune
 from .pruning.budget import with_own_target
-from .pruning.registry import parse_params, validate_params
+from .pruning.registry import parse_params, resolve_layers, validate_params
 from .recipe import DataSection, ModelSection
 from .remeasure import measure_in_fresh_process
 from .report import fmt_count, markdown_table
@@ -71,6 +71,8 @@ class ParetoEntry:
         framework: ``torch_pruning`` or ``nni``.
         params: the method's ``prune.params`` (without the knob the target chooses).
         targets: this entry's own targets (e.g. one budget only); ``None``: the config's.
+        ignored_layers: this entry's own layers to leave alone (e.g. MPD's first convolution, whose
+            one input channel cannot be split into blocks); ``None``: the config's.
     """
 
     label: str = ""
@@ -78,6 +80,7 @@ class ParetoEntry:
     framework: str = "torch_pruning"
     params: Dict[str, Any] = field(default_factory=dict)
     targets: Optional[List[Dict[str, float]]] = None
+    ignored_layers: Optional[List[str]] = None
 
 
 def _default_targets() -> List[Dict[str, float]]:
@@ -255,9 +258,13 @@ def _dense(cfg: ParetoConfig, data: Data) -> nn.Module:
 def _cell_key(cfg: ParetoConfig, entry: ParetoEntry, target: Dict[str, float], seed: int) -> str:
     blob = json.dumps({"dense": _dense_key(cfg), "method": entry.method, "framework": entry.framework,
                        "params": entry.params, "target": target, "seed": seed, "E": cfg.epochs_after_dense,
-                       "finetune": to_dict(cfg.finetune), "timing": cfg.timing, "ignored": cfg.ignored_layers,
+                       "finetune": to_dict(cfg.finetune), "timing": cfg.timing, "ignored": _ignored(cfg, entry),
                        "retry": cfg.unreachable_retry}, sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def _ignored(cfg: ParetoConfig, entry: ParetoEntry) -> Optional[List[str]]:
+    return cfg.ignored_layers if entry.ignored_layers is None else entry.ignored_layers
 
 
 def _pruning_epochs(extra: Dict[str, Any], parsed: Any, steps_per_epoch: int) -> float:
@@ -293,8 +300,8 @@ def _run_cell(cfg: ParetoConfig, entry: ParetoEntry, target: Dict[str, float], s
 
     def run(goal: Dict[str, float]):
         seed_everything(seed)
-        return prune(dense, data.example, entry.method, entry.framework, params, None, cfg.ignored_layers, ctx=ctx,
-                     target=goal, timing=cfg.timing)
+        return prune(dense, data.example, entry.method, entry.framework, params, None, _ignored(cfg, entry),
+                     ctx=ctx, target=goal, timing=cfg.timing)
 
     t = time.perf_counter()
     shown = target
@@ -352,6 +359,19 @@ def _reusable(rec: Optional[Dict[str, Any]]) -> bool:
     return rec is not None and (rec.get("model_file") is None or os.path.exists(rec["model_file"]))
 
 
+def _check_ignored(cfg: ParetoConfig, dense: nn.Module) -> None:
+    """Every ``ignored_layers`` name must be a layer of the model, before any cell runs."""
+    errors = []
+    for i, e in enumerate(cfg.entries):
+        try:
+            resolve_layers(dense, _ignored(cfg, e))
+        except ValueError as err:
+            key = "ignored_layers" if e.ignored_layers is None else f"entries[{i}].ignored_layers"
+            errors.append(f"{key}: {str(err).split(': ', 1)[-1]}")
+    if errors:
+        raise ConfigError(list(dict.fromkeys(errors)), cfg.name)
+
+
 def _latency(paths: Dict[str, str], input_shape: Tuple[int, ...], timing: Dict[str, Any], run_dir: str,
              reuse: bool) -> Dict[str, Any]:
     """The fresh-process latency of ``paths``; with ``reuse``, the last measurement of exactly these files."""
@@ -381,6 +401,7 @@ def run_pareto(cfg: ParetoConfig, out_dir: str = "docs", command: Optional[str] 
     seed_everything(cfg.seeds[0])
     data = load_data(cfg.data, cfg.seeds[0])
     dense = _dense(cfg, data)
+    _check_ignored(cfg, dense)
     dense_summary = measure_model(dense, data, "cpu", "eval dense", cfg.progress)
     run_dir = os.path.join(cfg.work_dir, f"pareto-{cfg.name}")
     os.makedirs(os.path.join(run_dir, "models"), exist_ok=True)
@@ -476,6 +497,7 @@ def summarize_cells(results: Dict[str, Any]) -> List[Dict[str, Any]]:
                        else "unreachable" if any(r["status"] == "unreachable" for r in recs) else "ok"),
             "messages": sorted({r["message"] for r in recs if r.get("message")}),
             "best_reached": max(bests) if bests else None,
+            "unfinished": sum(1 for r in ok if (r.get("extra") or {}).get("spp_finished") is False),
             "shown_at": next((r["shown_at"] for r in recs if r.get("shown_at")), None),
             "accuracy": _stats([100 * r["accuracy"] for r in ok]),
             "change": _stats([100 * (r["accuracy"] - dense["accuracy"]) for r in ok]),
@@ -497,12 +519,16 @@ def _table(points: List[Dict[str, Any]], dense: Dict[str, Any]) -> str:
             rows.append([p["label"], f"0/{p['n']}", "failed: " + "; ".join(p["messages"])[:200]] + ["-"] * 6)
             continue
         reached = _fmt_range(p["reached"], ".2f", "x")
-        if p["status"] == "unreachable":
-            best = f"{p['best_reached']:.2f}x" if p["best_reached"] is not None else "?"
+        if p["status"] == "unreachable" and p["best_reached"] is None:
+            reached = "**unreachable**: " + "; ".join(p["messages"])[:200]
+        elif p["status"] == "unreachable":
             shown = f", shown at {describe_target(p['shown_at']).split(' ', 1)[1]}" if p["shown_at"] else ""
-            reached = f"**unreachable** (best {best}{shown}): {reached}"
+            reached = f"**unreachable** (best {p['best_reached']:.2f}x{shown}): {reached}"
         pe, fe = p["epochs"]
-        rows.append([p["label"] + (" (unreachable)" if p["status"] == "unreachable" else ""),
+        notes = " (unreachable)" if p["status"] == "unreachable" else ""
+        if p.get("unfinished"):
+            notes += f" (SPP stopped short of its ratio in {p['unfinished']}/{len(p['seeds'])} seeds)"
+        rows.append([p["label"] + notes,
                      f"{len(p['seeds'])}/{p['n']}", _fmt_range(p["accuracy"], ".2f"),
                      _fmt_range(p["change"], "+.2f", " pts"), _fmt_range(p["speedup"], ".2f", "x"),
                      f"{req} / {reached}", _fmt_range(p["macs_x"], ".2f", "x"), _fmt_range(p["params_x"], ".2f", "x"),
@@ -538,12 +564,13 @@ def plot_pareto(points: List[Dict[str, Any]], dense: Dict[str, Any], path: str, 
             continue
         c, mk = cmap(i % 10), markers[i % len(markers)]
         xs, ys = [p[x][0] for p in pts], [p["accuracy"][0] for p in pts]
-        ax.plot(xs, ys, "-", color=c, lw=1.2, alpha=0.8, label=label)
+        ax.plot(xs, ys, "-", marker=mk, color=c, lw=1.2, ms=6, alpha=0.85, label=label, zorder=3)
         for p in pts:
             (xm, xlo, xhi), (ym, ylo, yhi) = p[x], p["accuracy"]
-            hollow = p["status"] == "unreachable"
-            ax.errorbar([xm], [ym], xerr=[[xm - xlo], [xhi - xm]], yerr=[[ym - ylo], [yhi - ym]], fmt=mk,
-                        color=c, mfc="white" if hollow else c, mec=c, ms=8 if hollow else 6, capsize=2, lw=0.8)
+            ax.errorbar([xm], [ym], xerr=[[xm - xlo], [xhi - xm]], yerr=[[ym - ylo], [yhi - ym]], fmt="none",
+                        ecolor=c, capsize=2, lw=0.8, zorder=2)
+            if p["status"] == "unreachable":  # hollow: the best this entry reached, not the target
+                ax.scatter([xm], [ym], marker=mk, s=70, facecolors="white", edgecolors=[c], linewidths=1.4, zorder=4)
     ax.scatter([1.0], [100 * dense["accuracy"]], marker="*", s=140, color="black", zorder=4, label="dense")
     if x == "speedup":
         for v in sorted({float(t) for p in points for k, t in p["target"].items() if k == "latency"}):
@@ -576,7 +603,7 @@ def write(results: Dict[str, Any], out_dir: str) -> List[str]:
     m, d = cfg.model, cfg.data
     n_train, n_test = results["data_sizes"]
     title = (f"{m.name} width {m.width:g}, {d.name} {d.image_size}x{d.image_size} ({n_train} train), "
-             f"{cfg.epochs_after_dense:g} epochs after dense, seeds {', '.join(map(str, cfg.seeds))}")
+             f"{cfg.epochs_after_dense:g} epochs after dense, seed(s) {', '.join(map(str, cfg.seeds))}")
     speed_png = plot_pareto(points, dense, os.path.join(bench_dir, f"{cfg.name}_speedup.png"), "speedup", title)
     macs_png = plot_pareto(points, dense, os.path.join(bench_dir, f"{cfg.name}_macs.png"), "macs_x", title)
     rm = results["remeasure"]

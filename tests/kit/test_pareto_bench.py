@@ -133,6 +133,18 @@ def test_pareto_config_errors_name_the_key(tmp_path):
     assert "seeds must be" in msg and "entries[0].method" in msg
 
 
+def test_pareto_ignored_layers_are_checked_before_any_cell(tmp_path, monkeypatch):
+    path, _ = tiny(tmp_path, seeds=[0], entries=[
+        {"label": "l1", "method": "l1", "ignored_layers": ["no_such_layer"]}])
+
+    def no_prune(*a, **k):
+        raise AssertionError("a cell ran before the layers were checked")
+
+    monkeypatch.setitem(run_pareto.__globals__, "prune", no_prune)
+    with pytest.raises(ConfigError, match=r"entries\[0\]\.ignored_layers: no layer named 'no_such_layer'"):
+        run_pareto(load_bench_config(path), str(tmp_path / "docs"))
+
+
 def test_best_reached_reads_every_search_message():
     assert best_reached("target macs 9x cannot be reached: the most pruning tried (pruning ratio = 0.95) gives "
                         "4.20x; ask for less, or allow more pruning") == 4.2
