@@ -6,6 +6,10 @@ each copy for the same number of epochs, and measures the latency of all of them
 JSON and plots. Entries that take their per-layer ratios from another entry (``ratios_from``)
 prune exactly as many filters per layer as that entry did, so criteria are compared at the
 same structure.
+
+A bench YAML with ``seeds``, ``targets``, ``timing`` or ``epochs_after_dense`` is a Pareto bench
+(every method at several measured budgets over seeds): :mod:`pfgdf_plugin.pareto` runs it, and
+this module assembles its section into ``benchmarks.md`` like any other.
 """
 
 from __future__ import annotations
@@ -18,13 +22,15 @@ import platform
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 import torch.nn as nn
 
 from . import measure
 from .config import ConfigError, from_dict, load_yaml, set_by_path, to_dict
+from .pareto import ParetoConfig, is_pareto, pareto_config, run_pareto
+from .pareto import write as write_pareto
 from .pruning import METHODS, PruneContext, PruneResult, prune, prune_like, prune_matching
 from .quantize import QuantizeConfig, onnx_int8, quantize
 from .recipe import DataSection, ModelSection
@@ -75,10 +81,19 @@ class BenchConfig:
     progress: bool = True
 
 
-def load_bench_config(path: Optional[str], overrides: Optional[List[str]] = None) -> BenchConfig:
+def load_bench_config(path: Optional[str], overrides: Optional[List[str]] = None
+                      ) -> Union[BenchConfig, ParetoConfig]:
+    """The bench config of a YAML file (with ``--set`` overrides): a :class:`BenchConfig`, or a
+    :class:`~pfgdf_plugin.pareto.ParetoConfig` when the file has Pareto keys (``seeds``, ``targets``, ...).
+
+    Raises:
+        ConfigError: every problem at once, each naming its key.
+    """
     data = load_yaml(path) if path else {}
     for item in overrides or []:
         set_by_path(data, item)
+    if is_pareto(data):
+        return pareto_config(data, path or "bench")
     cfg = from_dict(BenchConfig, data)
     errors = cfg.train.validate("train") + cfg.finetune.validate("finetune") + cfg.quantize.validate("quantize")
     if cfg.quantize.fused:
@@ -141,6 +156,10 @@ def run_bench(config_path: Optional[str] = None, overrides: Optional[List[str]] 
               out_dir: str = "docs") -> Dict[str, Any]:
     """Run the benchmark and write ``benchmarks.md``, ``bench/<name>.json`` and plots under ``out_dir``."""
     cfg = load_bench_config(config_path, overrides)
+    if isinstance(cfg, ParetoConfig):
+        results = run_pareto(cfg, out_dir, "pfgdf-plugin bench " + " ".join(sys.argv[2:]))
+        _assemble(out_dir)
+        return results
     t0 = time.perf_counter()
     seed_everything(cfg.seed)
     data = load_data(cfg.data, cfg.seed)
@@ -179,6 +198,10 @@ def render(json_path: str, out_dir: str = "docs") -> None:
     """Rewrite a bench's section of ``benchmarks.md`` from its saved results, measuring nothing."""
     with open(json_path, encoding="utf-8") as f:
         results = json.load(f)
+    if results.get("mode") == "pareto":
+        write_pareto(results, out_dir)
+        _assemble(out_dir)
+        return
     cfg = from_dict(BenchConfig, results["config"])
     for engine in results["latency"].values():  # JSON turned the batch-size keys into strings
         for label in engine:

@@ -31,7 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("--port", type=int, default=None, help="NNI manager port (default: a free one)")
     search.add_argument("--work-dir", default=None, help="experiment working directory (default: the YAML's)")
     bench = sub.add_parser("bench", help="methods side by side on one model, data set and budget")
-    bench.add_argument("--config", default=None, help="a bench YAML (default: the built-in PFGDF vs L1 bench)")
+    bench.add_argument("--config", default=None,
+                       help="a bench YAML (default: the built-in PFGDF vs L1 bench); one with seeds/targets/timing/"
+                            "epochs_after_dense is a Pareto bench (docs/pareto.md)")
     bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     bench.add_argument("--out", default="docs", help="folder for benchmarks.md and plots (default: docs)")
     bench.add_argument("--render", default=None, metavar="JSON",
