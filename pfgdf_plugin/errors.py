@@ -71,7 +71,15 @@ class BaselineError(PluginError, ValueError):
 
 class TargetError(PluginError, ValueError):
     """A budget (``target``) that is malformed or cannot be reached; the message names the target and the
-    best ratio reached, and the model is left untouched."""
+    best ratio reached, and the model is left untouched.
+
+    Attributes:
+        best: the best ratio (dense / pruned) the search reached when the target is out of reach, else ``None``.
+    """
+
+    def __init__(self, *args, best: "float | None" = None):
+        super().__init__(*args)
+        self.best = None if best is None else float(best)
 
 
 class DBPTargetError(DBPError, TargetError):

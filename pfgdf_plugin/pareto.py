@@ -32,7 +32,6 @@ import hashlib
 import json
 import os
 import platform
-import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -211,28 +210,6 @@ def describe_target(target: Dict[str, float]) -> str:
     return Target.parse(target).describe()
 
 
-def best_reached(message: str) -> Optional[float]:
-    """The best ratio named in a :class:`~pfgdf_plugin.errors.TargetError`'s message, or ``None``.
-
-    The searches name it in their message only (``... gives 1.83x``, ``... ratio of 1.830``,
-    ``... gives 2.1 against the dense model (the best reached)``).
-
-    Example:
-        >>> best_reached("target latency 3x cannot be reached: the most pruning tried (k = 4) gives 2.41x; ask")
-        2.41
-        >>> best_reached("removing 3 of 9 block(s) gives 1.500, and width pruning ... gives 2.250 against the "
-        ...              "dense model (the best reached)")
-        2.25
-    """
-    num = r"(\d+(?:\.\d+)?)"
-    for pattern in (num + r" against the dense model \(the best reached\)", r"gives " + num + "x",
-                    r"ratio of " + num, r"measured " + num):
-        found = re.search(pattern, message)
-        if found:
-            return float(found.group(1))
-    return None
-
-
 # --------------------------------------------------------------------------- running
 
 
@@ -267,17 +244,9 @@ def _ignored(cfg: ParetoConfig, entry: ParetoEntry) -> Optional[List[str]]:
     return cfg.ignored_layers if entry.ignored_layers is None else entry.ignored_layers
 
 
-def _pruning_epochs(extra: Dict[str, Any], parsed: Any, steps_per_epoch: int) -> float:
-    """Epochs the pruning stage trained: its ``train_epochs`` report; else SPP's steps, else the
-    method's phase budget (``max_epochs``, ``sparsity_epochs``), else 0."""
-    if extra.get("train_epochs") is not None:
-        return float(extra["train_epochs"])
-    if extra.get("spp_steps") is not None:
-        return float(extra["spp_steps"]) / max(1, steps_per_epoch)
-    for key in PHASE_EPOCHS:
-        if isinstance(getattr(parsed, key, None), (int, float)):
-            return float(getattr(parsed, key))
-    return 0.0
+def _pruning_epochs(extra: Dict[str, Any]) -> float:
+    """Epochs the pruning stage trained (every method reports ``train_epochs``; see ``PruneResult``)."""
+    return float(extra.get("train_epochs") or 0.0)
 
 
 def _arch(cfg: ParetoConfig, data: Data) -> Dict[str, Any]:
@@ -308,7 +277,7 @@ def _run_cell(cfg: ParetoConfig, entry: ParetoEntry, target: Dict[str, float], s
     try:
         res = run(target)
     except TargetError as e:
-        best = best_reached(str(e))
+        best = e.best
         rec.update(status="unreachable", message=str(e).splitlines()[0], best_reached=best)
         kind = Target.parse(target).kind
         if not cfg.unreachable_retry or best is None or best * cfg.unreachable_retry <= 1.0:
@@ -330,7 +299,7 @@ def _run_cell(cfg: ParetoConfig, entry: ParetoEntry, target: Dict[str, float], s
     rec["accuracy_after_prune"] = measure.evaluate(res.model, data.test_loader, "cpu", "eval pruned",
                                                    cfg.progress)["accuracy"]
     parsed, _ = parse_params(m, with_own_target(m, params, shown))
-    rec["train_epochs"] = _pruning_epochs(res.extra, parsed, len(train_loader))
+    rec["train_epochs"] = _pruning_epochs(res.extra)
     rec["finetune_epochs"] = max(0.0, cfg.epochs_after_dense - rec["train_epochs"])
     t = time.perf_counter()
     if rec["finetune_epochs"] > 0:
@@ -648,5 +617,5 @@ def atomic_json(obj: Any, path: str) -> None:
     os.replace(tmp, path)
 
 
-__all__ = ["ParetoConfig", "ParetoEntry", "best_reached", "cells", "is_pareto", "pareto_config", "plot_pareto",
+__all__ = ["ParetoConfig", "ParetoEntry", "cells", "is_pareto", "pareto_config", "plot_pareto",
            "run_pareto", "summarize_cells", "write"]

@@ -118,7 +118,8 @@ def search(measure: Callable[[float], float], target: Target, lo: float, hi: flo
     best_hi = run(hi)
     if not best_hi >= target.value:
         raise TargetError(f"target {target.describe()} cannot be reached: the most pruning tried "
-                          f"({knob_name} = {hi:g}) gives {best_hi:.2f}x; ask for less, or allow more pruning")
+                          f"({knob_name} = {hi:g}) gives {best_hi:.2f}x; ask for less, or allow more pruning",
+                          best=best_hi)
     best: Optional[Trial] = trials[-1]
     if run(lo) >= target.value:
         return SearchResult(lo, trials[-1].reached, target, trials)

@@ -201,7 +201,7 @@ class DBPPruner:
                 f"target {self.target.describe()} cannot be reached: removing {len(result.removed)} of "
                 f"{len(self.blocks)} block(s) gives {result.plan.ratio(self.target.kind):.3f}, and width pruning "
                 f"at the largest global ratio {self.max_width_ratio:g} gives {best:.3f} against the dense model "
-                f"(the best reached); ask for less or raise max_width_ratio ({err})") from None
+                f"(the best reached); ask for less or raise max_width_ratio ({err})", best=best) from None
         dbp.remove_blocks_(self.model, result.removed_blocks())
         self._prune_width(self.model, importance, info["ratio"])
         return {"target": {width.kind: width.value}, "ratio": info["ratio"], "importance": self.width_importance,

@@ -187,7 +187,7 @@ def _plan_ratio(model: nn.Module, by_name: Mapping[str, Block], order: Sequence[
         if short_ok:
             return list(order), everything, best, False
         raise DBPTargetError(f"target {target.describe()} cannot be met: removing all {len(order)} candidate "
-                       f"block(s) reaches a {_LABEL[target.kind]} ratio of {best:.3f}")
+                       f"block(s) reaches a {_LABEL[target.kind]} ratio of {best:.3f}", best=best)
     work = copy.deepcopy(model)
     removed: List[str] = []
     ratio = 1.0
@@ -217,7 +217,7 @@ def _plan_latency(model: nn.Module, by_name: Mapping[str, Block], order: Sequenc
             return list(order), everything, best["ratio"], [{"removed": len(order), **best}], False
         raise DBPTargetError(f"target {target.describe()} cannot be met: removing all {len(order)} candidate "
                        f"block(s) measured a latency ratio of {best['ratio']:.3f} "
-                       f"({best['dense_ms']:.3f} ms -> {best['pruned_ms']:.3f} ms at batch 1)")
+                       f"({best['dense_ms']:.3f} ms -> {best['pruned_ms']:.3f} ms at batch 1)", best=best["ratio"])
     for name in order:
         remove_blocks_(work, [by_name[name]])
         removed.append(name)
@@ -228,7 +228,8 @@ def _plan_latency(model: nn.Module, by_name: Mapping[str, Block], order: Sequenc
             break
     if ratio < target.value:
         raise DBPTargetError(f"target {target.describe()} was not met: with all {len(order)} block(s) removed the "
-                       f"latency ratio measured {ratio:.3f} (the machine may be too noisy; retry or lower it)")
+                             f"latency ratio measured {ratio:.3f} (the machine may be too noisy; retry or lower it)",
+                             best=ratio)
     return removed, work, ratio, measurements, True
 
 
