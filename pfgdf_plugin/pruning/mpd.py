@@ -186,8 +186,9 @@ def report(result: PruneResult, plot_dir: Optional[str]) -> Tuple[Dict[str, Any]
     """MPD's metrics (compression reached, folded permutations) and its block-structure plot."""
     x = result.extra
     metrics = {"mpd": {"compression": x["mpd_compression"], "folded": x["mpd_folded"],
-                       "kernels": x.get("mpd_kernels", {}), "start": x.get("mpd_start", "dense"),
-                       "block_init": x.get("mpd_block_init", False)}}
+                       "kernels": x.get("mpd_kernels", {})}}
+    if "mpd_start" in x:  # how the masked training began (a saved result of an older run may not say)
+        metrics["mpd"].update(start=x["mpd_start"], block_init=x.get("mpd_block_init", False))
     if plot_dir is None or not x.get("mpd_snapshot"):
         return metrics, []
     from ..report import plot_mpd_blocks
