@@ -31,7 +31,7 @@ from . import measure
 from .config import ConfigError, from_dict, load_yaml, set_by_path, to_dict
 from .pareto import ParetoConfig, is_pareto, pareto_config, run_pareto
 from .pareto import write as write_pareto
-from .pruning import METHODS, PruneContext, PruneResult, prune, prune_like, prune_matching
+from .pruning import METHODS, PruneContext, PruneResult, prune, prune_like, prune_matching, trains_from_scratch
 from .quantize import QuantizeConfig, onnx_int8, quantize
 from .recipe import DataSection, ModelSection
 from .report import fmt_count, markdown_table
@@ -147,7 +147,10 @@ def _prune_entry(entry: BenchEntry, model: nn.Module, cfg: BenchConfig, data: Da
         goal = rows[entry.match_from]["summary"][entry.match_metric]
         return prune_matching(model, data.example, entry.method, entry.framework, entry.match_metric, goal,
                               cfg.ignored_layers)
-    ctx = PruneContext(train_loader=data.train_loader, train_cfg=cfg.finetune, progress=cfg.progress)
+    ctx = PruneContext(train_loader=data.train_loader, train_cfg=cfg.finetune, progress=cfg.progress,
+                       initial_train=cfg.train)
+    if trains_from_scratch(entry.method, entry.params):  # e.g. MPD start: scratch: masked for the train budget
+        model = new_model(cfg.model, data)  # a fresh initialisation, in place of the trained dense model
     return prune(model, data.example, entry.method, entry.framework, entry.params, entry.ratio, cfg.ignored_layers,
                  ctx=ctx)
 

@@ -20,8 +20,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
+import json
 import os
 import re
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -325,11 +329,14 @@ def eligible(name: str, sizes: Sequence[int] = SIZES) -> Tuple[Optional[Case], s
 def sweep(names: Sequence[str], checks: Optional[Sequence[str]] = None, max_params: float = float("inf"),
           log: Callable[[str], None] = print, budget: float = float("inf"),
           clock: Callable[[], float] = time.monotonic,
-          after_each: Optional[Callable[[Dict[str, object]], None]] = None) -> Dict[str, object]:
+          after_each: Optional[Callable[[Dict[str, object]], None]] = None, isolate: bool = False,
+          threads: int = 1, memory_gb: Optional[float] = None) -> Dict[str, object]:
     """Find the list among ``names`` and run ``checks`` (default: all of :data:`CHECKS`) on each model.
 
     ``after_each(out)`` is called with the results so far after every model (the command line rewrites
-    the markdown file, so a sweep cut short keeps what it did).
+    the markdown file, so a sweep cut short keeps what it did). ``isolate=True`` runs each model in its own
+    process (``threads`` torch threads, address space capped at ``memory_gb``): a check that kills its process
+    (out of memory, a crash in native code) is recorded as that check's failure and the sweep goes on.
 
     Returns ``{"checks": [...], "rows": {model: {"size": s, "results": {check: Result}}},
     "excluded": {model: reason}, "skipped": {model: reason}}``. Models above ``max_params`` parameters,
@@ -347,17 +354,78 @@ def sweep(names: Sequence[str], checks: Optional[Sequence[str]] = None, max_para
         if clock() - start > budget:
             out["skipped"][name] = f"the sweep's time budget ({budget:.0f} s) ran out before this model"
             continue
-        case, reason = eligible(name)
-        if case is None:
+        if isolate:
+            size, results, reason = _sweep_isolated(name, checks, threads, memory_gb)
+        else:
+            case, reason = eligible(name)
+            size, results = (case.size, {c: run_check(CHECKS[c], case, c) for c in checks}) if case else (0, {})
+        if reason:
             out["excluded"][name] = reason
             log(f"{name}: not in the list ({reason})")
             continue
-        results = {c: run_check(CHECKS[c], case, c) for c in checks}
-        out["rows"][name] = {"size": case.size, "params": params, "results": results}
-        log(f"{name} @{case.size}: " + ", ".join(f"{c}={r.cell()}" for c, r in results.items()))
+        out["rows"][name] = {"size": size, "params": params, "results": results}
+        log(f"{name} @{size}: " + ", ".join(f"{c}={r.cell()}" for c, r in results.items()))
         if after_each is not None:
             after_each(out)
     return out
+
+
+def _sweep_one(name: str, checks: Sequence[str], path: str) -> None:
+    """In a child process: ``eligible`` and the checks of one model, the results written to ``path`` (JSON)
+    after each check, so the parent knows how far a process that died got."""
+    case, reason = eligible(name)
+    state: Dict[str, object] = {"reason": reason, "size": case.size if case else 0, "results": {}}
+
+    def save() -> None:
+        with open(path + ".tmp", "w") as f:
+            json.dump(state, f)
+        os.replace(path + ".tmp", path)
+
+    save()
+    for c in checks if case else ():
+        state["results"][c] = dataclasses.asdict(run_check(CHECKS[c], case, c))
+        save()
+
+
+def _died(code: int, memory_gb: Optional[float]) -> str:
+    if code < 0:
+        sig = signal.Signals(-code).name
+        why = " (the kernel's out-of-memory killer, most likely)" if sig == "SIGKILL" else ""
+        return f"the check's process was killed by {sig}{why}"
+    cap = f" (address space capped at {memory_gb:g} GB)" if memory_gb else ""
+    return f"the check's process exited with code {code}{cap}"
+
+
+def _sweep_isolated(name: str, checks: Sequence[str], threads: int, memory_gb: Optional[float]
+                    ) -> Tuple[int, Dict[str, Result], str]:
+    """``(size, {check: Result}, reason)`` of one model, each run of checks in a child process; a check whose
+    process dies is recorded as an ``other failure`` naming how it died, and the rest run in a new process."""
+    results: Dict[str, Result] = {}
+    size, reason = 0, ""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "state.json")
+        while True:
+            todo = [c for c in checks if c not in results]
+            cmd = [sys.executable, "-m", "pfgdf_plugin.zoo_sweep", "--one", name, "--state", path,
+                   "--threads", str(threads), "--checks", *todo]
+            if memory_gb:
+                cmd += ["--memory-gb", str(memory_gb)]
+            start = time.perf_counter()
+            code = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
+            state = {"results": {}}
+            if os.path.exists(path):
+                with open(path) as f:
+                    state = json.load(f)
+            size, reason = state.get("size", 0), state.get("reason", "")
+            results.update({c: Result(**r) for c, r in state["results"].items()})
+            if code == 0 or reason:
+                return size, results, reason
+            if not size and "size" not in state:  # died before finding the input size
+                return 0, {}, f"building or trying the model: {_died(code, memory_gb)}"
+            dead = next(c for c in checks if c not in results)
+            results[dead] = Result(OTHER, "ProcessDied", _died(code, memory_gb), time.perf_counter() - start)
+            if all(c in results for c in checks):
+                return size, results, ""
 
 
 # --------------------------------------------------------------------------- docs/zoo.md
@@ -418,8 +486,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     help="skip models with more parameters (time and memory on a small machine; default: none)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--budget", type=float, default=float("inf"), help="seconds; the models left are skipped")
+    ap.add_argument("--memory-gb", type=float, default=None,
+                    help="cap each model's process at this much address space (default: none)")
+    ap.add_argument("--in-process", action="store_true",
+                    help="run every model in this process (default: one process per model)")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # a child process: this model only
+    ap.add_argument("--state", help=argparse.SUPPRESS)  # ... writing its results here
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.one:
+        if args.memory_gb:
+            import resource
+
+            cap = int(args.memory_gb * 2 ** 30)
+            resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+        import warnings
+
+        warnings.filterwarnings("ignore")
+        _sweep_one(args.one, args.checks or list(CHECKS), args.state)
+        return 0
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -427,6 +512,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     names = sorted(args.models or zoo_models(), key=param_count)  # smallest first: most models within a budget
     out = sweep(names, args.checks, args.max_params,
                 log=lambda s: print(s, file=sys.stderr, flush=True), budget=args.budget,
+                isolate=not args.in_process, threads=args.threads, memory_gb=args.memory_gb,
                 after_each=lambda so_far: write_markdown(so_far, args.out, time.perf_counter() - start,
                                                          note="(sweep in progress)"))
     write_markdown(out, args.out, time.perf_counter() - start)

@@ -245,6 +245,27 @@ class MPDPruner(Pruner):
             if ts.mask is not None:
                 ts.target.mul_(ts.mask.to(ts.target))
 
+    @torch.no_grad()
+    def init_blocks(self) -> Dict[str, torch.Tensor]:
+        """Rescale every configured layer's stored weight for its blocks' fan-in, in place (row ``o``
+        times ``sqrt(fan-in / kept fan-in)`` of its block-diagonal mask,
+        :func:`~pfgdf_plugin.methods.mpd.block_init_`); for masked training from a fresh
+        initialisation. Returns ``{module name: per-row scale}``.
+
+        Example:
+            >>> from pfgdf_plugin.models import build_model
+            >>> pruner = MPDPruner(build_model("lenet300", in_channels=1, image_size=28), [{"op_names": ["fc1"]}],
+            ...                    blocks=4)
+            >>> round(float(pruner.init_blocks()["fc1"].mean()), 2)
+            2.0
+            >>> pruner.unwrap_model()
+        """
+        scales = {}
+        for name, plan in self.plans.items():
+            target = self._target_spaces[name]["weight"].target
+            scales[name] = mpd.block_init_(target, plan.mask(target.dtype, target.device))
+        return scales
+
     def _refresh(self) -> None:
         self.update_masks(self.generate_masks())
         self.apply_masks()

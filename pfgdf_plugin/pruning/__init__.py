@@ -13,7 +13,7 @@ registering itself, and :mod:`.compare`.
 from . import baselines, builtin, dbp, mpd, pfgdf, spp  # noqa: F401  (each registers its method)
 from .compare import prune_like, prune_matching
 from .registry import (FRAMEWORKS, METHODS, Method, NoParams, PruneContext, PruneResult, parse_params, prune,
-                       resolve_layers, validate_params)
+                       resolve_layers, trains_from_scratch, validate_params)
 
 __all__ = [
     "FRAMEWORKS",
@@ -27,5 +27,6 @@ __all__ = [
     "prune_like",
     "prune_matching",
     "resolve_layers",
+    "trains_from_scratch",
     "validate_params",
 ]

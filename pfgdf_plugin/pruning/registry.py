@@ -68,6 +68,10 @@ class PruneContext:
     checkpoint_every: int = 0
     target: Optional[Dict[str, float]] = None  # prune.target: {"latency" | "macs" | "params": ratio}
     timing: Optional[Dict[str, Any]] = None  # prune.timing: how a latency target is timed
+    # the training the dense stage left to a method that trains from initialisation (Method.from_scratch):
+    # the recipe's (or the bench's) train section, and its resumable checkpoint
+    initial_train: Any = None
+    initial_checkpoint: Optional[str] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +91,12 @@ def no_report(result: PruneResult, plot_dir: Optional[str]) -> Tuple[Dict[str, A
 def no_rank_checks(result: PruneResult) -> Dict[str, Iterable[torch.Tensor]]:
     """The rank-agreement hook of a method whose state is all in the model's weights."""
     return {}
+
+
+def from_dense(params: Params) -> bool:
+    """The ``from_scratch`` hook of a method that prunes a trained dense model (every method but
+    MPD with ``start: scratch``)."""
+    return False
 
 
 @dataclass
@@ -123,6 +133,7 @@ class Method:
     report: ReportHook = no_report
     rank_checks: RankChecks = no_rank_checks
     target_knobs: Optional[tuple] = None
+    from_scratch: Callable[[Params], bool] = from_dense
 
     def __post_init__(self) -> None:
         own = self.report
@@ -194,6 +205,20 @@ def validate_params(method: Method, params: Dict[str, Any], ratio: Optional[floa
     elif ratio is not None and not 0.0 < ratio < 1.0:
         errors.append(f"{prefix}.ratio must be in (0, 1), got {ratio!r}")
     return errors + parse_params(method, with_own_target(method, params, target), f"{prefix}.params")[1]
+
+
+def trains_from_scratch(method: str, params: Optional[Dict[str, Any]] = None) -> bool:
+    """Whether ``method`` with ``params`` (a recipe's ``prune.params``) trains from initialisation,
+    so that a dense stage must not train first (:attr:`Method.from_scratch`). Params that do not
+    validate give ``False`` (validation reports them).
+
+    Example:
+        >>> trains_from_scratch("mpd", {"start": "scratch"}), trains_from_scratch("mpd", {}), trains_from_scratch("l1")
+        (True, False, False)
+    """
+    m = METHODS.get(method)
+    parsed, errors = parse_params(m, dict(params or {}))
+    return bool(parsed is not None and not errors and m.from_scratch(parsed))
 
 
 def resolve_layers(model: nn.Module, names: Optional[List[str]]) -> List[nn.Module]:

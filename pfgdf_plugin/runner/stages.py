@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from .. import distributed, measure
 from ..persist import load_pruned, save_pruned
-from ..pruning import METHODS, Method, PruneContext, PruneResult, prune
+from ..pruning import METHODS, Method, PruneContext, PruneResult, prune, trains_from_scratch
 from ..quantize import quantize
 from ..recipe import Recipe
 from ..report import comparison_rows, plot_filters, text_table, write_report
@@ -126,7 +126,9 @@ def data_stage(s: RunState) -> None:
 
 
 def dense_stage(s: RunState) -> None:
-    """The dense model: the interrupted run's, the recipe's checkpoint, or trained (resumably)."""
+    """The dense model: the interrupted run's, the recipe's checkpoint, or trained (resumably); left
+    as initialised when the method trains from scratch (:attr:`~pfgdf_plugin.pruning.Method.from_scratch`),
+    which then runs the ``train`` section itself in the prune stage."""
     r, m = s.recipe, s.recipe.model
     s.log(f"[2/7] model: {m.name} (width {m.width:g}), {len(s.data.spec.train)} training images")
     model = new_model(m, s.data, log=s.log)
@@ -140,8 +142,12 @@ def dense_stage(s: RunState) -> None:
             train(model, s.parallel_loader, r.train, device=r.device, desc="train", progress=s.progress,
                   checkpoint=Checkpointing(s.path("train.ckpt.pt"), r.checkpoint_every))
 
-    dense_weights(model, s.path("dense.pt"), fit if r.train.epochs > 0 else None, checkpoint=m.checkpoint,
-                  cached=s.resume_dense, write=distributed.is_main())
+    scratch = trains_from_scratch(r.prune.method, r.prune.params)
+    if scratch:  # the method trains from initialisation: the train section is its budget (see prune_stage)
+        s.log(f"      not trained here: {r.prune.method} trains from initialisation ({r.train.epochs:g} epoch(s) of "
+              "the train section, in the prune stage)")
+    dense_weights(model, s.path("dense.pt"), fit if r.train.epochs > 0 and not scratch else None,
+                  checkpoint=m.checkpoint, cached=s.resume_dense, write=distributed.is_main())
     s.timings["train_s"] = time.perf_counter() - t
     s.dense = model
     s.metrics["before"] = measure_model(model, s.data, r.device, "eval dense", s.progress)
@@ -189,7 +195,8 @@ def prune_stage(s: RunState) -> None:
         s.phase(2)
         ctx = PruneContext(train_loader=s.data.train_loader, train_cfg=r.finetune, device=r.device,
                            progress=s.progress, quantize=r.quantize, checkpoint=s.path("prune.ckpt.pt"),
-                           checkpoint_every=r.checkpoint_every)
+                           checkpoint_every=r.checkpoint_every, initial_train=r.train,
+                           initial_checkpoint=s.path("train.ckpt.pt"))
         with s.recording():  # the trainings a method runs while it prunes (SPP, MPD's masked training)
             s.result, after_prune, _ = prune_and_score(
                 lambda: prune(s.dense, s.data.example, p.method, p.framework, p.params, p.ratio, p.ignored_layers,

@@ -177,6 +177,29 @@ class MPDPruner:
         self._handles.append(handle)
         return handle
 
+    @torch.no_grad()
+    def init_blocks(self) -> Dict[str, torch.Tensor]:
+        """Rescale every masked layer's kept weights for its blocks' fan-in, in place: row ``o`` is
+        multiplied by ``sqrt(fan-in / kept fan-in)`` (:func:`~pfgdf_plugin.methods.mpd.block_init_`).
+
+        For masked training from scratch: call it on a freshly initialised model, before training,
+        so each block starts at the scale the initialiser gives a layer of the block's size
+        (without it, a layer with ``c`` blocks starts with pre-activations about ``sqrt(c)``
+        times smaller than a dense layer's). Returns ``{layer name: per-row scale}``.
+
+        Example:
+            >>> from pfgdf_plugin.models import build_model
+            >>> pruner = MPDPruner(build_model("lenet300", in_channels=1, image_size=28), torch.randn(1, 1, 28, 28),
+            ...                    blocks=4)
+            >>> sorted(round(float(s.mean()), 2) for s in pruner.init_blocks().values())
+            [2.0, 2.0]
+        """
+        if self.converted:
+            raise RuntimeError("MPDPruner.init_blocks() after step(): the model is already converted")
+        self.apply_masks()
+        return {name: mpd.block_init_(self.model.get_submodule(name).weight, self._masks[name])
+                for name in self.plans}
+
     def masks(self) -> Dict[str, torch.Tensor]:
         """``{layer name: weight-shaped mask}`` (copies; 1 = kept)."""
         return {name: m.clone() for name, m in self._masks.items()}

@@ -13,6 +13,7 @@ from ..params import Params, is_int
 from .kernels import check_kernel
 
 PERMUTATIONS = ("random", "magnitude")
+STARTS = ("dense", "scratch")
 LAYERS = (nn.Linear, nn.Conv2d)
 
 
@@ -51,6 +52,18 @@ def check_permutation(permutation: Any) -> str:
     if permutation not in PERMUTATIONS:
         raise MPDError(f"permutation must be one of {', '.join(PERMUTATIONS)}; got {permutation!r}")
     return permutation
+
+
+def check_start(start: Any) -> str:
+    """``start`` if it is one of :data:`STARTS` (when the masks go on), else ``MPDError`` listing them.
+
+    Example:
+        >>> check_start("scratch")
+        'scratch'
+    """
+    if start not in STARTS:
+        raise MPDError(f"start must be one of {', '.join(STARTS)}; got {start!r}")
+    return start
 
 
 def check_compression(compression: Any) -> float:
