@@ -84,3 +84,14 @@ def test_time_budget_skips_the_models_left_with_the_reason():
     out = zoo_sweep.sweep(["resnet18", "vgg11"], budget=5.0, clock=lambda: float(next(ticks)), log=lambda s: None)
     assert out["rows"] == {} and set(out["skipped"]) == {"resnet18", "vgg11"}
     assert "time budget (5 s)" in out["skipped"]["vgg11"]
+
+
+def test_one_process_per_model_runs_the_checks_and_survives_a_process_that_dies():
+    """``isolate=True``: a model's checks run in a child process and come back as results; a child that
+    cannot run (here: its address space capped far below what torch needs) is recorded with how it
+    ended, and the sweep goes on to the next model."""
+    out = zoo_sweep.sweep(["squeezenet1_1"], ["persist"], isolate=True)
+    assert out["rows"]["squeezenet1_1"]["results"]["persist"].status == zoo_sweep.PASS
+    out = zoo_sweep.sweep(["squeezenet1_1", "squeezenet1_0"], ["persist"], isolate=True, memory_gb=0.05)
+    assert set(out["excluded"]) == {"squeezenet1_1", "squeezenet1_0"}
+    assert "address space capped at 0.05 GB" in out["excluded"]["squeezenet1_1"]
