@@ -10,7 +10,7 @@ STAMP := $(VENV)/.pfgdf-installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,export,timm]'
+	$(PY) -m pip install --quiet -e '.[test,export,timm,tensorboard]'
 	touch $(STAMP)
 
 install: $(STAMP) data
