@@ -191,16 +191,22 @@ def _digest(path):
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
+def _digests(folder):
+    """``{relative path: sha256}`` of every file below ``folder`` (TensorBoard writes a subfolder)."""
+    return {os.path.relpath(os.path.join(root, f), folder): _digest(os.path.join(root, f))
+            for root, _, files in os.walk(folder) for f in files}
+
+
 def test_failed_run_keeps_earlier_results_and_input_model(tmp_path):
     recipe = tiny(PFGDF_RECIPE, tmp_path, ["export.onnx=false", "report.latency=false", "report.plots=false"])
     first = run_recipe(recipe, quiet=True)
     ckpt = os.path.join(first["run_dir"], "dense.pt")
-    before = {f: _digest(os.path.join(first["run_dir"], f)) for f in os.listdir(first["run_dir"])}
+    before = _digests(first["run_dir"])
     # a checkpoint that does not fit the model: the run fails, nothing earlier changes
     bad = tiny(PFGDF_RECIPE, tmp_path, [f"model.checkpoint={ckpt}", "model.width=0.5"])
     with pytest.raises(RunError, match="does not fit model"):
         run_recipe(bad, quiet=True)
-    after = {f: _digest(os.path.join(first["run_dir"], f)) for f in os.listdir(first["run_dir"])}
+    after = _digests(first["run_dir"])
     assert before == after
     # a second successful run goes beside the first one, never over it
     ok = tiny(PFGDF_RECIPE, tmp_path, [f"model.checkpoint={ckpt}", "export.onnx=false", "report.latency=false"])
