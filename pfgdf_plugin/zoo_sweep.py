@@ -476,6 +476,41 @@ def write_markdown(out: Dict[str, object], path: str, seconds: Optional[float] =
         f.write("\n".join(lines).rstrip() + "\n")
 
 
+def to_json(out: Dict[str, object]) -> Dict[str, object]:
+    """The sweep's results as plain JSON (see :func:`from_json`)."""
+    rows = {n: {**r, "results": {c: dataclasses.asdict(x) for c, x in r["results"].items()}}
+            for n, r in out["rows"].items()}
+    return {**out, "rows": rows}
+
+
+def from_json(blob: Dict[str, object]) -> Dict[str, object]:
+    """Inverse of :func:`to_json`."""
+    rows = {n: {**r, "results": {c: Result(**x) for c, x in r["results"].items()}} for n, r in blob["rows"].items()}
+    return {**blob, "rows": rows}
+
+
+def merge(parts: Sequence[Dict[str, object]]) -> Dict[str, object]:
+    """Several sweeps' results (over different models) as one, the models smallest first.
+
+    Example:
+        >>> a = {"checks": ["onnx"], "rows": {"alexnet": {"size": 64, "params": 2, "results": {}}},
+        ...      "excluded": {}, "skipped": {"vgg11": "time"}}
+        >>> b = {"checks": ["onnx"], "rows": {"vgg11": {"size": 32, "params": 9, "results": {}}},
+        ...      "excluded": {}, "skipped": {}}
+        >>> list(merge([a, b])["rows"]), merge([a, b])["skipped"]
+        (['alexnet', 'vgg11'], {})
+    """
+    out = {"checks": list(parts[0]["checks"]), "rows": {}, "excluded": {}, "skipped": {}}
+    for part in parts:
+        out["rows"].update(part["rows"])
+        out["excluded"].update(part["excluded"])
+    swept = set(out["rows"]) | set(out["excluded"])
+    for part in parts:
+        out["skipped"].update({n: why for n, why in part["skipped"].items() if n not in swept})
+    out["rows"] = dict(sorted(out["rows"].items(), key=lambda item: item[1]["params"]))
+    return out
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command line: ``python -m pfgdf_plugin.zoo_sweep --out docs/zoo.md [--models a b] [--max-params 1e8]``."""
     ap = argparse.ArgumentParser(prog="python -m pfgdf_plugin.zoo_sweep", description=__doc__.split("\n")[0])
@@ -490,6 +525,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     help="cap each model's process at this much address space (default: none)")
     ap.add_argument("--in-process", action="store_true",
                     help="run every model in this process (default: one process per model)")
+    ap.add_argument("--json", help="also write the results as JSON here (for --merge)")
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="write --out from these sweeps' JSON files (sweeps over different models); run nothing")
+    ap.add_argument("--largest-first", action="store_true", help="sweep the largest models first")
+    ap.add_argument("--seconds", type=float, default=None, help="with --merge: the sweeps' total time, for the page")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # a child process: this model only
     ap.add_argument("--state", help=argparse.SUPPRESS)  # ... writing its results here
     args = ap.parse_args(argv)
@@ -508,14 +548,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import warnings
 
     warnings.filterwarnings("ignore")
+    if args.merge:
+        parts = []
+        for path in args.merge:
+            with open(path) as f:
+                parts.append(from_json(json.load(f)))
+        write_markdown(merge(parts), args.out, args.seconds)
+        print(f"wrote {args.out} from {len(parts)} sweeps", file=sys.stderr)
+        return 0
     start = time.perf_counter()
     names = sorted(args.models or zoo_models(), key=param_count)  # smallest first: most models within a budget
+    if args.largest_first:
+        names.reverse()
+
+    def save(so_far: Dict[str, object], note: str = "") -> None:
+        write_markdown(so_far, args.out, time.perf_counter() - start, note=note)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(to_json(so_far), f, indent=1)
     out = sweep(names, args.checks, args.max_params,
                 log=lambda s: print(s, file=sys.stderr, flush=True), budget=args.budget,
                 isolate=not args.in_process, threads=args.threads, memory_gb=args.memory_gb,
-                after_each=lambda so_far: write_markdown(so_far, args.out, time.perf_counter() - start,
-                                                         note="(sweep in progress)"))
-    write_markdown(out, args.out, time.perf_counter() - start)
+                after_each=lambda so_far: save(so_far, "(sweep in progress)"))
+    save(out)
     print(f"wrote {args.out}: {len(out['rows'])} models swept", file=sys.stderr)
     return 0
 
