@@ -490,7 +490,8 @@ def from_json(blob: Dict[str, object]) -> Dict[str, object]:
 
 
 def merge(parts: Sequence[Dict[str, object]]) -> Dict[str, object]:
-    """Several sweeps' results (over different models) as one, the models smallest first.
+    """Several sweeps' results as one, the models smallest first; where two sweeps ran a model, the later
+    part's result is kept (a rerun with more memory, say).
 
     Example:
         >>> a = {"checks": ["onnx"], "rows": {"alexnet": {"size": 64, "params": 2, "results": {}}},
@@ -501,9 +502,13 @@ def merge(parts: Sequence[Dict[str, object]]) -> Dict[str, object]:
         (['alexnet', 'vgg11'], {})
     """
     out = {"checks": list(parts[0]["checks"]), "rows": {}, "excluded": {}, "skipped": {}}
-    for part in parts:
-        out["rows"].update(part["rows"])
-        out["excluded"].update(part["excluded"])
+    for part in parts:  # a later sweep of a model (say, with more memory) replaces an earlier one
+        for name, row in part["rows"].items():
+            out["excluded"].pop(name, None)
+            out["rows"][name] = row
+        for name, why in part["excluded"].items():
+            out["rows"].pop(name, None)
+            out["excluded"][name] = why
     swept = set(out["rows"]) | set(out["excluded"])
     for part in parts:
         out["skipped"].update({n: why for n, why in part["skipped"].items() if n not in swept})
@@ -527,7 +532,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     help="run every model in this process (default: one process per model)")
     ap.add_argument("--json", help="also write the results as JSON here (for --merge)")
     ap.add_argument("--merge", nargs="+", metavar="JSON",
-                    help="write --out from these sweeps' JSON files (sweeps over different models); run nothing")
+                    help="write --out from these sweeps' JSON files (a later file's result wins); run nothing")
     ap.add_argument("--largest-first", action="store_true", help="sweep the largest models first")
     ap.add_argument("--seconds", type=float, default=None, help="with --merge: the sweeps' total time, for the page")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # a child process: this model only
