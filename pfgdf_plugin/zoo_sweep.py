@@ -491,7 +491,7 @@ def from_json(blob: Dict[str, object]) -> Dict[str, object]:
 
 def merge(parts: Sequence[Dict[str, object]]) -> Dict[str, object]:
     """Several sweeps' results as one, the models smallest first; where two sweeps ran a model, the later
-    part's result is kept (a rerun with more memory, say).
+    part's results are kept, check by check (a rerun of some checks with more memory, say).
 
     Example:
         >>> a = {"checks": ["onnx"], "rows": {"alexnet": {"size": 64, "params": 2, "results": {}}},
@@ -505,7 +505,10 @@ def merge(parts: Sequence[Dict[str, object]]) -> Dict[str, object]:
     for part in parts:  # a later sweep of a model (say, with more memory) replaces an earlier one
         for name, row in part["rows"].items():
             out["excluded"].pop(name, None)
-            out["rows"][name] = row
+            if name in out["rows"]:  # a rerun of some checks: those checks' results replace the earlier ones
+                out["rows"][name] = {**row, "results": {**out["rows"][name]["results"], **row["results"]}}
+            else:
+                out["rows"][name] = row
         for name, why in part["excluded"].items():
             out["rows"].pop(name, None)
             out["excluded"][name] = why
@@ -535,6 +538,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     help="write --out from these sweeps' JSON files (a later file's result wins); run nothing")
     ap.add_argument("--largest-first", action="store_true", help="sweep the largest models first")
     ap.add_argument("--seconds", type=float, default=None, help="with --merge: the sweeps' total time, for the page")
+    ap.add_argument("--note", default="", help="with --merge: a paragraph under the page's header (how it was run)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # a child process: this model only
     ap.add_argument("--state", help=argparse.SUPPRESS)  # ... writing its results here
     args = ap.parse_args(argv)
@@ -558,7 +562,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for path in args.merge:
             with open(path) as f:
                 parts.append(from_json(json.load(f)))
-        write_markdown(merge(parts), args.out, args.seconds)
+        write_markdown(merge(parts), args.out, args.seconds, note=args.note)
         print(f"wrote {args.out} from {len(parts)} sweeps", file=sys.stderr)
         return 0
     start = time.perf_counter()
