@@ -120,12 +120,9 @@ def test_without_a_target_the_defaults_are_the_old_ones():
     assert MPDPruner(model, X, ignored_layers=[model.features[0]]).compression == 10.0
 
 
-def test_latency_target_trusts_the_meter(monkeypatch):
+def test_latency_target_trusts_the_meter(macs_squared_clock):
     """A deterministic stand-in for the clock (MACs ratio squared): k meets latency 4x = MACs 2x."""
-    def fake(dense, candidate, example_inputs, *args):
-        return (count_macs(dense, example_inputs) / count_macs(candidate, example_inputs)) ** 2
-
-    monkeypatch.setitem(pfgdf_module.meet_target.__globals__, "latency_ratio", fake)
+    macs_squared_clock(pfgdf_module.meet_target)
     model = build_model("vgg16_bn", width=0.25)
     dense = count_macs(model, X)
     pruner = PFGDFPruner(model, X, target={"latency": 4.0}, timing={"threads": 1}, ignored_layers=[model.classifier])
