@@ -44,7 +44,7 @@ from ..errors import BaselineError
 from ..measure import filters_per_layer
 from ..methods.params import Params, is_int, is_number, one_of
 from .budget import nni_search, timing_of
-from .common import channel_report, needs_data, nni_config, nni_finish, nni_l1_copy, train_config
+from .common import channel_report, epochs_of, needs_data, nni_config, nni_finish, nni_l1_copy, train_config
 from .registry import Method, NoParams, PruneContext, PruneResult, register
 
 NORMALIZERS = ("mean", "none")
@@ -300,7 +300,7 @@ def _tp_slim(model, example_inputs, p: SlimParams, ratio, ignored, ctx) -> Prune
         stats = train(model, ctx.train_loader, train_config(ctx, p.sparsity_epochs), device=ctx.device,
                       desc="slim (sparsity)", progress=ctx.progress, checkpoint=ckpt,
                       after_backward=lambda net: regularizer.regularize(net))
-        epochs = stats["steps"] / max(1, len(ctx.train_loader))
+        epochs = epochs_of(stats["steps"], ctx)
         model.zero_grad(set_to_none=True)
         model.cpu().eval()
     gamma_after = mean_abs_gamma(model)  # the whole model, before any channel goes

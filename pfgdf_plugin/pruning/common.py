@@ -34,6 +34,11 @@ def train_config(ctx: PruneContext, epochs: Optional[float] = None):
     return cfg if epochs is None else dataclasses.replace(cfg, epochs=epochs)
 
 
+def epochs_of(steps: Optional[float], ctx: PruneContext) -> float:
+    """Optimiser steps as epochs of ``ctx.train_loader`` (``extra["train_epochs"]``); ``None`` steps: 0."""
+    return 0.0 if steps is None else float(steps) / max(1, len(ctx.train_loader))
+
+
 def needs_data(ctx: PruneContext, method: str, why: str) -> None:
     """Raise :class:`~pfgdf_plugin.errors.ConfigError` when a method that trains or probes got no training data.
 

@@ -14,7 +14,7 @@ from ..errors import ConfigError, MPDError
 from ..methods.mpd import MPDParams, check_start
 from ..methods.params import is_number
 from ..train import Checkpointing
-from .common import module_names, needs_data, nni_train, train_config
+from .common import epochs_of, module_names, needs_data, nni_train, train_config
 from .registry import Method, PruneResult, register, resolve_layers
 
 
@@ -118,7 +118,7 @@ def _tp_mpd(model, example_inputs, p: MPDRecipeParams, ratio, ignored, ctx) -> P
         ckpt = Checkpointing(ctx.initial_checkpoint, ctx.checkpoint_every) if ctx.initial_checkpoint else None
         stats = train(model, ctx.train_loader, scratch, device=ctx.device, desc="mpd (masked training from scratch)",
                       progress=ctx.progress, on_step=lambda step, loss: pruner.update(), checkpoint=ckpt)
-        epochs += stats["steps"] / max(1, len(ctx.train_loader))
+        epochs += epochs_of(stats["steps"], ctx)
         model.cpu().eval()
     if p.max_epochs > 0:
         needs_data(ctx, "mpd", "trains with its masks for prune.params.max_epochs")
@@ -127,7 +127,7 @@ def _tp_mpd(model, example_inputs, p: MPDRecipeParams, ratio, ignored, ctx) -> P
         stats = train(model, ctx.train_loader, train_config(ctx, p.max_epochs), device=ctx.device,
               desc="mpd (masked training)", progress=ctx.progress, on_step=lambda step, loss: pruner.update(),
               checkpoint=ckpt)
-        epochs += stats["steps"] / max(1, len(ctx.train_loader))
+        epochs += epochs_of(stats["steps"], ctx)
         model.cpu().eval()
     snapshot = _snapshot(model, pruner.plans)
     result = _result(model, pruner.step(), snapshot, p, epochs)
@@ -180,7 +180,7 @@ def _nni_mpd(model, example_inputs, p: MPDRecipeParams, ratio, ignored, ctx) -> 
     _, calibration = nni_train(pruner, evaluator, ctx, steps)
     model.cpu().eval()
     snapshot = _snapshot(model, dict(pruner.plans))
-    epochs = steps / len(ctx.train_loader) if steps is not None else 0.0
+    epochs = epochs_of(steps, ctx)
     result = _result(model, convert(model, pruner, example_inputs, fold=p.fold, kernel=p.kernel), snapshot, p,
                      epochs)
     result.fused_calibration = calibration

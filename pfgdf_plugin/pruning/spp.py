@@ -14,7 +14,7 @@ from ..methods.params import is_number
 from ..methods.spp import SPPParams
 from ..train import Checkpointing, read_checkpoint
 from .budget import nni_search
-from .common import channel_report, needs_data, nni_config, nni_finish, nni_l1_copy, nni_train, train_config
+from .common import channel_report, epochs_of, needs_data, nni_config, nni_finish, nni_l1_copy, nni_train, train_config
 from .registry import Method, PruneResult, register
 
 MAX_SNAPSHOTS = 200  # probability snapshots kept for the report's heat map
@@ -44,9 +44,9 @@ def _snapshot(probabilities: Dict[str, torch.Tensor], history: Dict[str, list], 
             history.setdefault(name, []).append(p.detach().float().cpu().tolist())
 
 
-def _extra(history: Dict[str, list], every: int, steps: int, finished: bool, batches: int) -> Dict[str, Any]:
+def _extra(history: Dict[str, list], every: int, steps: int, finished: bool, ctx) -> Dict[str, Any]:
     return {"spp_history": history, "spp_history_every": every, "spp_steps": steps, "spp_finished": finished,
-            "train_epochs": steps / max(1, batches)}
+            "train_epochs": epochs_of(steps, ctx)}
 
 
 def _tp_train(model, pruner, p: SPPRecipeParams, ctx, history: Dict[str, list], every: int) -> int:
@@ -95,7 +95,7 @@ def _tp_spp(model, example_inputs, p: SPPRecipeParams, ratio, ignored, ctx) -> P
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pruner.step()
-    extra = _extra(history, every, steps, finished, len(ctx.train_loader))
+    extra = _extra(history, every, steps, finished, ctx)
     if pruner.target_report is not None:
         extra["target_search"] = pruner.target_report
     return PruneResult(model, channel_report(before, model), extra=extra)
@@ -131,7 +131,7 @@ def _nni_spp(model, example_inputs, p: SPPRecipeParams, ratio, ignored, ctx) -> 
     finished = pruner.finished
     result = nni_finish(model.cpu(), masks, example_inputs, config, before)
     result.fused_calibration = calibration
-    result.extra.update(_extra(history, every, pruner.steps, finished, len(ctx.train_loader)))
+    result.extra.update(_extra(history, every, pruner.steps, finished, ctx))
     if search is not None:
         result.extra["target_search"] = search
     return result
