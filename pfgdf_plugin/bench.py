@@ -15,7 +15,6 @@ this module assembles its section into ``benchmarks.md`` like any other.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import platform
@@ -35,8 +34,8 @@ from .pruning import METHODS, PruneContext, PruneResult, prune, prune_like, prun
 from .quantize import QuantizeConfig, onnx_int8, quantize
 from .recipe import DataSection, ModelSection
 from .report import fmt_count, markdown_table
-from .runner.steps import Data, dense_weights, finetune, load_data, measure_model, new_model, prune_and_score
-from .train import TrainConfig, seed_everything, train
+from .runner.steps import Data, cached_dense, finetune, load_data, measure_model, new_model, prune_and_score
+from .train import TrainConfig, seed_everything
 
 
 @dataclass
@@ -114,26 +113,9 @@ def load_bench_config(path: Optional[str], overrides: Optional[List[str]] = None
     return cfg
 
 
-def _key(cfg: BenchConfig) -> str:
-    blob = json.dumps({"m": to_dict(cfg.model), "d": to_dict(cfg.data), "t": to_dict(cfg.train), "s": cfg.seed},
-                      sort_keys=True)
-    return hashlib.sha1(blob.encode()).hexdigest()[:10]
-
-
 def _dense(cfg: BenchConfig, data: Data) -> nn.Module:
     """The dense model, trained once per model/data/training setting and kept in ``work_dir``."""
-    m = cfg.model
-    model = new_model(m, data)
-    cache = os.path.join(cfg.work_dir, f"dense-{_key(cfg)}.pt")
-    cached = os.path.exists(cache)
-    if cached:
-        print(f"reusing the dense model {cache}", flush=True)
-    else:
-        print(f"training the dense model: {m.name} width {m.width:g}, {len(data.spec.train)} images, "
-              f"{cfg.train.epochs:g} epochs", flush=True)
-    dense_weights(model, cache, lambda: train(model, data.train_loader, cfg.train, desc="train dense",
-                                              progress=cfg.progress), cached=cached, wrap=False)
-    return model
+    return cached_dense(cfg.model, cfg.data, cfg.train, cfg.seed, data, cfg.work_dir, cfg.progress)
 
 
 def _prune_entry(entry: BenchEntry, model: nn.Module, cfg: BenchConfig, data: Data,

@@ -53,8 +53,8 @@ from .pruning.registry import parse_params, resolve_layers, validate_params
 from .recipe import DataSection, ModelSection
 from .remeasure import measure_in_fresh_process
 from .report import fmt_count, markdown_table
-from .runner.steps import Data, dense_weights, finetune, load_data, measure_model, new_model
-from .train import TrainConfig, seed_everything, train
+from .runner.steps import Data, cached_dense, dense_key, finetune, load_data, measure_model
+from .train import TrainConfig, seed_everything
 
 PARETO_KEYS = ("seeds", "targets", "timing", "epochs_after_dense")  # any of them makes a bench YAML a Pareto one
 PHASE_EPOCHS = ("max_epochs", "sparsity_epochs")  # method params that set how long the pruning stage trains
@@ -214,22 +214,11 @@ def describe_target(target: Dict[str, float]) -> str:
 
 
 def _dense_key(cfg: ParetoConfig) -> str:
-    """The same key as a plain bench's, so both reuse one dense model."""
-    blob = json.dumps({"m": to_dict(cfg.model), "d": to_dict(cfg.data), "t": to_dict(cfg.train),
-                       "s": cfg.seeds[0]}, sort_keys=True)
-    return hashlib.sha1(blob.encode()).hexdigest()[:10]
+    return dense_key(cfg.model, cfg.data, cfg.train, cfg.seeds[0])
 
 
 def _dense(cfg: ParetoConfig, data: Data) -> nn.Module:
-    model = new_model(cfg.model, data)
-    cache = os.path.join(cfg.work_dir, f"dense-{_dense_key(cfg)}.pt")
-    cached = os.path.exists(cache)
-    print(f"reusing the dense model {cache}" if cached else
-          f"training the dense model: {cfg.model.name} width {cfg.model.width:g}, {len(data.spec.train)} images, "
-          f"{cfg.train.epochs:g} epochs", flush=True)
-    dense_weights(model, cache, lambda: train(model, data.train_loader, cfg.train, desc="train dense",
-                                              progress=cfg.progress), cached=cached, wrap=False)
-    return model
+    return cached_dense(cfg.model, cfg.data, cfg.train, cfg.seeds[0], data, cfg.work_dir, cfg.progress)
 
 
 def _cell_key(cfg: ParetoConfig, entry: ParetoEntry, target: Dict[str, float], seed: int) -> str:

@@ -156,3 +156,30 @@ def finetune(model: nn.Module, loader, cfg: TrainConfig, device: str, desc: str,
     train(model, loader, cfg, device=device, desc=desc, teacher=teacher, progress=progress, on_epoch=on_epoch,
           checkpoint=checkpoint)
     model.cpu().eval()
+
+
+def dense_key(model_section, data_section, train_cfg: TrainConfig, seed: int) -> str:
+    """The key of a bench's cached dense model: its model, data and training sections and seed."""
+    import hashlib
+    import json
+
+    from ..config import to_dict
+
+    blob = json.dumps({"m": to_dict(model_section), "d": to_dict(data_section), "t": to_dict(train_cfg), "s": seed},
+                      sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()[:10]
+
+
+def cached_dense(model_section, data_section, train_cfg: TrainConfig, seed: int, data: "Data", work_dir: str,
+                 progress: bool) -> nn.Module:
+    """The benches' dense model: trained once per :func:`dense_key` and kept in ``work_dir`` as
+    ``dense-<key>.pt`` (a plain bench and a Pareto bench of the same setting share it)."""
+    cache = os.path.join(work_dir, f"dense-{dense_key(model_section, data_section, train_cfg, seed)}.pt")
+    model = new_model(model_section, data)
+    cached = os.path.exists(cache)
+    print(f"reusing the dense model {cache}" if cached else
+          f"training the dense model: {model_section.name} width {model_section.width:g}, "
+          f"{len(data.spec.train)} images, {train_cfg.epochs:g} epochs", flush=True)
+    dense_weights(model, cache, lambda: train(model, data.train_loader, train_cfg, desc="train dense",
+                                              progress=progress), cached=cached, wrap=False)
+    return model
