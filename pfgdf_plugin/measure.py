@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -63,6 +64,9 @@ def count_macs(model: nn.Module, example_inputs: Any) -> int:
     import torch_pruning as tp
 
     macs, _ = tp.utils.count_ops_and_params(model, example_inputs)
+    # the counter's deep copy holds reference cycles (methods bound onto it), which only a full
+    # collection frees: without one, every count kept a copy of the model alive for a while
+    gc.collect()
     return int(macs) + _block_diagonal_macs(model, example_inputs)
 
 

@@ -8,7 +8,7 @@ consecutive children of an ``nn.Sequential``; a residual block of a registered t
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -20,6 +20,7 @@ from ...errors import DBPError
 
 __all__ = [
     "Block",
+    "blocks_removed",
     "call_model",
     "find_blocks",
     "register_block_type",
@@ -346,23 +347,44 @@ def _swap_(model: nn.Module, names: Iterable[str], replacement: Optional[Dict[st
 
 
 def set_block_macs_(model: nn.Module, blocks: Sequence[Block], macs_fn: Callable[[nn.Module], float]) -> None:
-    """Set each block's ``macs`` to what removing it alone saves, counted by ``macs_fn`` on one copy of ``model``.
+    """Set each block's ``macs`` to what removing it alone saves, counted by ``macs_fn``.
+
+    Each block is swapped out of ``model`` itself while it is counted and put back after (no copy
+    of the model: on a network of hundreds of millions of parameters a copy is gigabytes).
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(2, 2, 1), nn.ReLU())
         >>> blocks = [Block("0", ("0", "1"), "conv")]
         >>> set_block_macs_(net, blocks, lambda m: sum(p.numel() for p in m.parameters()))
-        >>> blocks[0].macs
-        6
+        >>> blocks[0].macs, isinstance(net[0], nn.Conv2d)
+        (6, True)
     """
-    work = copy.deepcopy(model)
-    dense = float(macs_fn(work))
+    dense = float(macs_fn(model))
     for b in blocks:
-        old = _swap_(work, b.members)
-        try:
-            b.macs = int(round(dense - float(macs_fn(work))))
-        finally:
-            _swap_(work, b.members, old)
+        with blocks_removed(model, [b]):
+            b.macs = int(round(dense - float(macs_fn(model))))
+
+
+@contextlib.contextmanager
+def blocks_removed(model: nn.Module, blocks: Iterable[Block]):
+    """``model`` itself with ``blocks`` replaced by ``nn.Identity`` inside the ``with``; put back after, also on error.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(2, 2, 1), nn.ReLU())
+        >>> with blocks_removed(net, [Block("0", ("0",), "conv")]):
+        ...     type(net[0]).__name__
+        'Identity'
+        >>> type(net[0]).__name__
+        'Conv2d'
+    """
+    taken: List[Tuple[Block, Dict[str, nn.Module]]] = []
+    try:
+        for b in blocks:
+            taken.append((b, _swap_(model, b.members)))
+        yield model
+    finally:
+        for b, old in reversed(taken):
+            _swap_(model, b.members, old)
 
 
 def remove_blocks_(model: nn.Module, blocks: Iterable[Block]) -> None:

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from ...errors import DBPError, DBPTargetError, TargetError
 from .. import target as budget
-from .blocks import Block, call_model, find_blocks, modes, remove_blocks_, restore, shape_of
+from .blocks import Block, blocks_removed, call_model, find_blocks, modes, remove_blocks_, restore, shape_of
 from .params import DBPParams
 from .score import BlockScore, quota_selection, removal_order, score_blocks
 
@@ -179,45 +179,45 @@ _LABEL = {"macs": "MACs", "params": "params"}
 
 
 def _plan_ratio(model: nn.Module, by_name: Mapping[str, Block], order: Sequence[str], target: Target,
-                ratio_of: Callable[[nn.Module], float], short_ok: bool) -> Tuple[List[str], nn.Module, float, bool]:
-    """The fewest blocks, in ``order``, whose removal reaches a MACs or params ratio (all, if none does)."""
-    everything = _without(model, [by_name[x] for x in order])
-    best = ratio_of(everything)
+                ratio_of: Callable[[nn.Module], float], short_ok: bool) -> Tuple[List[str], bool]:
+    """The fewest blocks, in ``order``, whose removal reaches a MACs or params ratio (all, if none does).
+
+    Counted on ``model`` itself with the blocks swapped out, and put back (no copy of the model).
+    """
+    with blocks_removed(model, [by_name[x] for x in order]):
+        best = ratio_of(model)
     if best < target.value:
         if short_ok:
-            return list(order), everything, best, False
+            return list(order), False
         raise DBPTargetError(f"target {target.describe()} cannot be met: removing all {len(order)} candidate "
                        f"block(s) reaches a {_LABEL[target.kind]} ratio of {best:.3f}", best=best)
-    work = copy.deepcopy(model)
-    removed: List[str] = []
+    chosen: List[str] = []
     ratio = 1.0
     for name in order:
         if ratio >= target.value:
             break
-        remove_blocks_(work, [by_name[name]])
-        removed.append(name)
-        ratio = ratio_of(work)
-    return removed, work, ratio, True
+        chosen.append(name)
+        with blocks_removed(model, [by_name[x] for x in chosen]):
+            ratio = ratio_of(model)
+    return chosen, True
 
 
 def _plan_latency(model: nn.Module, by_name: Mapping[str, Block], order: Sequence[str], target: Target,
-                  latency_fn: LatencyFn, short_ok: bool
-                  ) -> Tuple[List[str], nn.Module, float, List[Dict[str, float]], bool]:
-    """Remove blocks in ``order``, timing dense against pruned after each, until the ratio is reached."""
-    work = copy.deepcopy(model)
+                  latency_fn: LatencyFn, short_ok: bool) -> Tuple[List[str], float, List[Dict[str, float]], bool]:
+    """Remove blocks in ``order`` from a copy, timing dense against it after each, until the ratio is reached."""
     removed: List[str] = []
     measurements: List[Dict[str, float]] = []
     ratio = 1.0
     if target.value <= 1.0:
-        return removed, work, ratio, measurements, True
-    everything = _without(model, [by_name[x] for x in order])
-    best = _measure(latency_fn, model, everything)
+        return removed, ratio, measurements, True
+    best = _measure(latency_fn, model, _without(model, [by_name[x] for x in order]))
     if best["ratio"] < target.value:
         if short_ok:
-            return list(order), everything, best["ratio"], [{"removed": len(order), **best}], False
+            return list(order), best["ratio"], [{"removed": len(order), **best}], False
         raise DBPTargetError(f"target {target.describe()} cannot be met: removing all {len(order)} candidate "
                        f"block(s) measured a latency ratio of {best['ratio']:.3f} "
                        f"({best['dense_ms']:.3f} ms -> {best['pruned_ms']:.3f} ms at batch 1)", best=best["ratio"])
+    work = copy.deepcopy(model)
     for name in order:
         remove_blocks_(work, [by_name[name]])
         removed.append(name)
@@ -230,7 +230,7 @@ def _plan_latency(model: nn.Module, by_name: Mapping[str, Block], order: Sequenc
         raise DBPTargetError(f"target {target.describe()} was not met: with all {len(order)} block(s) removed the "
                              f"latency ratio measured {ratio:.3f} (the machine may be too noisy; retry or lower it)",
                              best=ratio)
-    return removed, work, ratio, measurements, True
+    return removed, ratio, measurements, True
 
 
 def _ratio_fn(count: Optional[MacsFn], model: nn.Module) -> Callable[[nn.Module], Optional[float]]:
@@ -263,9 +263,11 @@ def plan_removal(model: nn.Module, blocks: Sequence[Block], order: Sequence[str]
                  example_inputs: Any, macs_fn: Optional[MacsFn] = None,
                  latency_fn: Optional[LatencyFn] = None, params_fn: Optional[MacsFn] = None,
                  short_ok: bool = False) -> Plan:
-    """Decide which blocks to remove (in ``order``) to meet ``target``, on a copy of ``model``.
+    """Decide which blocks to remove (in ``order``) to meet ``target``; ``model`` is left as it was.
 
-    ``model`` is never changed. The copy's output shape is checked after the removals.
+    MACs, parameters and the output shape are counted on ``model`` itself with the blocks swapped
+    out and put back after (a latency target times a copy against it). The output shape is
+    checked after the removals.
 
     Args:
         model: the dense network.
@@ -307,19 +309,19 @@ def plan_removal(model: nn.Module, blocks: Sequence[Block], order: Sequence[str]
         if int(target.value) > len(order):
             raise DBPTargetError(f"target {target.describe()} cannot be met: only {len(order)} removable block(s) "
                            f"({', '.join(order)})")
-        removed = list(order[:int(target.value)])
-        work = _without(model, [by_name[x] for x in removed])
+        chosen, met = list(order[:int(target.value)]), True
     elif target.kind == "latency":
-        removed, work, latency, measurements, met = _plan_latency(model, by_name, order, target, latency_fn,
-                                                                  short_ok)
+        chosen, latency, measurements, met = _plan_latency(model, by_name, order, target, latency_fn, short_ok)
     else:
-        ratio_of = macs_ratio if target.kind == "macs" else params_ratio
-        removed, work, _, met = _plan_ratio(model, by_name, order, target, ratio_of, short_ok)
-    shape = _output_shape(work, example_inputs)
+        chosen, met = _plan_ratio(model, by_name, order, target, macs_ratio if target.kind == "macs" else params_ratio,
+                                  short_ok)
+    with blocks_removed(model, [by_name[x] for x in chosen]):  # the model itself, put back after
+        shape = _output_shape(model, example_inputs)
+        reached_macs, reached_params = macs_ratio(model), params_ratio(model)
     if shape != dense_shape:
-        raise DBPError(f"removing blocks {', '.join(removed)} changes the model's output shape from "
+        raise DBPError(f"removing blocks {', '.join(chosen)} changes the model's output shape from "
                        f"{dense_shape} to {shape}")
-    return Plan(removed, macs_ratio(work), latency, measurements, params_ratio(work), met)
+    return Plan(chosen, reached_macs, latency, measurements, reached_params, met)
 
 
 # --------------------------------------------------------------------------- the whole method
