@@ -16,7 +16,9 @@ project's reading of it (see docs/pfgdf.md):
   band, ``2 * (1 - Phi(k))``, 31.7% for k = 1).
 
 The per-layer pruning ratio is the share of insignificant filters, capped so that at least
-``min_channels`` filters remain and at most ``max_ratio`` of them go.
+``min_channels`` filters remain and at most ``max_ratio`` of them go. Which filters go is
+``select``: the insignificant ones (``band``, default), or as many filters of the smallest L1
+norm (``l1``: the Gaussian sets each layer's ratio, magnitude picks the filters).
 
 Where things are: :func:`layer_statistics` measures one layer (scores, ``mu``, ``sigma``, the
 per-filter statistic); :func:`decide_group` is the whole decision for one group of channels
@@ -40,6 +42,7 @@ from .params import Params, is_int, is_number, one_of
 
 STATISTICS = ("mean", "abs_mean", "l2")
 MODES = ("band", "tail")
+SELECTIONS = ("band", "l1")  # which filters go, once the band has set how many
 REDUCTIONS = ("mean", "max", "first")  # how the scores of coupled layers combine
 
 
@@ -92,6 +95,9 @@ class PFGDFParams(Params):
         min_channels: filters every layer keeps (>= 1).
         tail_threshold: ``mode="tail"`` cut-off; ``None``: ``erfc(k / sqrt 2)``.
         group_reduction: how coupled layers' scores combine, ``mean`` | ``max`` | ``first``.
+        select: which filters go once the band has set how many: ``band`` (the insignificant
+            ones) or ``l1`` (as many filters, smallest L1 norm first; the adapters supply the
+            norms as their framework computes them).
     """
 
     error: ClassVar[type] = PFGDFError
@@ -101,10 +107,12 @@ class PFGDFParams(Params):
     min_channels: int = 1
     tail_threshold: Optional[float] = None
     group_reduction: str = "mean"
+    select: str = "band"
 
     def problems(self) -> List[str]:
         return (param_problems(self.k, self.statistic, self.mode, self.min_channels, 1.0, self.tail_threshold)
-                + one_of("group_reduction", self.group_reduction, REDUCTIONS))
+                + one_of("group_reduction", self.group_reduction, REDUCTIONS)
+                + one_of("select", self.select, SELECTIONS))
 
 
 def make_params(max_ratio: Any = 1.0, ratio_name: str = "max_ratio", **knobs: Any) -> PFGDFParams:
@@ -353,7 +361,8 @@ class GroupDecision:
 
 
 def decide_group(scores: torch.Tensor, params: Optional[PFGDFParams] = None, channel_groups: int = 1,
-                 max_ratio: float = 1.0, round_to: Optional[int] = None) -> GroupDecision:
+                 max_ratio: float = 1.0, round_to: Optional[int] = None,
+                 norms: Optional[torch.Tensor] = None) -> GroupDecision:
     """PFGDF's decision for one group of channels, given its per-channel importance scores.
 
     The rule, all of it: average the scores over the ``channel_groups`` copies; a position is a
@@ -361,7 +370,9 @@ def decide_group(scores: torch.Tensor, params: Optional[PFGDFParams] = None, cha
     for ``tail``); scores that tell nothing apart (:func:`is_degenerate`) prune nothing; every
     channel group keeps ``ceil(min_channels / channel_groups)`` (at least 1) positions; at most
     ``max_ratio`` of the positions go and, with ``round_to``, the kept count is rounded up to a
-    multiple; the chosen positions are removed from every channel group.
+    multiple; the chosen positions are removed from every channel group. With ``select="l1"`` the
+    band only sets how many positions go: those with the smallest ``norms`` (averaged over the
+    channel groups) go instead of the insignificant ones.
 
     Args:
         scores: ``channel_groups * positions`` scores (any shape; flattened), higher = keep.
@@ -371,11 +382,16 @@ def decide_group(scores: torch.Tensor, params: Optional[PFGDFParams] = None, cha
             groups, NNI metric blocks).
         max_ratio: largest share of the positions removed, in ``[0, 1]``.
         round_to: keep a multiple of this many positions.
+        norms: ``select="l1"`` only (required then): one L1 norm per channel, like ``scores``.
 
     Example:
         >>> d = decide_group(torch.tensor([0.25, 3.0, 0.5, 0.75, 1.0, 0.25]), channel_groups=2)
         >>> d.scores.tolist(), d.candidates.tolist(), d.prune.tolist()
         ([0.5, 2.0, 0.375], [True, False, True], [2, 0, 5, 3])
+        >>> l1 = PFGDFParams(select="l1")
+        >>> norms = torch.tensor([4.0, 1.0, 3.0, 2.0])
+        >>> decide_group(torch.tensor([0.2, 3.0, 0.5, 2.0]), l1, norms=norms).prune.tolist()
+        [1, 3]
     """
     p = params if params is not None else PFGDFParams()
     found = ratio_problems(max_ratio)
@@ -394,7 +410,16 @@ def decide_group(scores: torch.Tensor, params: Optional[PFGDFParams] = None, cha
                              ["zero variance: every filter looks alike, none is pruned"])
     candidates = per_position <= threshold(p.k, p.mode, p.tail_threshold)
     keep_floor = max(1, -(-p.min_channels // channel_groups))  # per channel group, rounded up
-    chosen = select(per_position, candidates, keep_floor, max_ratio, round_to)
+    if p.select == "l1":
+        if norms is None or norms.numel() != flat.numel():
+            raise PFGDFError(f"select='l1' needs one L1 norm per channel ({flat.numel()}), got "
+                             f"{'none' if norms is None else norms.numel()}")
+        everyone = torch.ones(n, dtype=torch.bool, device=flat.device)
+        count = capped_prune_count(n, int(candidates.sum()), keep_floor, max_ratio, round_to)
+        chosen = select(group_mean(norms.detach().reshape(-1).double(), channel_groups), everyone, keep_floor,
+                        max_ratio, round_to)[:count]
+    else:
+        chosen = select(per_position, candidates, keep_floor, max_ratio, round_to)
     notes = []
     if len(chosen) < int(candidates.sum()):
         unit = "filters" if channel_groups == 1 else f"positions (of {channel_groups} channel groups)"

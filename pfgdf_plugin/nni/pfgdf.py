@@ -50,7 +50,7 @@ from .budget import search_on_copies
 _DATA = Dict[str, Dict[str, torch.Tensor]]
 
 # PFGDF's own knobs: NNI's config schema rejects unknown keys, so they are constructor arguments.
-_KNOBS = ("k", "statistic", "mode", "min_channels", "tail_threshold")
+_KNOBS = ("k", "statistic", "mode", "min_channels", "tail_threshold", "select")
 
 
 def _knob(name: str, doc: str) -> property:
@@ -111,6 +111,8 @@ class PFGDFPruner(Pruner):
         mode: ``"band"`` (reading A) or ``"tail"`` (reading B).
         min_channels: filters every band-decided layer keeps (>= 1).
         tail_threshold: ``mode="tail"`` cut-off (default ``erfc(k / sqrt 2)``).
+        select: which filters a band-decided layer loses: ``"band"`` (the insignificant ones) or
+            ``"l1"`` (as many, smallest L1 norm first, as NNI's ``L1NormPruner`` measures it).
         target: a budget instead of ``k``: ``{"latency": r}``, ``{"macs": r}`` or ``{"params": r}``
             (dense / pruned >= r). ``k`` is searched in ``[0.01, 8]`` on copies compressed by this
             pruner, sped up and measured (:func:`pfgdf_plugin.nni.budget.search_on_copies`);
@@ -151,16 +153,18 @@ class PFGDFPruner(Pruner):
     pfgdf_mode = _knob("mode", "PFGDF's ``band`` or ``tail``")
     min_channels = _knob("min_channels", "filters every band-decided layer keeps")
     tail_threshold = _knob("tail_threshold", "``mode='tail'`` cut-off (``None``: the Gaussian's own)")
+    select = _knob("select", "which filters go once the band has set how many: ``band`` or ``l1``")
 
     def __init__(self, model: torch.nn.Module, config_list: List[Dict], evaluator: Evaluator | None = None,
                  existed_wrappers: Dict[str, ModuleWrapper] | None = None, *, k: Optional[float] = None,
                  statistic: str = PFGDFParams.statistic, mode: str = PFGDFParams.mode,
                  min_channels: int = PFGDFParams.min_channels,
                  tail_threshold: Optional[float] = PFGDFParams.tail_threshold, target: Any = None,
-                 timing: Any = None, example_inputs: Any = None):
+                 timing: Any = None, example_inputs: Any = None, select: str = PFGDFParams.select):
         # validate before NNI wraps the model, so a bad argument leaves the model untouched
         goal = target_or_none("PFGDFPruner", target, k=k)
-        knobs = dict(statistic=statistic, mode=mode, min_channels=min_channels, tail_threshold=tail_threshold)
+        knobs = dict(statistic=statistic, mode=mode, min_channels=min_channels, tail_threshold=tail_threshold,
+                     select=select)
         self.params = pfgdf.make_params(k=PFGDFParams.k if k is None else k, **knobs)
         config_list = _float_ratios(config_list)
         self.target_report: Optional[Dict[str, Any]] = None
@@ -171,6 +175,7 @@ class PFGDFPruner(Pruner):
             self.params = pfgdf.make_params(k=self.target_report["knob"], **knobs)
         self.decisions: Dict[str, Dict[str, Any]] = {}
         self._fits: Dict[Tuple[str, str], Tuple[float, float]] = {}
+        self._norms: Dict[Tuple[str, str], torch.Tensor] = {}
         super().__init__(model, config_list, evaluator, existed_wrappers)
         try:
             self._check_targets()
@@ -243,13 +248,15 @@ class PFGDFPruner(Pruner):
 
     def _calculate_metrics(self, data: _DATA) -> _DATA:
         metrics: _DATA = defaultdict(dict)
-        self._fits = {}
+        self._fits, self._norms = {}, {}
         for module_name, module_data in data.items():
             for target_name, weight in module_data.items():
                 ts = self._target_spaces[module_name][target_name]
                 shape = self._metric_shape(module_name, target_name, ts, weight)
                 stats = pfgdf.layer_statistics(weight, self.params, layer=module_name)
                 metrics[module_name][target_name] = stats.scores.float().to(weight.device).reshape(shape)
+                # select="l1": NNI's L1NormPruner metric, the L1 norm of each output filter
+                self._norms[(module_name, target_name)] = weight.detach().reshape(weight.shape[0], -1).abs().sum(1)
                 self._fits[(module_name, target_name)] = (stats.mu, stats.sigma, stats.statistic.float().tolist())
         return metrics
 
@@ -298,7 +305,10 @@ class PFGDFPruner(Pruner):
         blocks = reduce(math.lcm, [int(ts.internal_metric_block or 1) for _, _, ts in group], 1)
         max_ratio = min(float(ts.max_sparse_ratio) if ts.max_sparse_ratio else 1.0 for _, _, ts in group)
         # grouped convolutions: one decision shared by every block of channels (as Torch-Pruning does)
-        decision = pfgdf.decide_group(scores.cpu(), self.params, blocks, max_ratio)
+        norms = None
+        if self.params.select == "l1":
+            norms = reduce(torch.add, [self._norms[(m, t)].double().cpu() for m, t, _ in group]) / len(group)
+        decision = pfgdf.decide_group(scores.cpu(), self.params, blocks, max_ratio, norms=norms)
         return decision.keep().to(dtype=first.dtype, device=first.device).reshape(first.shape)
 
     def _record(self, masks: _DATA, rules: Dict[Tuple[str, str], str]) -> None:

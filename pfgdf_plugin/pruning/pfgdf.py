@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
+from ..errors import ConfigError
 from ..measure import filters_per_layer
 from ..methods.pfgdf import PFGDFParams
 from .budget import nni_search
@@ -20,11 +21,19 @@ def _add_fit(layers: Dict[str, dict], fits: Dict[str, dict]) -> None:
             layers[name].update({k: v for k, v in entry.items() if k in _FIT})
 
 
+def _check_select(p: PFGDFParams, ratio) -> None:
+    if ratio is not None and p.select != "band":
+        raise ConfigError([f"prune.params.select={p.select!r} chooses among the band's own per-layer counts; with "
+                           "prune.ratio the Gaussian score ranks the filters (prune.method: l1 is L1 at a fixed "
+                           "ratio)"], "method 'pfgdf'")
+
+
 def _tp_pfgdf(model, example_inputs, p: PFGDFParams, ratio, ignored, ctx) -> PruneResult:
     import torch_pruning as tp
 
     from ..torch_pruning import GaussianImportance, PFGDFPruner
 
+    _check_select(p, ratio)
     before = filters_per_layer(model)
     if ratio is not None:  # fixed ratio, ranked by the Gaussian score
         imp = GaussianImportance(k=p.k, statistic=p.statistic, mode=p.mode, group_reduction=p.group_reduction)
@@ -48,10 +57,11 @@ def _tp_pfgdf(model, example_inputs, p: PFGDFParams, ratio, ignored, ctx) -> Pru
 def _nni_pfgdf(model, example_inputs, p: PFGDFParams, ratio, ignored, ctx) -> PruneResult:
     from ..nni import PFGDFPruner
 
+    _check_select(p, ratio)
     def compress(net, net_ignored, k):
         config = nni_config(net, example_inputs, net_ignored, ratio)
         pruner = PFGDFPruner(net, config, k=k, statistic=p.statistic, mode=p.mode, min_channels=p.min_channels,
-                             tail_threshold=p.tail_threshold)
+                             tail_threshold=p.tail_threshold, select=p.select)
         _, masks = pruner.compress()
         pruner.unwrap_model()
         return masks, config, pruner

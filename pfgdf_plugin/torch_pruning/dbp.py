@@ -74,8 +74,9 @@ class DBPPruner:
             with instead of ``timing`` (e.g. another device's timer, a stand-in in tests).
         depth_share: the share of a ratio target's log-ratio depth delivers (see
             :class:`~pfgdf_plugin.methods.dbp.DBPParams`; 1: depth as far as it goes).
-        width_importance: ``"l1"``, ``"discrimination"`` (:class:`DiscriminationImportance` on
-            ``data``) or ``"none"`` (depth only).
+        width_importance: ``"l1"`` (one ratio for every layer), ``"lamp"`` (Torch-Pruning's
+            ``LAMPImportance`` ranked globally), ``"discrimination"`` (:class:`DiscriminationImportance`
+            on ``data``) or ``"none"`` (depth only).
         timing: how latency is timed (:class:`pfgdf_plugin.meter.Timing` or its fields: engine
             ``pytorch`` | ``onnxruntime``, threads, batch size, warm-up, repeats; defaults
             PyTorch, 1 thread, batch 1).
@@ -177,11 +178,14 @@ class DBPPruner:
         if self.width_importance == "discrimination":
             return DiscriminationImportance(self.data, num_batches=self._options["num_batches"],
                                             num_classes=self._options["num_classes"])
+        if self.width_importance == "lamp":
+            return tp.importance.LAMPImportance()
         return tp.importance.MagnitudeImportance(p=1)
 
     def _prune_width(self, model: nn.Module, importance, ratio: float) -> None:
         tp.pruner.MetaPruner(model, self.example_inputs, importance=importance, pruning_ratio=ratio,
-                             ignored_layers=modules_of(model, self.model, self.ignored_layers)).step()
+                             ignored_layers=modules_of(model, self.model, self.ignored_layers),
+                             global_pruning=self.width_importance == "lamp").step()
 
     def _width(self, result: dbp.DBPResult, width) -> Dict[str, Any]:
         """Width on a depth-pruned copy (searched), then depth and width on the model; untouched on failure."""
@@ -193,7 +197,8 @@ class DBPPruner:
             info = prune_to_target(work, self.example_inputs, importance, {width.kind: width.value},
                                    engine=t.engine, threads=t.threads, batch_size=t.batch_size, warmup=t.warmup,
                                    repeats=t.repeats, max_ratio=self.max_width_ratio,
-                                   ignored_layers=modules_of(work, self.model, self.ignored_layers))
+                                   ignored_layers=modules_of(work, self.model, self.ignored_layers),
+                                   global_pruning=self.width_importance == "lamp")
         except TargetError as err:
             self._prune_width(work, importance, self.max_width_ratio)
             best = self._reached(self.model, work)

@@ -22,6 +22,8 @@ from ..methods.pfgdf import PFGDFParams
 from ._group import (IN, NORM, OUT, check_pruner_inputs, graph_building, group_tensors, layer_name, reduce_to_root,
                      skip_misread_group)
 
+_L1 = tp.importance.MagnitudeImportance(p=1)  # the filters ``select="l1"`` removes first
+
 
 def _knob(name: str, doc: str) -> property:
     """A read-only view of ``self.params.<name>``: the knobs live in one place."""
@@ -106,6 +108,9 @@ class PFGDFPruner(tp.pruner.BasePruner):
         min_channels: filters every layer keeps (>= 1).
         tail_threshold: ``mode="tail"`` cut-off (default ``erfc(k / sqrt 2)``).
         ignored_layers: layers left alone (typically the classifier).
+        select: which filters go once the band has set each layer's count: ``band`` (the
+            insignificant ones) or ``l1`` (as many, smallest by Torch-Pruning's group L1,
+            ``MagnitudeImportance(p=1)``).
         target: a budget, ``{"latency": r}``, ``{"macs": r}`` or ``{"params": r}`` (dense / pruned
             >= r): ``k`` is then searched (bisection over ``K_RANGE`` on copies of the model; a
             wider band prunes more) and must not be given. The per-layer ratios stay PFGDF's.
@@ -147,6 +152,7 @@ class PFGDFPruner(tp.pruner.BasePruner):
     mode = _knob("mode", "``band`` or ``tail``")
     min_channels = _knob("min_channels", "filters every layer keeps")
     tail_threshold = _knob("tail_threshold", "``mode='tail'`` cut-off (``None``: the Gaussian's own)")
+    select = _knob("select", "which filters go once the band has set how many: ``band`` or ``l1``")
 
     def __init__(self, model: nn.Module, example_inputs, k: Optional[float] = None,
                  statistic: str = PFGDFParams.statistic, mode: str = PFGDFParams.mode,
@@ -154,7 +160,7 @@ class PFGDFPruner(tp.pruner.BasePruner):
                  tail_threshold: Optional[float] = PFGDFParams.tail_threshold,
                  ignored_layers: Optional[List[nn.Module]] = None,
                  group_reduction: str = PFGDFParams.group_reduction, target: Any = None,
-                 timing: Any = None, **kwargs) -> None:
+                 timing: Any = None, select: str = PFGDFParams.select, **kwargs) -> None:
         for key in ("pruning_ratio", "pruning_ratio_dict", "importance", "global_pruning"):
             if key in kwargs:
                 raise TypeError(f"PFGDFPruner chooses per-layer ratios itself; {key!r} is not accepted "
@@ -162,16 +168,14 @@ class PFGDFPruner(tp.pruner.BasePruner):
         goal = target_or_none("PFGDFPruner", target, k=k)
         check_pruner_inputs(model, example_inputs, ignored_layers, PFGDFError, "PFGDFPruner")
         knobs = dict(statistic=statistic, mode=mode, min_channels=min_channels, tail_threshold=tail_threshold,
-                     group_reduction=group_reduction)
+                     group_reduction=group_reduction, select=select)
         k = PFGDFParams.k if k is None else k
         pfgdf.make_params(kwargs.get("max_pruning_ratio", 1.0), "max_pruning_ratio", k=k, **knobs)  # errors first
         self.target_report: Optional[Dict[str, Any]] = None
         if goal is not None:
             self.target_report = _search_k(model, example_inputs, goal, timing, ignored_layers, knobs, kwargs)
             k = self.target_report["knob"]
-        self.params = pfgdf.make_params(kwargs.get("max_pruning_ratio", 1.0), "max_pruning_ratio", k=k,
-                                        statistic=statistic, mode=mode, min_channels=min_channels,
-                                        tail_threshold=tail_threshold, group_reduction=group_reduction)
+        self.params = pfgdf.make_params(kwargs.get("max_pruning_ratio", 1.0), "max_pruning_ratio", k=k, **knobs)
         # Torch-Pruning's BasePruner mutates these dict defaults: always hand it fresh ones.
         for key in ("in_channel_groups", "out_channel_groups", "num_heads"):
             kwargs[key] = dict(kwargs.get(key) or {})
@@ -203,8 +207,9 @@ class PFGDFPruner(tp.pruner.BasePruner):
         imp = self.estimate_importance(group)
         if imp is None:
             return None
+        norms = _L1(group) if self.params.select == "l1" else None  # Torch-Pruning's own group L1
         decision = pfgdf.decide_group(imp, self.params, self._get_channel_groups(group),
-                                      self.max_pruning_ratio, self.round_to)
+                                      self.max_pruning_ratio, self.round_to, norms)
         idxs = decision.prune.tolist()
         entry = {"channels": int(imp.numel()), "pruned": len(idxs),
                  "ratio": len(idxs) / max(1, imp.numel()), "pruned_idxs": idxs}

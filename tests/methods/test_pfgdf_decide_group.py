@@ -128,3 +128,16 @@ def test_make_params_lists_every_problem_and_names_the_ratio():
     p = pfgdf.make_params(k=2, tail_threshold=0)
     assert p == PFGDFParams(k=2.0, tail_threshold=0.0) and isinstance(p.k, float)
     assert pfgdf.REDUCTIONS == ("mean", "max", "first")
+
+
+def test_select_l1_takes_the_band_count_in_norm_order_over_channel_groups():
+    scores = torch.tensor([0.1, 5.0, 0.2, 5.0, 0.1, 5.0, 0.2, 5.0])  # 2 channel groups of 4 positions
+    norms = torch.tensor([9.0, 1.0, 8.0, 2.0, 9.0, 1.0, 8.0, 2.0])
+    band = decide_group(scores, PFGDFParams(), channel_groups=2)
+    l1 = decide_group(scores, PFGDFParams(select="l1"), channel_groups=2, norms=norms)
+    assert sorted(band.prune.tolist()) == [0, 2, 4, 6]
+    assert sorted(l1.prune.tolist()) == [1, 3, 5, 7]  # as many, the smallest norms
+    with pytest.raises(PFGDFError, match="select='l1' needs one L1 norm per channel"):
+        decide_group(scores, PFGDFParams(select="l1"), channel_groups=2)
+    with pytest.raises(PFGDFError, match="select must be one of band, l1"):
+        PFGDFParams(select="l2")

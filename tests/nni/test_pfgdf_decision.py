@@ -22,7 +22,7 @@ def test_constructor_defaults_are_pfgdf_params():
     defaults = PFGDFParams.defaults()
     sig = inspect.signature(PFGDFPruner.__init__).parameters
     knobs = [n for n in sig if n in defaults]
-    assert knobs == ["k", "statistic", "mode", "min_channels", "tail_threshold"]
+    assert knobs == ["k", "statistic", "mode", "min_channels", "tail_threshold", "select"]
     assert sig["k"].default is None  # not given (a target may choose it): PFGDFParams.k
     knobs.remove("k")
     assert {n: sig[n].default for n in knobs} == {n: defaults[n][1] for n in knobs}
@@ -60,3 +60,21 @@ def test_band_masks_are_decide_group_on_the_layer_scores(knobs, block, max_ratio
         d = pruner.decisions[name]
         assert (d["mu"], d["sigma"], d["statistic"]) == (stats.mu, stats.sigma, stats.statistic.float().tolist())
         assert d["channels"] - d["pruned"] >= block * max(1, -(-pruner.params.min_channels // block))
+
+
+def test_select_l1_keeps_the_band_counts_and_drops_the_smallest_l1_filters():
+    torch.manual_seed(0)
+    model = build_model("vgg16_bn", width=0.25)
+    weights = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    band = PFGDFPruner(copy.deepcopy(model), [{"op_types": ["Conv2d"]}])
+    _, band_masks = band.compress()
+    l1 = PFGDFPruner(copy.deepcopy(model), [{"op_types": ["Conv2d"]}], select="l1")
+    _, l1_masks = l1.compress()
+    differ = 0
+    for name, w in weights.items():
+        got = _pruned(l1_masks[name]["weight"])
+        assert len(got) == len(_pruned(band_masks[name]["weight"])), name
+        norms = w.reshape(w.shape[0], -1).abs().sum(1)
+        assert sorted(got) == sorted(torch.argsort(norms)[:len(got)].tolist()), name
+        differ += got != _pruned(band_masks[name]["weight"])
+    assert differ > 0 and l1.select == "l1"

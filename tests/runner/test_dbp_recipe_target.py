@@ -35,7 +35,7 @@ def test_params_target_by_depth_then_width_reports_requested_and_reached():
     ({"params": 2.0, "macs": 2.0}, "set exactly one target of blocks, macs, params, latency; got macs=2.0, params=2.0"),
     ({"params": 0.5}, r"params must be a ratio >= 1 \(dense / pruned\), got 0.5"),
     ({"blocks": 2, "depth_share": -0.1}, r"depth_share must be in \[0, 1\], got -0.1"),
-    ({"blocks": 2, "width_importance": "taylor"}, "width_importance must be one of l1, discrimination, none"),
+    ({"blocks": 2, "width_importance": "taylor"}, "width_importance must be one of l1, lamp, discrimination, none"),
 ])
 def test_bad_dbp_recipe_params_are_named(params, match):
     with pytest.raises(ConfigError, match=match):

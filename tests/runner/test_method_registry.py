@@ -40,7 +40,7 @@ def test_defaults_come_from_the_method_dataclasses():
       "prune.params.statistic must be one of mean, abs_mean, l2; got 'median'"]),
     ("pfgdf", {"k": "big", "kk": 1},
      ["unknown key 'prune.params.kk' for method 'pfgdf' (known: k, statistic, mode, min_channels, "
-      "tail_threshold, group_reduction)", "prune.params.k must be float, got 'big'"]),
+      "tail_threshold, group_reduction, select)", "prune.params.k must be float, got 'big'"]),
     ("spp", {"max_epochs": 0, "rounding": "up"},
      ["prune.params.max_epochs must be > 0, got 0.0",
       "prune.params.rounding must be one of ceil, floor, round; got 'up'"]),
@@ -98,3 +98,15 @@ def test_the_stages_know_no_method_by_name():
                                                    "quantize_stage", "export_stage", "measure_stage", "report_stage"]
     assert {f.name for f in dataclasses.fields(stages.RunState)} >= {"recipe", "stage", "data", "dense", "result",
                                                                      "metrics"}
+
+
+@pytest.mark.parametrize("framework", ["torch_pruning", "nni"])
+def test_pfgdf_select_l1_with_a_fixed_ratio_is_refused_before_pruning(framework):
+    from pfgdf_plugin.models import build_model
+
+    model = build_model("lenet5")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match="prune.params.select='l1' chooses among the band's own"):
+        prune(model, torch.randn(1, 3, 32, 32), "pfgdf", framework, {"select": "l1"}, ratio=0.5,
+              inplace=True)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

@@ -146,6 +146,19 @@ def test_discrimination_importance_for_the_width_step():
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
+def test_lamp_width_step_ranks_globally_so_layers_keep_different_shares():
+    model = build_model("vgg16_bn", width=0.25)
+    dense_shapes = dict((n, o) for n, _, o in _conv_shapes(model))
+    dense = count_macs(model, X)
+    pruner = DBPPruner(model, X, data=_data(), target={"macs": 3.0}, depth_share=0.5, width_importance="lamp")
+    pruner.step()
+    assert pruner.target_report["width"]["importance"] == "lamp" and pruner.width_ratio > 0
+    assert dense / count_macs(model, X) >= 3.0
+    kept = [o / dense_shapes[n] for n, _, o in _conv_shapes(model) if n in dense_shapes]
+    assert max(kept) - min(kept) > 0.2  # a uniform ratio keeps about one share in every layer
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
 def test_unreachable_target_names_the_best_and_leaves_the_model_untouched():
     model = build_model("resnet20", width=0.25)
     snap = _snapshot(model)
@@ -160,7 +173,7 @@ def test_unreachable_target_names_the_best_and_leaves_the_model_untouched():
 
 @pytest.mark.parametrize("kwargs,error,match", [
     ({"depth_share": 1.5}, DBPError, r"depth_share must be in \[0, 1\], got 1.5"),
-    ({"width_importance": "l2"}, DBPError, "width_importance must be one of l1, discrimination, none; got 'l2'"),
+    ({"width_importance": "l2"}, DBPError, "width_importance must be one of l1, lamp, discrimination, none; got 'l2'"),
     ({"max_width_ratio": 1.0}, ValueError, r"max_width_ratio must be a float in \(0, 1\), got 1.0"),
     ({"timing": {"threads": 0}}, TargetError, "threads must be an integer >= 1, got 0"),
     ({"target": {"macs": 3.0, "latency": 2.0}}, TargetError, "give one target at a time, got macs and latency"),

@@ -27,7 +27,7 @@ def test_constructor_defaults_are_pfgdf_params(cls):
     defaults = PFGDFParams.defaults()
     sig = inspect.signature(cls.__init__).parameters
     knobs = [n for n in sig if n in defaults]
-    assert len(knobs) == (4 if cls is GaussianImportance else 6)
+    assert len(knobs) == (4 if cls is GaussianImportance else 7)
     if cls is PFGDFPruner:  # k: None = not given (a target may choose it), resolved to PFGDFParams.k
         assert sig["k"].default is None and PFGDFPruner(_grouped(), X).k == defaults["k"][1]
         knobs.remove("k")
@@ -99,3 +99,19 @@ def test_metapruner_with_gaussian_importance_still_ranks_by_the_layer_scores():
     got = GaussianImportance(statistic="l2")(group)
     want = pfgdf.layer_statistics(model[0].weight, PFGDFParams(statistic="l2")).scores.float()
     assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_select_l1_keeps_the_band_counts_and_drops_the_smallest_group_l1():
+    model = _grouped()
+    twin = _grouped()
+    band = PFGDFPruner(twin, X, ignored_layers=[twin[-1]])
+    band.step()
+    pruner = PFGDFPruner(model, X, select="l1", ignored_layers=[model[-1]])
+    first = model[0]
+    group = pruner.DG.get_pruning_group(first, tp.prune_conv_out_channels, list(range(first.out_channels)))
+    norms = tp.importance.MagnitudeImportance(p=1)(group)
+    pruner.step()
+    assert {n: e["pruned"] for n, e in pruner.report.items()} == {n: e["pruned"] for n, e in band.report.items()}
+    chosen = pruner.report["0"]["pruned_idxs"]
+    assert 0 < len(chosen) and sorted(chosen) == sorted(torch.argsort(norms)[:len(chosen)].tolist())
+    assert model(X).shape == (1, 3)

@@ -11,7 +11,7 @@ from ..params import Params
 __all__ = ["DBPParams", "REFERENCES", "WIDTH_IMPORTANCES"]
 
 REFERENCES = ("previous", "input")
-WIDTH_IMPORTANCES = ("l1", "discrimination", "none")
+WIDTH_IMPORTANCES = ("l1", "lamp", "discrimination", "none")
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,8 @@ class DBPParams(Params):
             pruning delivers the rest. 1 (default): depth alone, as far as it can go; width only
             when removing every candidate is not enough. ``blocks`` targets ignore it.
         width_importance: how the width step ranks channels: ``l1`` (filter L1 magnitude,
-            default), ``discrimination`` (DBP's per-channel Fisher ratio on the probe data) or
+            default; one ratio for every layer), ``lamp`` (LAMP scores ranked globally, so the
+            layers keep different shares), ``discrimination`` (DBP's per-channel Fisher ratio on the probe data) or
             ``none`` (depth only: a target that blocks alone cannot reach is an error).
 
     Example:
