@@ -95,12 +95,12 @@ def attach_target(result: PruneResult, dense: nn.Module, example_inputs: Any, ta
     """``result.extra["target"] = {"requested", "reached", "met"[, "knob", "trials"]}``.
 
     MACs and parameters are counted on ``dense`` and the pruned model; a latency ratio is the one
-    the method's search measured (``result.extra["target_search"]``, or DBP's plan).
+    the method measured on its final model (``result.extra["target_search"]["reached"]``).
     """
     goal = Target.parse(target)
     search = result.extra.pop("target_search", None) or {}
     if goal.kind == "latency":
-        reached = search.get("reached", result.extra.get("dbp_latency_ratio"))
+        reached = search.get("reached")
     else:
         reached = ratio_meter(goal.kind, dense, example_inputs)(result.model)
     info: Dict[str, Any] = {"requested": {goal.kind: goal.value},

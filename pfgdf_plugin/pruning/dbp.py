@@ -72,12 +72,16 @@ def _result(model: nn.Module, before: Dict[str, int], pruner) -> PruneResult:
         if name not in now:  # inside a removed block
             d.update(pruned=d["channels"], ratio=1.0)
     plan = pruner.result.plan
-    return PruneResult(model, layers, extra={
+    result = PruneResult(model, layers, extra={
         "train_epochs": 0.0,  # the probes train on frozen features: the model's weights do not change
         "dbp_blocks": {n: {k: v for k, v in e.items() if k != "members"} for n, e in pruner.report.items()},
         "dbp_removed": list(pruner.removed), "dbp_macs_ratio": plan.macs_ratio,
         "dbp_latency_ratio": plan.latency_ratio, "dbp_baseline": pruner.result.info.get("baseline"),
         "dbp_target": pruner.target_report})
+    reached = (pruner.target_report or {}).get("reached")
+    if reached is not None:  # depth and width together, measured against the dense model
+        result.extra["target_search"] = {"reached": reached}
+    return result
 
 
 def _kwargs(p: DBPRecipeParams, ctx: PruneContext) -> Dict[str, Any]:

@@ -153,3 +153,24 @@ def test_an_unreachable_search_names_its_best_ratio():
     with pytest.raises(TargetError) as info:
         search(lambda knob: 1.0 + knob, Target.parse({"macs": 9.0}), 0.0, 0.95)
     assert info.value.best == pytest.approx(1.95)
+
+
+def test_a_failed_retry_follows_the_best_it_measured(tmp_path, monkeypatch):
+    """Noise can put a retry's best below the first search's: the next retry starts from the lower one."""
+    from pfgdf_plugin.errors import TargetError
+
+    path, _ = tiny(tmp_path, seeds=[0], entries=[{"label": "L1", "method": "l1", "targets": [{"macs": 5.0}]}])
+    real = run_pareto.__globals__["prune"]
+    asked = []
+
+    def noisy(*args, target=None, **kwargs):
+        asked.append(target["macs"])
+        if len(asked) < 3:  # the search, then a first retry that measured lower
+            raise TargetError("target cannot be reached", best=[2.0, 1.6][len(asked) - 1])
+        return real(*args, target=target, **kwargs)
+
+    monkeypatch.setitem(run_pareto.__globals__, "prune", noisy)
+    cell, = run_bench(path, out_dir=str(tmp_path / "docs"))["cells"]
+    assert asked == [5.0, 1.9, 1.52]
+    assert cell["status"] == "unreachable" and cell["shown_at"] == {"macs": 1.52} and cell["model_file"]
+    assert "retry at macs 1.9x failed too" in cell["message"]

@@ -40,3 +40,24 @@ def test_params_target_by_depth_then_width_reports_requested_and_reached():
 def test_bad_dbp_recipe_params_are_named(params, match):
     with pytest.raises(ConfigError, match=match):
         prune(build_model("resnet20", width=0.25), X, "dbp", params=params, ctx=PruneContext(train_loader=_loader()))
+
+
+def test_a_latency_target_reports_depth_and_width_together(monkeypatch):
+    """The reached ratio of prune(target=...) is the whole model's, not the depth step's (a stand-in clock:
+    latency = MACs)."""
+    from pfgdf_plugin.measure import count_macs
+    from pfgdf_plugin.meter import paired_timer
+
+    def macs_clock(models, shape, batch_sizes, **kwargs):
+        x = torch.zeros(1, *shape)
+        return {n: {b: {"median_ms": count_macs(m, x) / 1e6} for b in batch_sizes} for n, m in models.items()}
+
+    monkeypatch.setattr(paired_timer.__globals__["measure"], "measure_latency", macs_clock)
+    model = build_model("vgg16_bn", width=0.25)
+    res = prune(model, X, "dbp", params={"depth_share": 0.5, "num_batches": 2}, ignored_layers=["classifier"],
+                target={"latency": 3.0}, ctx=PruneContext(train_loader=_loader()))
+    rep = res.extra["dbp_target"]
+    assert rep["width"]["ratio"] > 0 and res.extra["dbp_latency_ratio"] < 3.0  # depth delivered only a part
+    assert res.extra["target"]["reached"] == pytest.approx(rep["reached"])
+    assert res.extra["target"]["reached"] == pytest.approx(count_macs(model, X) / count_macs(res.model, X), rel=1e-6)
+    assert res.extra["target"]["met"] is True
