@@ -422,6 +422,11 @@ def run_pareto(cfg: ParetoConfig, out_dir: str = "docs", command: Optional[str] 
     return results
 
 
+def _cell_minutes(cells: List[Dict[str, Any]]) -> float:
+    """Minutes the cells spent pruning and training, summed over every cell (a resumed run reuses them)."""
+    return sum(c.get("prune_s", 0.0) + c.get("finetune_s", 0.0) for c in cells) / 60
+
+
 def describe_timing(timing: Any) -> str:
     t = Timing.parse(timing)
     engine = {"pytorch": "PyTorch", "onnxruntime": "ONNX Runtime"}[t.engine]
@@ -590,7 +595,9 @@ def write(results: Dict[str, Any], out_dir: str) -> List[str]:
         f"interleaved ({rm['engine']}, {rm['threads']} thread(s), batch {rm['batch_size']}, median of "
         f"{rm['repeats']} runs after {rm['warmup']} warm-up runs); dense {dense['latency']['median_ms']:.2f} ms. "
         f"{results['machine']}.",
-        f"- Command: `{results['command'].strip()}` ({results['minutes']:.0f} minutes).", "",
+        f"- Command: `{results['command'].strip()}` ({results['minutes']:.0f} minutes in its last run; "
+        f"pruning and training the cells took {_cell_minutes(results['cells']):.0f} minutes in all, resumed "
+        "runs included).", "",
         f"![accuracy vs measured speedup](bench/{os.path.basename(speed_png)})", "",
         f"![accuracy vs MACs reduction](bench/{os.path.basename(macs_png)})", "",
     ]
