@@ -64,10 +64,18 @@ def count_macs(model: nn.Module, example_inputs: Any) -> int:
     import torch_pruning as tp
 
     macs, _ = tp.utils.count_ops_and_params(model, example_inputs)
-    # the counter's deep copy holds reference cycles (methods bound onto it), which only a full
-    # collection frees: without one, every count kept a copy of the model alive for a while
-    gc.collect()
+    if _parameter_bytes(model) >= _COLLECT_BYTES:
+        # the counter's deep copy holds reference cycles (methods bound onto it) that only a full
+        # collection frees: without one, every count of a large model kept a copy of it alive
+        gc.collect()
     return int(macs) + _block_diagonal_macs(model, example_inputs)
+
+
+_COLLECT_BYTES = 64 * 2 ** 20  # a full collection (~0.1 s) costs less than copying this much
+
+
+def _parameter_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
 
 def call(model: nn.Module, example_inputs: Any) -> Any:

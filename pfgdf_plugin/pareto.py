@@ -525,15 +525,15 @@ def plot_pareto(points: List[Dict[str, Any]], dense: Dict[str, Any], path: str, 
     import matplotlib.pyplot as plt
 
     labels = list(dict.fromkeys(p["label"] for p in points))
-    cmap = plt.get_cmap("tab10")
-    markers = "osD^v<>ph*"
-    fig, ax = plt.subplots(figsize=(8, 5))
+    cmap = plt.get_cmap("tab20")
+    markers = "osD^v<>ph"  # 9 markers against 20 colours: no two of the first 20 entries look alike
+    fig, ax = plt.subplots(figsize=(10.5, 5))
     for i, label in enumerate(labels):
         pts = sorted((p for p in points if p["label"] == label and p.get(x) and p.get("accuracy")),
                      key=lambda p: p[x][0])
         if not pts:
             continue
-        c, mk = cmap(i % 10), markers[i % len(markers)]
+        c, mk = cmap((2 * i) % 20 + (i // 10) % 2), markers[i % len(markers)]
         xs, ys = [p[x][0] for p in pts], [p["accuracy"][0] for p in pts]
         ax.plot(xs, ys, "-", marker=mk, color=c, lw=1.2, ms=6, alpha=0.85, label=label, zorder=3)
         for p in pts:
@@ -553,7 +553,7 @@ def plot_pareto(points: List[Dict[str, Any]], dense: Dict[str, Any], path: str, 
     ax.set_ylabel("test accuracy (%), mean, min-max over seeds")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the lines, never on them
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
