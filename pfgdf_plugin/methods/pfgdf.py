@@ -172,6 +172,17 @@ def filter_statistic(weight: torch.Tensor, statistic: str = "mean", layer: str =
     return w.norm(p=2, dim=1)
 
 
+def filter_l1(weight: torch.Tensor, layer: str = "?") -> torch.Tensor:
+    """The L1 norm of each filter (first dimension) of ``weight``: what ``select="l1"`` removes first.
+
+    Example:
+        >>> filter_l1(torch.tensor([[1., -3.], [-2., 2.]]))
+        tensor([4., 4.], dtype=torch.float64)
+    """
+    _check_finite(weight, layer)
+    return weight.detach().reshape(weight.shape[0], -1).double().abs().sum(1)
+
+
 def fit_gaussian(values: torch.Tensor) -> tuple:
     """Maximum-likelihood ``(mu, sigma)`` of a 1-D sample (population standard deviation)."""
     v = values.detach().double().reshape(-1)
@@ -414,10 +425,8 @@ def decide_group(scores: torch.Tensor, params: Optional[PFGDFParams] = None, cha
         if norms is None or norms.numel() != flat.numel():
             raise PFGDFError(f"select='l1' needs one L1 norm per channel ({flat.numel()}), got "
                              f"{'none' if norms is None else norms.numel()}")
-        everyone = torch.ones(n, dtype=torch.bool, device=flat.device)
         count = capped_prune_count(n, int(candidates.sum()), keep_floor, max_ratio, round_to)
-        chosen = select(group_mean(norms.detach().reshape(-1).double(), channel_groups), everyone, keep_floor,
-                        max_ratio, round_to)[:count]
+        chosen = torch.argsort(group_mean(norms.detach().reshape(-1).double(), channel_groups), stable=True)[:count]
     else:
         chosen = select(per_position, candidates, keep_floor, max_ratio, round_to)
     notes = []

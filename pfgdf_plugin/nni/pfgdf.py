@@ -255,8 +255,8 @@ class PFGDFPruner(Pruner):
                 shape = self._metric_shape(module_name, target_name, ts, weight)
                 stats = pfgdf.layer_statistics(weight, self.params, layer=module_name)
                 metrics[module_name][target_name] = stats.scores.float().to(weight.device).reshape(shape)
-                # select="l1": NNI's L1NormPruner metric, the L1 norm of each output filter
-                self._norms[(module_name, target_name)] = weight.detach().reshape(weight.shape[0], -1).abs().sum(1)
+                # select="l1": the L1 norm of each output filter (NNI's L1NormPruner metric)
+                self._norms[(module_name, target_name)] = pfgdf.filter_l1(weight, module_name)
                 self._fits[(module_name, target_name)] = (stats.mu, stats.sigma, stats.statistic.float().tolist())
         return metrics
 
@@ -307,7 +307,7 @@ class PFGDFPruner(Pruner):
         # grouped convolutions: one decision shared by every block of channels (as Torch-Pruning does)
         norms = None
         if self.params.select == "l1":
-            norms = reduce(torch.add, [self._norms[(m, t)].double().cpu() for m, t, _ in group]) / len(group)
+            norms = reduce(torch.add, [self._norms[(m, t)].cpu() for m, t, _ in group]) / len(group)
         decision = pfgdf.decide_group(scores.cpu(), self.params, blocks, max_ratio, norms=norms)
         return decision.keep().to(dtype=first.dtype, device=first.device).reshape(first.shape)
 

@@ -182,10 +182,14 @@ class DBPPruner:
             return tp.importance.LAMPImportance()
         return tp.importance.MagnitudeImportance(p=1)
 
+    def _global_width(self) -> bool:
+        """LAMP ranks every layer's channels together; the other criteria prune one ratio per layer."""
+        return self.width_importance == "lamp"
+
     def _prune_width(self, model: nn.Module, importance, ratio: float) -> None:
         tp.pruner.MetaPruner(model, self.example_inputs, importance=importance, pruning_ratio=ratio,
                              ignored_layers=modules_of(model, self.model, self.ignored_layers),
-                             global_pruning=self.width_importance == "lamp").step()
+                             global_pruning=self._global_width()).step()
 
     def _width(self, result: dbp.DBPResult, width) -> Dict[str, Any]:
         """Width on a depth-pruned copy (searched), then depth and width on the model; untouched on failure."""
@@ -198,7 +202,7 @@ class DBPPruner:
                                    engine=t.engine, threads=t.threads, batch_size=t.batch_size, warmup=t.warmup,
                                    repeats=t.repeats, max_ratio=self.max_width_ratio,
                                    ignored_layers=modules_of(work, self.model, self.ignored_layers),
-                                   global_pruning=self.width_importance == "lamp")
+                                   global_pruning=self._global_width())
         except TargetError as err:
             self._prune_width(work, importance, self.max_width_ratio)
             best = self._reached(self.model, work)
