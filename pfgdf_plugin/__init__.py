@@ -10,9 +10,9 @@ Example:
     ...                      pruning_ratio=0.5, ignored_layers=[model.fc]).step()
 """
 
-from .errors import (BaselineError, ConfigError, DataNotFoundError, DBPError, ExportError, MPDError, PFGDFError,
-                     PluginError, PrunedFileError, QuantizeError, RunError, SearchError, SPPError, TargetError,
-                     UnknownNameError)
+from .errors import (BaselineError, ConfigError, DataNotFoundError, DBPError, ExportError, MemoryBudgetError,
+                     MPDError, PFGDFError, PluginError, PrunedFileError, QuantizeError, RunError, SearchError, SPPError,
+                     TargetError, UnknownNameError)
 from .persist import load_pruned, save_pruned
 from .torch_pruning import (DBPPruner, DiscriminationImportance, GaussianImportance, MPDPruner, PFGDFPruner,
                             SPPImportance, SPPPruner, auto_k_prune, prune_to_target)
@@ -25,6 +25,7 @@ __all__ = [
     "DataNotFoundError",
     "DBPError",
     "ExportError",
+    "MemoryBudgetError",
     "MPDError",
     "PluginError",
     "PrunedFileError",

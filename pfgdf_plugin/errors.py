@@ -103,5 +103,10 @@ class ExportError(PluginError, RuntimeError):
     """The model cannot be written to ONNX; the message names the layer and the exporter's complaint."""
 
 
+class MemoryBudgetError(PluginError, MemoryError):
+    """An operation would need more memory than this process can still allocate; the message names
+    both figures and what to do instead. Raised before anything is changed."""
+
+
 class RunError(PluginError, RuntimeError):
     """A recipe stage failed; the message names the stage."""

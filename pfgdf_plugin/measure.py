@@ -14,12 +14,14 @@ import torch.nn.functional as F
 from .errors import ExportError
 
 __all__ = [
+    "available_memory",
     "conv_params",
     "count_macs",
     "count_params",
     "evaluate",
     "filters_per_layer",
     "measure_latency",
+    "model_bytes",
     "summarize",
 ]
 
@@ -64,7 +66,7 @@ def count_macs(model: nn.Module, example_inputs: Any) -> int:
     import torch_pruning as tp
 
     macs, _ = tp.utils.count_ops_and_params(model, example_inputs)
-    if _parameter_bytes(model) >= _COLLECT_BYTES:
+    if model_bytes(model) >= _COLLECT_BYTES:
         # the counter's deep copy holds reference cycles (methods bound onto it) that only a full
         # collection frees: without one, every count of a large model kept a copy of it alive
         gc.collect()
@@ -74,8 +76,49 @@ def count_macs(model: nn.Module, example_inputs: Any) -> int:
 _COLLECT_BYTES = 64 * 2 ** 20  # a full collection (~0.1 s) costs less than copying this much
 
 
-def _parameter_bytes(model: nn.Module) -> int:
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers.
+
+    Example:
+        >>> model_bytes(nn.Linear(10, 10))  # 110 float32 values
+        440
+    """
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+def _proc_kb(path: str, key: str) -> Optional[int]:
+    """Bytes of the ``key: <n> kB`` line of a ``/proc`` file, or ``None``."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def available_memory() -> Optional[int]:
+    """Bytes this process can still allocate, or ``None`` where it cannot be read (not Linux).
+
+    The smaller of the system's available memory (``MemAvailable`` in ``/proc/meminfo``) and, under
+    an address-space limit (``RLIMIT_AS``, as ``ulimit -v`` or a job scheduler sets), the room left
+    below it (the limit minus the process's ``VmSize``).
+
+    Example:
+        >>> free = available_memory()
+        >>> free is None or free > 0
+        True
+    """
+    free, size = _proc_kb("/proc/meminfo", "MemAvailable"), _proc_kb("/proc/self/status", "VmSize")
+    if free is None or size is None:
+        return None
+    import resource
+
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if limit != resource.RLIM_INFINITY:
+        free = min(free, max(0, limit - size))
+    return free
 
 
 def call(model: nn.Module, example_inputs: Any) -> Any:

@@ -1,6 +1,7 @@
 """The NNI adapter of PFGDF: same selection as the Torch-Pruning pruner, speedup equals masking."""
 
 import copy
+import os
 import subprocess
 import sys
 import warnings
@@ -10,6 +11,7 @@ import torch
 import torch.nn as nn
 
 import pfgdf_plugin
+from pfgdf_plugin.measure import model_bytes
 from pfgdf_plugin.methods import pfgdf
 from pfgdf_plugin.models import build_model
 from pfgdf_plugin.nni import PFGDFPruner, apply_masks, dependency_config_list, speedup
@@ -162,3 +164,39 @@ def test_bad_arguments():
 def test_import_does_not_import_nni():
     code = "import sys, pfgdf_plugin; assert 'nni' not in sys.modules, 'nni imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_speedup_refuses_a_model_that_would_not_fit_and_leaves_it_untouched(monkeypatch):
+    import importlib
+
+    speedup_module = importlib.import_module("pfgdf_plugin.nni.speedup")
+
+    torch.manual_seed(0)
+    model = build_model("vgg16_bn", width=0.125).train()
+    pruner = PFGDFPruner(model, [{"op_types": ["Conv2d"]}], k=1.0)
+    _, masks = pruner.compress()
+    pruner.unwrap_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    size = model_bytes(model)
+    monkeypatch.setattr(speedup_module, "available_memory", lambda: int(3 * size))  # less than 4x
+    with pytest.raises(pfgdf_plugin.MemoryBudgetError, match=r"needs about .* GB for VGG.*can allocate") as info:
+        speedup(model, masks, torch.randn(2, *X32))
+    assert isinstance(info.value, MemoryError)
+    assert model.training  # the mode too
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    # enough memory (or the check turned off): the same call prunes
+    small = speedup(model, masks, torch.randn(2, *X32), check_memory=False)
+    assert model_bytes(small) < size
+
+
+def test_available_memory_follows_an_address_space_limit():
+    code = ("import resource; from pfgdf_plugin.measure import available_memory; "
+            "free = available_memory(); cap = 24 * 2 ** 30; resource.setrlimit(resource.RLIMIT_AS, (cap, cap)); "
+            "capped = available_memory(); "
+            "size = int([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmSize')][0]) * 1024; "
+            "assert capped <= cap - size + 2 ** 20 and capped <= free + 2 ** 26, (free, capped, size); print('ok')")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(pfgdf_plugin.__file__)))
+    env = dict(os.environ, PYTHONPATH=root)  # this checkout's package
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
