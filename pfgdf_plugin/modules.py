@@ -254,9 +254,26 @@ class BlockDiagonalLinear(nn.Module):
         return self.out_features if self.scatter else self.raw_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if type(x) is torch.Tensor and x.dim() == 2 and self.kernel == "bmm" and not torch._C._get_tracing_state():
+            return self._bmm_eager(x)  # the common case, with as little Python around the kernels as possible
         if not isinstance(x, Proxy) and x.dim() == 2:  # no reshapes around the layer (ONNX: no Shape/Concat chain)
             return self._forward_2d(x)
         return self._forward_2d(x.reshape(-1, self.in_features)).reshape(x.shape[:-1] + (self.width,))
+
+    def _bmm_eager(self, x: torch.Tensor) -> torch.Tensor:
+        """Eager ``bmm`` forward of a 2-D tensor: gather, :meth:`_bmm`, scatter. At batch 1 most of a
+        small layer's time is Python around three or four kernels, so the registered tensors are read
+        from the module's dicts (``nn.Module.__getattr__`` costs about a microsecond a lookup)."""
+        buffers = self._buffers
+        index = buffers["in_index"]
+        if index is not None:
+            if self.padded_in:
+                x = _with_zero_channel(x, 1)
+            x = x.index_select(1, index)
+        params = self._parameters
+        y = self._bmm(x, params["weight"], params.get("bias"))
+        index = buffers["out_index"]
+        return y if index is None else y.index_select(1, index)
 
     def _forward_2d(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "bmm" and torch.jit.is_tracing():
@@ -271,21 +288,20 @@ class BlockDiagonalLinear(nn.Module):
             b = self.bias.reshape(-1) if self.bias is not None else None
             y = F.conv1d(x.unsqueeze(-1), w, b, groups=self.blocks).squeeze(-1)
         else:
-            y = self._bmm(x)
+            y = self._bmm(x, self.weight, self.bias)
         index = self.out_index
         return y if index is None else y.index_select(1, index)
 
-    def _bmm(self, x: torch.Tensor) -> torch.Tensor:
+    def _bmm(self, x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         """``[N, c * I]`` in block layout -> ``[N, c * O]`` raw output, with as few copies as the mode allows."""
         c, i, o = self.blocks, self.block_in, self.block_out
-        w, bias = self.weight, self.bias
         if isinstance(x, Proxy):  # torch.fx: one graph for every batch size
             n = -1
         else:
             n = x.shape[0]
             if n == 1:  # [1, c*I] is [c, 1, I], and [c, 1, O] is [1, c*O]: no transpose at all
                 xb = x.reshape(c, 1, i)
-                y = torch.bmm(xb, w) if bias is None else torch.baddbmm(bias.unsqueeze(1), xb, w)
+                y = torch.bmm(xb, w) if bias is None else torch.baddbmm(bias.view(c, 1, o), xb, w)
                 return y.view(1, c * o)
             if not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
                                                  or (bias is not None and bias.requires_grad))):

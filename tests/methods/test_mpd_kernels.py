@@ -294,6 +294,7 @@ def test_every_bmm_path_computes_what_the_masked_layer_does(bias, tmp_path):
             assert _rel(layer(batch), lin(batch)) <= 1e-5
         assert _rel(layer(batch), lin(batch)) <= 1e-5  # with autograd
     assert _rel(layer(x.view(5, 1, 23)), lin(x).view(5, 1, 19)) <= 1e-5  # the reshaping path
+    assert _rel(layer(nn.Parameter(x.clone())), lin(x)) <= 1e-5  # a Tensor subclass takes the general path
     assert _rel(torch.fx.symbolic_trace(layer)(x), lin(x)) <= 1e-5
     traced = torch.jit.trace(layer, x[:1], check_trace=False)  # the feature-major form, for any batch size
     assert _rel(traced(x), lin(x)) <= 1e-5 and _rel(traced(x[:1]), lin(x[:1])) <= 1e-5
