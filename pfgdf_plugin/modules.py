@@ -261,9 +261,10 @@ class BlockDiagonalLinear(nn.Module):
         return self._forward_2d(x.reshape(-1, self.in_features)).reshape(x.shape[:-1] + (self.width,))
 
     def _bmm_eager(self, x: torch.Tensor) -> torch.Tensor:
-        """Eager ``bmm`` forward of a 2-D tensor: gather, :meth:`_bmm`, scatter. At batch 1 most of a
-        small layer's time is Python around three or four kernels, so the registered tensors are read
-        from the module's dicts (``nn.Module.__getattr__`` costs about a microsecond a lookup)."""
+        """Eager ``bmm`` forward of a 2-D tensor: gather, :meth:`_bmm`, scatter. At batch 1 a small
+        layer runs three or four short kernels and the Python around them is a measurable share of its
+        time, so the registered tensors are read from the module's dicts (``nn.Module.__getattr__``
+        costs about a microsecond a lookup)."""
         buffers = self._buffers
         index = buffers["in_index"]
         if index is not None:

@@ -60,10 +60,10 @@ def _check_memory(model: nn.Module, available: Optional[int]) -> None:
     if available is not None and need > available:
         raise MemoryBudgetError(
             f"NNI's ModelSpeedup needs about {need / _GB:.1f} GB for {type(model).__name__} "
-            f"({SPEEDUP_MEMORY_FACTOR:g} x its {size / _GB:.2f} GB of parameters and buffers, + 0.25 GB), and "
-            f"this process can allocate {available / _GB:.1f} GB more; the model is untouched. Free memory or raise the "
-            "limit, or prune it with the Torch-Pruning adapter (pfgdf_plugin.torch_pruning), whose surgery "
-            "works in place")
+            f"({SPEEDUP_MEMORY_FACTOR:g} x its {size / _GB:.2f} GB of parameters and buffers, "
+            f"+ {SPEEDUP_MEMORY_BASE / _GB:.2f} GB), and this process can allocate {available / _GB:.1f} GB more; "
+            "the model is untouched. Free memory or raise the limit, or prune it with the Torch-Pruning adapter "
+            "(pfgdf_plugin.torch_pruning), whose surgery works in place")
 
 
 def _check_unwrapped(model: nn.Module) -> None:
