@@ -255,8 +255,8 @@ class PFGDFPruner(Pruner):
                 shape = self._metric_shape(module_name, target_name, ts, weight)
                 stats = pfgdf.layer_statistics(weight, self.params, layer=module_name)
                 metrics[module_name][target_name] = stats.scores.float().to(weight.device).reshape(shape)
-                # select="l1": the L1 norm of each output filter (NNI's L1NormPruner metric)
-                self._norms[(module_name, target_name)] = pfgdf.filter_l1(weight, module_name)
+                if self.params.select == "l1":  # the L1 norm of each output filter (NNI's L1NormPruner metric)
+                    self._norms[(module_name, target_name)] = pfgdf.filter_l1(weight, module_name)
                 self._fits[(module_name, target_name)] = (stats.mu, stats.sigma, stats.statistic.float().tolist())
         return metrics
 
