@@ -152,16 +152,21 @@ class BlockDiagonalLinear(nn.Module):
     ``in_index`` (``gather=False``) the input must already be in block layout
     (``in_features == c * I``).
 
-    The ``bmm`` forward of a 2-D input ``[N, F]`` does no copy besides the gathers: the
-    gathered input viewed as ``[c, N, I]`` (a free transpose of ``[N, c, I]``) times the weight
-    stored ``[c, I, O]``; at ``N = 1`` the result ``[c, 1, O]`` (bias fused in, ``baddbmm``)
-    already is the output, and for ``N > 1`` without autograd the matmul writes straight into
-    the ``[N, c, O]`` output through a transposed view and the bias is added in place (with
-    autograd: ``baddbmm`` and one copy). Traced for export (``torch.onnx``, ``torch.jit.trace``)
-    it emits the feature-major form ONNX Runtime runs fastest: ``Transpose``, ``Gather`` (only
-    where one is needed), ``Reshape``, one 3-D ``MatMul`` of the ``[c, O, I]`` blocks, ``Add``,
-    ``Reshape``, ``Transpose`` (ONNX Runtime cancels the ``Transpose`` pairs between two such
-    layers across an activation).
+    The ``bmm`` forward of a 2-D input ``[N, F]``: at ``N = 1`` the gathered input viewed as
+    ``[c, 1, I]`` times the weight stored ``[c, I, O]`` (bias fused in, ``baddbmm``) already is
+    the output. For ``N > 1`` in eager mode the batch goes features first when the layer hands
+    its output to another ``bmm`` layer (:attr:`handoff`, set when the permutation between them
+    is folded) or receives one: ``[c, O, I] x [c, I, N]`` (a free transpose of the weight),
+    with gathers that move whole rows of ``[features, N]`` instead of columns of
+    ``[N, features]``, one transpose where the chain starts and one where it ends (see
+    :meth:`_bmm_eager_fm`). A lone layer (or one under ``torch.fx``) multiplies ``[c, N, I]``
+    (a free transpose of the gathered ``[N, c, I]``) and, without autograd, writes straight
+    into the ``[N, c, O]`` output through a transposed view (with autograd: ``baddbmm`` and one
+    copy). Traced for export (``torch.onnx``, ``torch.jit.trace``) it emits the feature-major
+    form ONNX Runtime runs fastest: ``Transpose``, ``Gather`` (only where one is needed),
+    ``Reshape``, one 3-D ``MatMul`` of the ``[c, O, I]`` blocks, ``Add``, ``Reshape``,
+    ``Transpose`` (ONNX Runtime cancels the ``Transpose`` pairs between two such layers across
+    an activation).
 
     Args:
         in_features: features of the input (for a layer whose input permutation was folded
@@ -174,11 +179,15 @@ class BlockDiagonalLinear(nn.Module):
 
     Attributes:
         weight: the blocks (padded slots hold zeros): a ``[c, I, O]`` parameter for ``bmm`` (what
-            the batched matmul reads), ``[c, O, I]`` for ``grouped``. The ``state_dict`` holds
-            ``[c, O, I]`` (each block oriented like an ``nn.Linear`` weight) for both kernels, so a
-            saved layer loads into either (``state_dict(keep_vars=True)``, which tracers use to
+            the batched matmul reads at batch 1), ``[c, O, I]`` for ``grouped``. The ``state_dict``
+            holds ``[c, O, I]`` (each block oriented like an ``nn.Linear`` weight) for both kernels,
+            so a saved layer loads into either (``state_dict(keep_vars=True)``, which tracers use to
             find the parameters, holds the parameter itself); :meth:`block_weight` is that view.
         bias: ``[c, O]`` parameter or ``None``.
+        handoff: at ``N > 1`` in eager mode, return the output as the transposed view of a
+            contiguous ``[width, N]`` tensor (the next ``bmm`` layer reads it feature-major
+            without a copy) instead of a contiguous ``[N, width]`` one. Set by the folding
+            between two ``bmm`` layers; values are the same either way.
         in_index: ``long [c * I]`` buffer (entries equal to ``in_features`` feed zeros) or ``None``.
         out_index: ``long [out_features]`` buffer (raw position of each output) or ``None``.
 
@@ -215,6 +224,7 @@ class BlockDiagonalLinear(nn.Module):
         self.register_buffer("in_index", None)
         self.register_buffer("out_index", out_index if self.scatter else None)
         self.padded_in = False
+        self.handoff = False
         self.set_gather(in_index if self.gather else None, self.in_features)
 
     def block_weight(self) -> torch.Tensor:
@@ -265,6 +275,9 @@ class BlockDiagonalLinear(nn.Module):
         layer runs three or four short kernels and the Python around them is a measurable share of its
         time, so the registered tensors are read from the module's dicts (``nn.Module.__getattr__``
         costs about a microsecond a lookup)."""
+        n = x.shape[0]
+        if n > 1 and (self.handoff or (x.stride(0) == 1 and x.stride(1) == n)):
+            return self._bmm_eager_fm(x, n)
         buffers = self._buffers
         index = buffers["in_index"]
         if index is not None:
@@ -275,6 +288,35 @@ class BlockDiagonalLinear(nn.Module):
         y = self._bmm(x, params["weight"], params.get("bias"))
         index = buffers["out_index"]
         return y if index is None else y.index_select(1, index)
+
+    def _bmm_eager_fm(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """Eager ``bmm`` forward of a batch ``n > 1``, features first: ``[c, O, I] x [c, I, N]``.
+
+        Gathers then move whole rows of ``[features, N]`` (several times faster than gathering the
+        columns of ``[N, features]``). The input is read feature-major for free when it arrives
+        transposed (``x.t()`` contiguous: the hand-off of a previous layer), otherwise it is copied
+        once. The output is handed on as the transposed view of ``[width, N]`` when :attr:`handoff`
+        is set, and copied back to a contiguous ``[N, width]`` otherwise."""
+        c, i, o = self.blocks, self.block_in, self.block_out
+        xt = x.t()
+        if not (x.stride(0) == 1 and x.stride(1) == n):
+            xt = xt.contiguous()
+        buffers = self._buffers
+        index = buffers["in_index"]
+        if index is not None:
+            if self.padded_in:
+                xt = _with_zero_channel(xt, 0)
+            xt = xt.index_select(0, index)
+        params = self._parameters
+        y = torch.bmm(params["weight"].transpose(1, 2), xt.view(c, i, n))
+        bias = params.get("bias")
+        if bias is not None:
+            y.add_(bias.view(c, o, 1))
+        y = y.view(c * o, n)
+        index = buffers["out_index"]
+        if index is not None:
+            y = y.index_select(0, index)
+        return y.t() if self.handoff else y.t().contiguous()
 
     def _forward_2d(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "bmm" and torch.jit.is_tracing():
@@ -341,19 +383,21 @@ class BlockDiagonalLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, blocks={self.blocks}, "
                 f"block={self.block_out}x{self.block_in}, bias={self.bias is not None}, kernel={self.kernel}, "
-                f"gather={self.gather}, scatter={self.scatter}")
+                f"gather={self.gather}, scatter={self.scatter}" + (", handoff=True" if self.handoff else ""))
 
     def describe(self) -> Dict[str, Any]:
         """JSON-safe structure; weights and indices are in the ``state_dict``."""
         return {"type": "BlockDiagonalLinear", "in_features": self.in_features, "out_sizes": list(self.out_sizes),
                 "in_sizes": list(self.in_sizes), "bias": self.bias is not None, "scatter": self.scatter,
-                "gather": self.gather, "kernel": self.kernel}
+                "gather": self.gather, "kernel": self.kernel, "handoff": self.handoff}
 
     @classmethod
     def from_description(cls, d: Dict[str, Any]) -> "BlockDiagonalLinear":
         """A skeleton of the described layer; load a ``state_dict`` to fill it."""
-        return cls(int(d["in_features"]), d["out_sizes"], d["in_sizes"], bias=bool(d["bias"]),
-                   scatter=bool(d["scatter"]), kernel=str(d.get("kernel", "bmm")), gather=bool(d.get("gather", True)))
+        layer = cls(int(d["in_features"]), d["out_sizes"], d["in_sizes"], bias=bool(d["bias"]),
+                    scatter=bool(d["scatter"]), kernel=str(d.get("kernel", "bmm")), gather=bool(d.get("gather", True)))
+        layer.handoff = bool(d.get("handoff", False))
+        return layer
 
 
 class PermutedGroupConv2d(nn.Module):

@@ -334,3 +334,58 @@ def test_the_bmm_state_dict_keeps_the_block_layout_whatever_the_stored_one():
     assert state["weight"].shape == (c, o, i)  # loading did not touch the caller's dict
     with pytest.raises(RuntimeError, match="size mismatch for weight"):
         back.load_state_dict(dict(state, weight=torch.zeros(c, o + 1, i)))
+
+
+def _outputs(model: nn.Module, x: torch.Tensor):
+    """``{layer name: output}`` of the converted linear layers in one forward."""
+    seen, handles = {}, []
+    for name, m in model.named_modules():
+        if isinstance(m, BlockDiagonalLinear):
+            handles.append(m.register_forward_hook(lambda mod, args, out, name=name: seen.__setitem__(name, out)))
+    try:
+        y = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return y, seen
+
+
+def test_a_bmm_chain_hands_batches_over_feature_major_and_stays_exact(tmp_path):
+    masked, plans, x = _masked("mlp")
+    twin = copy.deepcopy(masked)
+    model, report, _, ref = _convert("mlp", "bmm")
+    # 0 -> 2 and 2 -> 5 (across the widened BatchNorm) are bmm -> bmm; 5 feeds the plain classifier
+    assert [model[k].handoff for k in (0, 2, 5)] == [True, True, False]
+    assert "handoff=True" in repr(model[0]) and "handoff" not in repr(model[5])
+    with torch.no_grad():
+        y, seen = _outputs(model, x)
+        assert _rel(y, ref) <= 1e-5 and y.is_contiguous()
+        # batch > 1: the hand-offs are transposed views of [width, N]; the last block layer is contiguous
+        assert seen["0"].stride() == (1, 5) and seen["2"].stride() == (1, 5) and seen["5"].is_contiguous()
+        y1, seen1 = _outputs(model, x[:1])  # batch 1 keeps the batch-major path
+        assert _rel(y1, ref[:1]) <= 1e-5 and all(t.is_contiguous() for t in seen1.values())
+    # training: the same outputs and input gradients as the masked model, BatchNorm in batch mode
+    model.train(), twin.train()
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_a, out_b = model(a), twin(b)
+    assert _rel(out_a, out_b) <= 1e-5
+    out_a.pow(2).sum().backward()
+    out_b.pow(2).sum().backward()
+    assert _rel(a.grad, b.grad) <= 1e-5
+    model.eval()
+    # a lone layer given a batch that arrives transposed reads it feature-major, with the same values
+    lone = model[5]
+    h = torch.randn(5, lone.in_features)
+    with torch.no_grad():
+        assert torch.allclose(lone(h.t().contiguous().t()), lone(h), atol=1e-6)
+    # the hand-off survives save / load, and a grouped neighbour does not take it
+    path = str(tmp_path / "m.pt")
+    save_pruned(model, path)
+    loaded, _ = load_pruned(path, CASES["mlp"][0]())
+    assert [loaded[k].handoff for k in (0, 2, 5)] == [True, True, False]
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    mixed, _, _, mixed_ref = _convert("mlp", {"0": "bmm", "2": "grouped", "5": "bmm"})
+    assert [mixed[k].handoff for k in (0, 2, 5)] == [False, False, False]
+    with torch.no_grad():
+        assert _rel(mixed(x), mixed_ref) <= 1e-5

@@ -7,6 +7,8 @@ absorb it offline:
 
 * block -> block (``bmm``/``grouped`` on both sides): ``i`` emits its raw block layout and
   ``j``'s gather reads it directly: one gather instead of two (none if it is the identity);
+  between two ``bmm`` linear layers a batch is handed over feature-major
+  (:attr:`~pfgdf_plugin.modules.BlockDiagonalLinear.handoff`), so that gather moves rows;
 * block -> dense (a ``"dense"``-kernel layer, or a plain ``Linear``/``Conv2d`` such as the
   classifier): ``j``'s columns are permuted (zero columns for ``i``'s padding) to read ``i``'s raw
   layout: no gather;
@@ -174,6 +176,8 @@ def fold(model: nn.Module, link: FoldLink, widen_norms: bool = False) -> bool:
             norm_to_layout(model, name, raw_gather, n)
         prod.drop_scatter()
         _read_raw(cons, out_pos, raw)
+        if isinstance(prod, BlockDiagonalLinear) and isinstance(cons, BlockDiagonalLinear):
+            prod.handoff = prod.kernel == cons.kernel == "bmm"
         return True
     if ck[0] != "block":
         return False
