@@ -77,6 +77,8 @@ class LayerGrid:
         spatial: the side of a convolution's input.
         warmup, repeats: runs before timing, and timed rounds.
         warm: run each model once, untimed, right before each of its timed calls.
+        handoff: let folded ``bmm`` layers hand batches over feature-major (``False``: every
+            boundary gathers columns, the forward before the hand-off, for comparison).
     """
 
     kinds: Sequence[str] = ("linear", "conv2d")
@@ -92,6 +94,7 @@ class LayerGrid:
     warmup: int = 5
     repeats: int = 30
     warm: bool = False
+    handoff: bool = True
 
     def __post_init__(self) -> None:
         problems = [f"kinds: unknown {k!r} (linear, conv2d)" for k in self.kinds if k not in ("linear", "conv2d")]
@@ -118,11 +121,12 @@ def _stack(kind: str, n: int, depth: int) -> nn.Sequential:
     return nn.Sequential(*layers).eval()
 
 
-def build_pair(kind: str, n: int, blocks: int, depth: int, kernel: str, seed: int = 0):
+def build_pair(kind: str, n: int, blocks: int, depth: int, kernel: str, seed: int = 0, handoff: bool = True):
     """``(dense, converted)``: a stack of ``depth`` ``n x n`` layers and its MPD-converted copy.
 
     The converted copy is masked with random ``blocks``-block plans and converted with
-    ``kernel`` (``bmm`` on a convolution means ``grouped``), permutations folded.
+    ``kernel`` (``bmm`` on a convolution means ``grouped``), permutations folded; ``handoff=False``
+    turns the feature-major hand-off between ``bmm`` layers off.
 
     Example:
         >>> dense, conv = build_pair("linear", 16, 4, 2, "bmm")
@@ -142,7 +146,15 @@ def build_pair(kind: str, n: int, blocks: int, depth: int, kernel: str, seed: in
     if kind == "conv2d" and kernel == "bmm":
         kernel = "grouped"
     mpd.convert_model(masked, plans, links, kernel=kernel)
+    _set_handoff(masked, handoff)
     return dense, masked.eval()
+
+
+def _set_handoff(model: nn.Module, handoff: bool) -> None:
+    if not handoff:
+        for m in model.modules():
+            if hasattr(m, "handoff"):
+                m.handoff = False
 
 
 def _interleaved(runs: Dict[str, Callable[[], Any]], warmup: int, repeats: int, clock: Clock,
@@ -231,7 +243,8 @@ def bench_layers(grid: Optional[LayerGrid] = None, clock: Optional[Clock] = None
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for case in _cases(grid):
-            dense, converted = build_pair(case["kind"], case["size"], case["blocks"], case["depth"], case["kernel"])
+            dense, converted = build_pair(case["kind"], case["size"], case["blocks"], case["depth"], case["kernel"],
+                                          handoff=grid.handoff)
             for batch in grid.batches:
                 shape = (batch, case["size"]) + ((grid.spatial, grid.spatial) if case["kind"] == "conv2d" else ())
                 x = torch.randn(shape)
@@ -254,7 +267,7 @@ def _row(case: Dict[str, Any], batch: int, threads: int, engine: str, dense_s: f
 
 def bench_targets(engines: Sequence[str] = ("pytorch", "onnxruntime"), warmup: int = 5, repeats: int = 60,
                   warm: bool = False, clock: Optional[Clock] = None, targets: Sequence[Dict[str, Any]] = TARGETS,
-                  progress: Optional[Callable[[str], None]] = None) -> List[Dict[str, Any]]:
+                  progress: Optional[Callable[[str], None]] = None, handoff: bool = True) -> List[Dict[str, Any]]:
     """Time the configurations of :data:`TARGETS` (1 thread): one row per target and engine, with
     ``target`` (the speed-up asked for) and ``met`` (``speedup >= target``; the goals are stated for
     PyTorch, the ONNX Runtime rows are for comparison).
@@ -270,7 +283,7 @@ def bench_targets(engines: Sequence[str] = ("pytorch", "onnxruntime"), warmup: i
     for t in targets:
         grid = LayerGrid(kinds=(t["kind"],), sizes=(t["size"],), conv_sizes=(t["size"],), blocks=(t["blocks"],),
                          depths=(t["depth"],), kernels=(t["kernel"],), batches=(t["batch"],), threads=(1,),
-                         engines=tuple(engines), warmup=warmup, repeats=repeats, warm=warm)
+                         engines=tuple(engines), warmup=warmup, repeats=repeats, warm=warm, handoff=handoff)
         for row in bench_layers(grid, clock):
             row.update(target=float(t["target"]), met=bool(row["speedup"] >= t["target"]))
             rows.append(row)
@@ -279,7 +292,7 @@ def bench_targets(engines: Sequence[str] = ("pytorch", "onnxruntime"), warmup: i
     return rows
 
 
-def wide_mlp_pair(kernel: str = "bmm", blocks: int = 8, width: float = 1.0, seed: int = 0):
+def wide_mlp_pair(kernel: str = "bmm", blocks: int = 8, width: float = 1.0, seed: int = 0, handoff: bool = True):
     """``(dense, converted)``: the wide MLP, and a copy with ``fc1``/``fc2`` masked by random
     ``blocks``-block plans and converted with ``kernel`` (``fc1 -> fc2 -> fc3`` folded; the
     classifier ``fc3`` stays dense and absorbs ``fc2``'s output permutation).
@@ -300,6 +313,7 @@ def wide_mlp_pair(kernel: str = "bmm", blocks: int = 8, width: float = 1.0, seed
         for name, plan in plans.items():
             masked.get_submodule(name).weight.mul_(plan.mask())
     mpd.convert_model(masked, plans, [mpd.FoldLink("fc1", "fc2"), mpd.FoldLink("fc2", "fc3")], kernel=kernel)
+    _set_handoff(masked, handoff)
     return dense, masked.eval()
 
 
@@ -317,7 +331,7 @@ def _weights(model: nn.Module) -> int:
 def bench_wide_mlp(kernels: Sequence[str] = ("bmm",), batches: Sequence[int] = (1, 32), blocks: int = 8,
                    engines: Sequence[str] = ("pytorch", "onnxruntime"), warmup: int = 5, repeats: int = 60,
                    warm: bool = False, clock: Optional[Clock] = None, width: float = 1.0,
-                   progress: Optional[Callable[[str], None]] = None) -> List[Dict[str, Any]]:
+                   progress: Optional[Callable[[str], None]] = None, handoff: bool = True) -> List[Dict[str, Any]]:
     """The wide MLP, dense against ``fc1``/``fc2`` in ``blocks`` blocks, on 1 thread.
 
     For each kernel and batch, the dense and the converted model on every engine are timed in the
@@ -339,7 +353,7 @@ def bench_wide_mlp(kernels: Sequence[str] = ("bmm",), batches: Sequence[int] = (
     try:
         with tempfile.TemporaryDirectory() as folder, torch.no_grad():
             for kernel in kernels:
-                dense, converted = wide_mlp_pair(kernel, blocks, width)
+                dense, converted = wide_mlp_pair(kernel, blocks, width, handoff=handoff)
                 ideal = round(_weights(dense) / _weights(converted), 2)
                 case = {"kind": "wide_mlp", "size": dense.fc1.out_features, "blocks": blocks, "depth": 3,
                         "kernel": kernel}
@@ -499,6 +513,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--repeats", type=int, default=None,
                    help=f"timed rounds ({d.repeats} for the grid, 60 for --targets and --wide-mlp)")
     p.add_argument("--warm", action="store_true", help="an untimed call of the same model before each timed call")
+    p.add_argument("--no-handoff", action="store_true",
+                   help="no feature-major hand-off between bmm layers (column gathers at every boundary)")
     p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                    help="wall: time.perf_counter; cpu: the thread's CPU time (1 thread only)")
     p.add_argument("--targets", action="store_true", help="time the configurations of the speed goals (TARGETS)")
@@ -514,7 +530,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         grid = LayerGrid(kinds=a.kinds.split(","), sizes=_ints(a.sizes), conv_sizes=_ints(a.conv_sizes),
                          blocks=_ints(a.blocks), depths=_ints(a.depths), kernels=a.kernels.split(","),
                          batches=_ints(a.batches), threads=_ints(a.threads), engines=engines,
-                         spatial=a.spatial, warmup=a.warmup, repeats=a.repeats or d.repeats, warm=a.warm)
+                         spatial=a.spatial, warmup=a.warmup, repeats=a.repeats or d.repeats, warm=a.warm,
+                         handoff=not a.no_handoff)
         bad = [k for k in a.wide_kernels.split(",") if k not in ("bmm", "grouped", "dense", "block", "auto")]
         if bad:
             raise ValueError(f"--wide-kernels: unknown {bad} (bmm, grouped, dense, block, auto)")
@@ -524,16 +541,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ValueError(f"--clock cpu measures one thread; --threads must be 1, got {a.threads}")
     except ValueError as e:
         p.error(str(e))
-    meta = {"clock": a.clock, "warm": a.warm, "warmup": a.warmup, "repeats": a.repeats or 60, "threads": 1}
+    meta = {"clock": a.clock, "warm": a.warm, "warmup": a.warmup, "repeats": a.repeats or 60, "threads": 1,
+            "handoff": not a.no_handoff}
     if a.targets:
-        rows = bench_targets(engines, a.warmup, a.repeats or 60, a.warm, clock, progress=print)
+        rows = bench_targets(engines, a.warmup, a.repeats or 60, a.warm, clock, progress=print,
+                             handoff=not a.no_handoff)
         paths = write_mode(rows, a.out, "targets", dict(meta, targets=list(TARGETS)),
                            columns=_COLUMNS + ("target", "met"))
         print(f"wrote {paths['md']}, {paths['json']}")
     if a.wide_mlp:
         rows = bench_wide_mlp(a.wide_kernels.split(","), _ints(a.wide_batches), engines=engines,
                               warmup=a.warmup, repeats=a.repeats or 60, warm=a.warm, clock=clock,
-                              width=a.wide_width, progress=print)
+                              width=a.wide_width, progress=print, handoff=not a.no_handoff)
         paths = write_mode(rows, a.out, "wide_mlp", meta)
         print(engine_table(rows))
         print(f"wrote {paths['md']}, {paths['json']}")

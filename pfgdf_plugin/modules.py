@@ -154,19 +154,18 @@ class BlockDiagonalLinear(nn.Module):
 
     The ``bmm`` forward of a 2-D input ``[N, F]``: at ``N = 1`` the gathered input viewed as
     ``[c, 1, I]`` times the weight stored ``[c, I, O]`` (bias fused in, ``baddbmm``) already is
-    the output. For ``N > 1`` in eager mode the batch goes features first when the layer hands
-    its output to another ``bmm`` layer (:attr:`handoff`, set when the permutation between them
-    is folded) or receives one: ``[c, O, I] x [c, I, N]`` (a free transpose of the weight),
-    with gathers that move whole rows of ``[features, N]`` instead of columns of
-    ``[N, features]``, one transpose where the chain starts and one where it ends (see
-    :meth:`_bmm_eager_fm`). A lone layer (or one under ``torch.fx``) multiplies ``[c, N, I]``
-    (a free transpose of the gathered ``[N, c, I]``) and, without autograd, writes straight
-    into the ``[N, c, O]`` output through a transposed view (with autograd: ``baddbmm`` and one
-    copy). Traced for export (``torch.onnx``, ``torch.jit.trace``) it emits the feature-major
-    form ONNX Runtime runs fastest: ``Transpose``, ``Gather`` (only where one is needed),
-    ``Reshape``, one 3-D ``MatMul`` of the ``[c, O, I]`` blocks, ``Add``, ``Reshape``,
-    ``Transpose`` (ONNX Runtime cancels the ``Transpose`` pairs between two such layers across
-    an activation).
+    the output. For ``N > 1`` in eager mode a chain of ``bmm`` layers hands batches over
+    features first (:attr:`handoff`, set when the permutation between two of them is folded):
+    the producer multiplies ``[c, O, I] x [c, I, N]`` (free transposes of the weight and of the
+    gathered input) and passes ``[width, N]`` on as a transposed view, and the consumer gathers
+    whole rows of it instead of columns of ``[N, features]`` (see :meth:`_bmm_eager`). Any
+    other layer multiplies ``[c, N, I]`` (a free transpose of the gathered ``[N, c, I]``) and,
+    without autograd, writes straight into the ``[N, c, O]`` output through a transposed view
+    (with autograd: ``baddbmm`` and one copy). Traced for export (``torch.onnx``,
+    ``torch.jit.trace``) it emits the feature-major form ONNX Runtime runs fastest:
+    ``Transpose``, ``Gather`` (only where one is needed), ``Reshape``, one 3-D ``MatMul`` of
+    the ``[c, O, I]`` blocks, ``Add``, ``Reshape``, ``Transpose`` (ONNX Runtime cancels the
+    ``Transpose`` pairs between two such layers across an activation).
 
     Args:
         in_features: features of the input (for a layer whose input permutation was folded
@@ -271,52 +270,40 @@ class BlockDiagonalLinear(nn.Module):
         return self._forward_2d(x.reshape(-1, self.in_features)).reshape(x.shape[:-1] + (self.width,))
 
     def _bmm_eager(self, x: torch.Tensor) -> torch.Tensor:
-        """Eager ``bmm`` forward of a 2-D tensor: gather, :meth:`_bmm`, scatter. At batch 1 a small
-        layer runs three or four short kernels and the Python around them is a measurable share of its
-        time, so the registered tensors are read from the module's dicts (``nn.Module.__getattr__``
-        costs about a microsecond a lookup)."""
+        """Eager ``bmm`` forward of a 2-D tensor: gather, batched matmul, scatter.
+
+        A batch that arrives feature-major (``x.t()`` contiguous: the hand-off of a previous
+        layer) is gathered by rows of ``[features, N]``, several times faster than the columns of
+        ``[N, features]``. A :attr:`handoff` layer multiplies ``[c, O, I] x [c, I, N]`` and passes
+        its output on as the transposed view of ``[width, N]``; any other layer runs :meth:`_bmm`
+        and returns a contiguous ``[N, width]``. At batch 1 a small layer runs three or four short
+        kernels and the Python around them is a measurable share of its time, so the registered
+        tensors are read from the module's dicts (``nn.Module.__getattr__`` costs about a
+        microsecond a lookup)."""
+        buffers, params = self._buffers, self._parameters
         n = x.shape[0]
-        if n > 1 and (self.handoff or (x.stride(0) == 1 and x.stride(1) == n)):
-            return self._bmm_eager_fm(x, n)
-        buffers = self._buffers
         index = buffers["in_index"]
-        if index is not None:
+        if n > 1 and x.stride(0) == 1 and x.stride(1) == n:
+            if index is not None:
+                xt = x.t()
+                if self.padded_in:
+                    xt = _with_zero_channel(xt, 0)
+                x = xt.index_select(0, index).t()
+        elif index is not None:
             if self.padded_in:
                 x = _with_zero_channel(x, 1)
             x = x.index_select(1, index)
-        params = self._parameters
-        y = self._bmm(x, params["weight"], params.get("bias"))
+        if self.handoff and n > 1:
+            c, i, o = self.blocks, self.block_in, self.block_out
+            y = torch.bmm(params["weight"].transpose(1, 2), x.reshape(n, c, i).permute(1, 2, 0))  # [c, O, N]
+            bias = params.get("bias")
+            if bias is not None:
+                y.add_(bias.view(c, o, 1))
+            y = y.view(c * o, n).t()
+        else:
+            y = self._bmm(x, params["weight"], params.get("bias"))
         index = buffers["out_index"]
         return y if index is None else y.index_select(1, index)
-
-    def _bmm_eager_fm(self, x: torch.Tensor, n: int) -> torch.Tensor:
-        """Eager ``bmm`` forward of a batch ``n > 1``, features first: ``[c, O, I] x [c, I, N]``.
-
-        Gathers then move whole rows of ``[features, N]`` (several times faster than gathering the
-        columns of ``[N, features]``). The input is read feature-major for free when it arrives
-        transposed (``x.t()`` contiguous: the hand-off of a previous layer), otherwise it is copied
-        once. The output is handed on as the transposed view of ``[width, N]`` when :attr:`handoff`
-        is set, and copied back to a contiguous ``[N, width]`` otherwise."""
-        c, i, o = self.blocks, self.block_in, self.block_out
-        xt = x.t()
-        if not (x.stride(0) == 1 and x.stride(1) == n):
-            xt = xt.contiguous()
-        buffers = self._buffers
-        index = buffers["in_index"]
-        if index is not None:
-            if self.padded_in:
-                xt = _with_zero_channel(xt, 0)
-            xt = xt.index_select(0, index)
-        params = self._parameters
-        y = torch.bmm(params["weight"].transpose(1, 2), xt.view(c, i, n))
-        bias = params.get("bias")
-        if bias is not None:
-            y.add_(bias.view(c, o, 1))
-        y = y.view(c * o, n)
-        index = buffers["out_index"]
-        if index is not None:
-            y = y.index_select(0, index)
-        return y.t() if self.handoff else y.t().contiguous()
 
     def _forward_2d(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "bmm" and torch.jit.is_tracing():

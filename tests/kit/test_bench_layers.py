@@ -43,6 +43,11 @@ def test_the_converted_stack_computes_what_the_masked_dense_stack_does(kind, ker
     x = torch.randn(2, 12) if kind == "linear" else torch.randn(2, 12, 5, 5)
     ref = dense(x)
     assert float((converted(x) - ref).abs().max()) <= 1e-5 * max(1.0, float(ref.abs().max()))
+    # without the hand-off (the comparison --no-handoff times): no layer hands over, the same values
+    _, plain = build_pair(kind, 12, 3, 3, kernel, handoff=False)
+    flags = [getattr(m, "handoff", False) for m in converted.modules()]
+    assert any(flags) == (kernel == "bmm") and not any(getattr(m, "handoff", False) for m in plain.modules())
+    assert torch.equal(plain(x), converted(x))
 
 
 def test_main_runs_a_tiny_grid_with_the_real_clock(tmp_path, capsys):
@@ -105,6 +110,10 @@ def test_main_runs_the_modes_and_refuses_bad_options(tmp_path, capsys):
                  "--warmup", "0", "--repeats", "2", "--clock", "cpu", "--warm", "--out", str(tmp_path)]) == 0
     saved = json.load(open(tmp_path / "wide_mlp.json"))
     assert saved["meta"]["clock"] == "cpu" and saved["meta"]["warm"] is True and len(saved["rows"]) == 1
+    assert saved["meta"]["handoff"] is True
+    assert main(["--wide-mlp", "--wide-width", "0.03125", "--wide-batches", "2", "--engines", "pytorch",
+                 "--warmup", "0", "--repeats", "2", "--no-handoff", "--out", str(tmp_path)]) == 0
+    assert json.load(open(tmp_path / "wide_mlp.json"))["meta"]["handoff"] is False
     capsys.readouterr()
     for argv, message in ((["--wide-mlp", "--wide-kernels", "fast"], "--wide-kernels: unknown"),
                           (["--clock", "cpu", "--threads", "1,2"], "--clock cpu measures one thread"),
