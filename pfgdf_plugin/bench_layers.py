@@ -27,7 +27,8 @@ clock: on a machine shared with other work it leaves out the time the process wa
 (one thread only; ONNX Runtime with one intra-op thread runs on the calling thread). ``--warm``
 runs every model once, untimed, before each timed call, so neither model times the cache misses
 the other one caused (the steady state of a model served alone); without it the rounds simply
-alternate.
+alternate. ``--no-handoff`` converts without the feature-major hand-off between ``bmm`` layers
+(every boundary gathers columns, as before it), to compare the two forwards.
 """
 
 from __future__ import annotations
