@@ -32,8 +32,9 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 
+# the suite in two workers (pytest-xdist), one torch thread each: most tests are small and single-threaded
 test: install lint
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2
 
 bench: install
 	$(VENV)/bin/pfgdf-plugin bench
