@@ -7,7 +7,7 @@ STAMP := $(VENV)/.pfgdf-installed
 
 .PHONY: install data demo lint test bench zoo clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py pfgdf_plugin/csrc/blockdiag.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test,export,timm,tensorboard]'

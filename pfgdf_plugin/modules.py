@@ -41,6 +41,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx import Proxy
 
+from . import native as _native
+
 __all__ = ["BlockDiagonalLinear", "ChannelPermute", "MaskedDenseConv2d", "MaskedDenseLinear", "PermutedGroupConv2d",
            "BLOCK_KERNELS", "MODULE_TYPES", "module_from_description"]
 
@@ -108,6 +110,11 @@ class ChannelPermute(nn.Module):
         if d.get("padded") and n:
             index[-1] = c  # keeps the padded flag; the state_dict overwrites the values
         return cls(index, c)
+
+
+def _needs_grad(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    """Whether autograd records a layer's forward (in-place and ``out=`` shortcuts are off then)."""
+    return torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (bias is not None and bias.requires_grad))
 
 
 def _check_layout(out_sizes: Sequence[int], in_sizes: Sequence[int]) -> Tuple[List[int], List[int]]:
@@ -276,34 +283,57 @@ class BlockDiagonalLinear(nn.Module):
         layer) is gathered by rows of ``[features, N]``, several times faster than the columns of
         ``[N, features]``. A :attr:`handoff` layer multiplies ``[c, O, I] x [c, I, N]`` and passes
         its output on as the transposed view of ``[width, N]``; any other layer runs :meth:`_bmm`
-        and returns a contiguous ``[N, width]``. At batch 1 a small layer runs three or four short
-        kernels and the Python around them is a measurable share of its time, so the registered
-        tensors are read from the module's dicts (``nn.Module.__getattr__`` costs about a
-        microsecond a lookup)."""
+        and returns a contiguous ``[N, width]``. For inference (no autograd, float32) with the C
+        kernels of :mod:`pfgdf_plugin.native` built, batch 1 is one fused gather + block
+        matrix-vector product + bias, and column gathers take one pass. At batch 1 a small layer
+        runs a few short kernels and the Python around them is a measurable share of its time,
+        so the registered tensors are read from the module's dicts (``nn.Module.__getattr__``
+        costs about a microsecond a lookup)."""
         buffers, params = self._buffers, self._parameters
+        w, bias = params["weight"], params.get("bias")
+        native = (_native._ENABLED and x.dtype == torch.float32 and w.dtype == torch.float32
+                  and not _needs_grad(x, w, bias))
         n = x.shape[0]
         index = buffers["in_index"]
-        if n > 1 and x.stride(0) == 1 and x.stride(1) == n:
-            if index is not None:
-                xt = x.t()
-                if self.padded_in:
-                    xt = _with_zero_channel(xt, 0)
-                x = xt.index_select(0, index).t()
-        elif index is not None:
-            if self.padded_in:
-                x = _with_zero_channel(x, 1)
-            x = x.index_select(1, index)
-        if self.handoff and n > 1:
-            c, i, o = self.blocks, self.block_in, self.block_out
-            y = torch.bmm(params["weight"].transpose(1, 2), x.reshape(n, c, i).permute(1, 2, 0))  # [c, O, N]
-            bias = params.get("bias")
-            if bias is not None:
-                y.add_(bias.view(c, o, 1))
-            y = y.view(c * o, n).t()
+        if native and n == 1:
+            y = _native.block_gemv(x.contiguous(), index, self.in_features, w, bias)
         else:
-            y = self._bmm(x, params["weight"], params.get("bias"))
+            features_first = n > 1 and x.stride(0) == 1 and x.stride(1) == n
+            if features_first:
+                x = self._gather_rows(x.t()).t()
+            elif index is not None:
+                if native and x.stride(1) == 1:
+                    x = _native.gather_cols(x, index, self.in_features)  # padded slots read zero
+                else:
+                    x = (_with_zero_channel(x, 1) if self.padded_in else x).index_select(1, index)
+            if self.handoff and n > 1:
+                c, i, o = self.blocks, self.block_in, self.block_out
+                y = torch.bmm(w.transpose(1, 2), x.reshape(n, c, i).permute(1, 2, 0))  # [c, O, N]
+                if bias is not None:
+                    y.add_(bias.view(c, o, 1))
+                y = y.view(c * o, n).t()
+            elif native and features_first:  # multiply features first, then back to [N, width] with the bias
+                y = torch.bmm(w.transpose(1, 2), x.t().view(self.blocks, self.block_in, n))
+                return _native.gather_rows_t(y.view(self.raw_features, n), buffers["out_index"],
+                                             None if bias is None else bias.view(-1))
+            elif native and buffers["out_index"] is not None:  # the bias goes in with the scatter
+                return _native.gather_cols(self._bmm(x, w, None), buffers["out_index"], self.raw_features,
+                                           None if bias is None else bias.view(-1))
+            else:
+                y = self._bmm(x, w, bias)
         index = buffers["out_index"]
-        return y if index is None else y.index_select(1, index)
+        if index is None:
+            return y
+        return _native.gather_cols(y, index, y.shape[1]) if native and y.stride(1) == 1 else y.index_select(1, index)
+
+    def _gather_rows(self, xt: torch.Tensor) -> torch.Tensor:
+        """``[features, N]`` (features first) -> ``[c * I, N]`` in block layout."""
+        index = self._buffers["in_index"]
+        if index is None:
+            return xt
+        if self.padded_in:
+            xt = _with_zero_channel(xt, 0)
+        return xt.index_select(0, index)
 
     def _forward_2d(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "bmm" and torch.jit.is_tracing():
@@ -333,8 +363,7 @@ class BlockDiagonalLinear(nn.Module):
                 xb = x.reshape(c, 1, i)
                 y = torch.bmm(xb, w) if bias is None else torch.baddbmm(bias.view(c, 1, o), xb, w)
                 return y.view(1, c * o)
-            if not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
-                                                 or (bias is not None and bias.requires_grad))):
+            if not _needs_grad(x, w, bias):
                 out = x.new_empty((n, c, o))  # the matmul writes [c, N, O] straight into the [N, c, O] output
                 torch.bmm(x.reshape(n, c, i).transpose(0, 1), w, out=out.transpose(0, 1))
                 if bias is not None:
@@ -346,11 +375,7 @@ class BlockDiagonalLinear(nn.Module):
 
     def _bmm_feature_major(self, x: torch.Tensor) -> torch.Tensor:
         """The traced (ONNX) form: features first, ``[c, O, I] x [c, I, N]``; no batch-size arithmetic."""
-        xt = x.t()
-        if self.in_index is not None:
-            if self.padded_in:
-                xt = _with_zero_channel(xt, 0)
-            xt = xt.index_select(0, self.in_index)
+        xt = self._gather_rows(x.t())
         y = torch.matmul(self.block_weight(), xt.reshape(self.blocks, self.block_in, -1))
         if self.bias is not None:
             y = y + self.bias.unsqueeze(2)

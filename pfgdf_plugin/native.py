@@ -1,0 +1,131 @@
+"""The optional C kernels of the MPD-converted layers (``pfgdf_plugin/csrc/blockdiag.c``).
+
+Inference of a :class:`pfgdf_plugin.modules.BlockDiagonalLinear` is a gather, a batched matmul, a
+bias and a scatter. At batch 1 PyTorch runs them as four or five short kernels whose dispatch costs
+as much as the multiplications; at larger batches a gather of columns (``index_select`` along
+dim 1) costs about as much as a transpose copy. The library does each of those steps in one pass:
+the batch-1 layer as one fused gather + block matrix-vector product + bias, a column gather, and the
+scatter of a features-first result back to a batch-first tensor (bias included). It is built at
+install time (``setup.py``, plain C, optional); without it, or with ``PFGDF_NATIVE=0`` in the
+environment, or after :func:`set_enabled(False) <set_enabled>`, the layers run on PyTorch
+operations only (the same values up to float rounding).
+
+The functions here check nothing but what keeps memory safe (contiguous float32 / int64 CPU
+tensors of the right sizes); the layer decides when to call them (no autograd, float32, CPU).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+from typing import Optional
+
+import torch
+
+__all__ = ["available", "block_gemv", "enabled", "gather_cols", "gather_rows_t", "set_enabled"]
+
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+
+
+def _load() -> Optional[ctypes.CDLL]:
+    spec = importlib.util.find_spec("pfgdf_plugin._blockdiag")
+    if spec is None or not spec.origin:
+        return None
+    try:
+        lib = ctypes.CDLL(spec.origin)
+    except OSError:
+        return None
+    for name, args in (("pfgdf_block_gemv", [_P, _P, _I, _P, _P, _P, _I, _I, _I]),
+                       ("pfgdf_gather_cols", [_P, _I, _I, _I, _P, _P, _I, _P]),
+                       ("pfgdf_gather_rows_t", [_P, _I, _I, _P, _P, _I, _P])):
+        fn = getattr(lib, name, None)
+        if fn is None:  # a library built from other sources: not ours to call
+            return None
+        fn.argtypes, fn.restype = args, None
+    return lib
+
+
+_LIB = _load()
+_ENABLED = _LIB is not None and os.environ.get("PFGDF_NATIVE", "1") != "0"
+
+
+def available() -> bool:
+    """Whether the C library was built and loads."""
+    return _LIB is not None
+
+
+def enabled() -> bool:
+    """Whether the layers use the library (available, and not switched off)."""
+    return _ENABLED
+
+
+def set_enabled(on: bool) -> bool:
+    """Switch the library on or off for the layers (on only where it is available); returns the
+    previous setting. Used to time both forwards (``python -m pfgdf_plugin.bench_layers --no-native``)."""
+    global _ENABLED
+    previous, _ENABLED = _ENABLED, bool(on) and _LIB is not None
+    return previous
+
+
+def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
+def _check(t: torch.Tensor, dtype: torch.dtype, numel: int, what: str) -> None:
+    if t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous() or t.numel() != numel:
+        raise ValueError(f"pfgdf_plugin.native: {what} must be a contiguous {dtype} CPU tensor of {numel} "
+                         f"elements, got {t.dtype} {tuple(t.shape)} on {t.device}")
+
+
+def block_gemv(x: torch.Tensor, index: Optional[torch.Tensor], in_features: int, weight: torch.Tensor,
+               bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``[1, c * O]``: ``x[0, index]`` (``None``: ``x`` itself) as ``[c, 1, I]`` times ``weight``
+    ``[c, I, O]``, plus ``bias`` ``[c, O]``. Index entries outside ``[0, in_features)`` read zero."""
+    c, i, o = weight.shape
+    _check(weight, torch.float32, c * i * o, "weight")
+    _check(x, torch.float32, in_features if index is not None else c * i, "x")
+    if index is not None:
+        _check(index, torch.int64, c * i, "index")
+    if bias is not None:
+        _check(bias, torch.float32, c * o, "bias")
+    y = torch.empty((1, c * o))
+    _LIB.pfgdf_block_gemv(x.data_ptr(), _ptr(index), in_features, weight.data_ptr(), _ptr(bias), y.data_ptr(),
+                          c, i, o)
+    return y
+
+
+def gather_cols(x: torch.Tensor, index: torch.Tensor, in_features: int,
+                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x[:, index] + bias[index]`` of a row-major ``[N, in_features]`` (rows may be strided;
+    ``bias`` ``[in_features]`` or ``None``); entries of ``index`` outside ``[0, in_features)``
+    give zero columns."""
+    n = x.shape[0]
+    if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != in_features or x.stride(1) != 1 \
+            or x.device.type != "cpu":
+        raise ValueError(f"pfgdf_plugin.native: x must be a float32 CPU [N, {in_features}] tensor with "
+                         f"unit column stride, got {x.dtype} {tuple(x.shape)} strides {x.stride()}")
+    m = index.numel()
+    _check(index, torch.int64, m, "index")
+    if bias is not None:
+        _check(bias, torch.float32, in_features, "bias")
+    out = torch.empty((n, m))
+    _LIB.pfgdf_gather_cols(x.data_ptr(), n, x.stride(0), in_features, index.data_ptr(), _ptr(bias), m,
+                           out.data_ptr())
+    return out
+
+
+def gather_rows_t(y: torch.Tensor, index: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """Features-first ``y`` ``[R, N]`` to a contiguous batch-first ``[N, M]``:
+    ``(y[index] + bias[index, None]).t()`` (``index`` ``None``: all ``R`` rows in order; ``bias``
+    ``[R]`` or ``None``)."""
+    rows, n = y.shape
+    _check(y, torch.float32, rows * n, "y")
+    m = rows if index is None else index.numel()
+    if index is not None:
+        _check(index, torch.int64, m, "index")
+    if bias is not None:
+        _check(bias, torch.float32, rows, "bias")
+    out = torch.empty((n, m))
+    _LIB.pfgdf_gather_rows_t(y.data_ptr(), rows, n, _ptr(index), _ptr(bias), m, out.data_ptr())
+    return out
