@@ -28,7 +28,9 @@ clock: on a machine shared with other work it leaves out the time the process wa
 runs every model once, untimed, before each timed call, so neither model times the cache misses
 the other one caused (the steady state of a model served alone); without it the rounds simply
 alternate. ``--no-handoff`` converts without the feature-major hand-off between ``bmm`` layers
-(every boundary gathers columns, as before it), to compare the two forwards.
+(every boundary gathers columns, as before it), to compare the two forwards; ``--no-native``
+runs the converted layers on PyTorch operations only (without the C kernels of
+:mod:`pfgdf_plugin.native`). The meta of every output records both settings.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 import torch.nn as nn
 
+from . import native
 from .methods import mpd
 
 __all__ = ["CLOCKS", "LayerGrid", "TARGETS", "bench_layers", "bench_targets", "bench_wide_mlp", "engine_table",
@@ -473,7 +476,8 @@ def write_results(rows: Sequence[Dict[str, Any]], out_dir: str, grid: LayerGrid)
     """``layers.json``, ``layers.md`` and ``layers.png`` in ``out_dir``; returns their paths."""
     os.makedirs(out_dir, exist_ok=True)
     paths = {k: os.path.join(out_dir, f"layers.{k}") for k in ("json", "md", "png")}
-    meta = {"grid": asdict(grid), "torch": torch.__version__, "cpu_threads_available": os.cpu_count()}
+    meta = {"grid": asdict(grid), "native": native.enabled(), "torch": torch.__version__,
+            "cpu_threads_available": os.cpu_count()}
     with open(paths["json"], "w", encoding="utf-8") as f:
         json.dump({"meta": meta, "rows": list(rows)}, f, indent=1)
     with open(paths["md"], "w", encoding="utf-8") as f:
@@ -516,6 +520,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--warm", action="store_true", help="an untimed call of the same model before each timed call")
     p.add_argument("--no-handoff", action="store_true",
                    help="no feature-major hand-off between bmm layers (column gathers at every boundary)")
+    p.add_argument("--no-native", action="store_true",
+                   help="converted layers on PyTorch operations only (not the C kernels of pfgdf_plugin.native)")
     p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                    help="wall: time.perf_counter; cpu: the thread's CPU time (1 thread only)")
     p.add_argument("--targets", action="store_true", help="time the configurations of the speed goals (TARGETS)")
@@ -542,8 +548,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ValueError(f"--clock cpu measures one thread; --threads must be 1, got {a.threads}")
     except ValueError as e:
         p.error(str(e))
+    previous = native.set_enabled(not a.no_native)
+    try:
+        return _run(a, grid, engines, clock, modes)
+    finally:
+        native.set_enabled(previous)
+
+
+def _run(a: argparse.Namespace, grid: LayerGrid, engines: List[str], clock: Clock, modes: bool) -> int:
     meta = {"clock": a.clock, "warm": a.warm, "warmup": a.warmup, "repeats": a.repeats or 60, "threads": 1,
-            "handoff": not a.no_handoff}
+            "handoff": not a.no_handoff, "native": native.enabled()}
     if a.targets:
         rows = bench_targets(engines, a.warmup, a.repeats or 60, a.warm, clock, progress=print,
                              handoff=not a.no_handoff)

@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+from pfgdf_plugin import native
 from pfgdf_plugin.bench_layers import LayerGrid, bench_layers, build_pair, main, markdown_table, write_results
 
 TINY = dict(sizes=(16,), conv_sizes=(8,), blocks=(2, 4), depths=(1, 3), batches=(1, 3), threads=(1,),
@@ -110,10 +111,12 @@ def test_main_runs_the_modes_and_refuses_bad_options(tmp_path, capsys):
                  "--warmup", "0", "--repeats", "2", "--clock", "cpu", "--warm", "--out", str(tmp_path)]) == 0
     saved = json.load(open(tmp_path / "wide_mlp.json"))
     assert saved["meta"]["clock"] == "cpu" and saved["meta"]["warm"] is True and len(saved["rows"]) == 1
-    assert saved["meta"]["handoff"] is True
+    assert saved["meta"]["handoff"] is True and saved["meta"]["native"] is True
     assert main(["--wide-mlp", "--wide-width", "0.03125", "--wide-batches", "2", "--engines", "pytorch",
-                 "--warmup", "0", "--repeats", "2", "--no-handoff", "--out", str(tmp_path)]) == 0
-    assert json.load(open(tmp_path / "wide_mlp.json"))["meta"]["handoff"] is False
+                 "--warmup", "0", "--repeats", "2", "--no-handoff", "--no-native", "--out", str(tmp_path)]) == 0
+    saved = json.load(open(tmp_path / "wide_mlp.json"))
+    assert saved["meta"]["handoff"] is False and saved["meta"]["native"] is False
+    assert native.enabled()  # the command switches the C kernels back on when it ends
     capsys.readouterr()
     for argv, message in ((["--wide-mlp", "--wide-kernels", "fast"], "--wide-kernels: unknown"),
                           (["--clock", "cpu", "--threads", "1,2"], "--clock cpu measures one thread"),

@@ -1,0 +1,126 @@
+"""The C kernels of the converted ``bmm`` layers (:mod:`pfgdf_plugin.native`): built by the install,
+the same values as the PyTorch-only forward on every eager path, and memory-safe on bad input."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from pfgdf_plugin import native
+from pfgdf_plugin.bench_layers import build_pair
+from pfgdf_plugin.methods import mpd
+
+
+@contextlib.contextmanager
+def _native(on: bool):
+    previous = native.set_enabled(on)
+    try:
+        yield
+    finally:
+        native.set_enabled(previous)
+
+
+def _layer(bias: bool, sizes=(23, 19), blocks: int = 3, seed: int = 0):
+    """A masked Linear in unequal (so padded) blocks and its converted bmm layer."""
+    torch.manual_seed(seed)
+    lin = nn.Linear(*sizes, bias=bias)
+    plan = mpd.make_plan("lin", lin.weight, blocks, seed=seed)
+    with torch.no_grad():
+        lin.weight.mul_(plan.mask())
+    return lin, mpd.convert_layer(plan, copy.deepcopy(lin), kernel="bmm")
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
+    return float((a - b).abs().max()) / max(1.0, float(b.abs().max()))
+
+
+def test_the_install_builds_the_c_kernels():
+    assert native.available(), "pfgdf_plugin/_blockdiag was not built (setup.py needs a C compiler)"
+    assert native.enabled()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("gather,scatter", [(True, True), (False, True), (True, False)])
+def test_a_lone_layer_gives_the_same_values_with_and_without_the_c_kernels(bias, gather, scatter):
+    lin, layer = _layer(bias)
+    assert layer.padded_in
+    if not scatter:
+        layer.drop_scatter()
+    if not gather:
+        layer.set_gather(None, layer.blocks * layer.block_in)
+    x = torch.randn(6, layer.in_features)
+    for batch in (x[:1], x[:5], x, x.t().contiguous().t(), x[:, :].clone()[::2]):  # strided rows too
+        with torch.no_grad():
+            with _native(False):
+                ref = layer(batch)
+            with _native(True):
+                got = layer(batch)
+        assert got.shape == ref.shape and _rel(got, ref) <= 1e-6, batch.stride()
+        if gather and scatter:
+            assert _rel(got, lin(batch)) <= 1e-5
+
+
+@pytest.mark.parametrize("handoff", [True, False])
+def test_a_chain_gives_the_same_values_with_and_without_the_c_kernels(handoff):
+    _, model = build_pair("linear", 48, 4, 3, "bmm", handoff=handoff)
+    x = torch.randn(7, 48)
+    for batch in (x[:1], x[:2], x):
+        with torch.no_grad():
+            with _native(False):
+                ref = model(batch)
+            with _native(True):
+                got = model(batch)
+        assert got.is_contiguous() and torch.allclose(got, ref, atol=1e-5)
+    # autograd takes the PyTorch path whatever the setting: gradients flow
+    a = x.clone().requires_grad_()
+    model(a).sum().backward()
+    assert a.grad is not None and a.grad.abs().sum() > 0
+
+
+def test_a_damaged_index_reads_zeros_and_never_outside_the_input():
+    _, layer = _layer(True, sizes=(16, 12), blocks=4)
+    assert not layer.padded_in  # balanced: every entry a real feature
+    x = torch.randn(3, 16)
+    zero_at = [0, 5]
+    with torch.no_grad():
+        layer.in_index[zero_at[0]] = -7
+        layer.in_index[zero_at[1]] = 10 ** 12
+        got1, got = layer(x[:1]), layer(x)
+        fixed = layer.in_index.clone()
+        fixed[zero_at] = layer.in_features  # the zero channel
+        layer.set_gather(fixed, layer.in_features)  # padded now: the PyTorch path reads the zero channel
+        with _native(False):
+            assert torch.allclose(got1, layer(x[:1]), atol=1e-6) and torch.allclose(got, layer(x), atol=1e-6)
+    y = torch.randn(4, 9)
+    bad = torch.tensor([8, -1, 3, 9, 2 ** 40])
+    expect = torch.zeros(4, 5)
+    expect[:, [0, 2]] = y[:, [8, 3]]
+    assert torch.equal(native.gather_cols(y, bad, 9), expect)
+    assert torch.equal(native.gather_rows_t(y.t().contiguous(), bad, None), expect)
+
+
+def test_the_kernels_refuse_tensors_they_would_misread():
+    w = torch.randn(2, 3, 4)
+    with pytest.raises(ValueError, match="x must be a contiguous torch.float32 CPU tensor of 5 elements"):
+        native.block_gemv(torch.randn(1, 6), torch.zeros(6, dtype=torch.long), 5, w, None)
+    with pytest.raises(ValueError, match="weight must be a contiguous"):
+        native.block_gemv(torch.randn(1, 6), None, 6, w.transpose(1, 2), None)
+    with pytest.raises(ValueError, match=r"x must be a float32 CPU \[N, 4\] tensor"):
+        native.gather_cols(torch.randn(2, 4, dtype=torch.float64), torch.arange(4), 4)
+    with pytest.raises(ValueError, match="index must be a contiguous torch.int64"):
+        native.gather_cols(torch.randn(2, 4), torch.arange(4, dtype=torch.int32), 4)
+    with pytest.raises(ValueError, match="y must be a contiguous"):
+        native.gather_rows_t(torch.randn(3, 4).t(), None, None)
+    with pytest.raises(ValueError, match="bias must be a contiguous torch.float32 CPU tensor of 3"):
+        native.gather_rows_t(torch.randn(3, 4), None, torch.randn(4))
+
+
+def test_a_layer_given_the_wrong_width_names_it():
+    _, layer = _layer(True)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"\[N, 23\]"):
+        layer(torch.randn(3, 22))
