@@ -34,7 +34,7 @@ lint: $(STAMP)
 
 # the suite in two workers (pytest-xdist), one torch thread each: most tests are small and single-threaded
 test: install lint
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist worksteal
 
 bench: install
 	$(VENV)/bin/pfgdf-plugin bench

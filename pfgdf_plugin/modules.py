@@ -283,7 +283,7 @@ class BlockDiagonalLinear(nn.Module):
         layer) is gathered by rows of ``[features, N]``, several times faster than the columns of
         ``[N, features]``. A :attr:`handoff` layer multiplies ``[c, O, I] x [c, I, N]`` and passes
         its output on as the transposed view of ``[width, N]``; any other layer runs :meth:`_bmm`
-        and returns a contiguous ``[N, width]``. For inference (no autograd, float32) with the C
+        and returns a contiguous ``[N, width]``. For inference (no autograd, float32, CPU) with the C
         kernels of :mod:`pfgdf_plugin.native` built, batch 1 is one fused gather + block
         matrix-vector product + bias, and column gathers take one pass. At batch 1 a small layer
         runs a few short kernels and the Python around them is a measurable share of its time,
@@ -291,8 +291,8 @@ class BlockDiagonalLinear(nn.Module):
         costs about a microsecond a lookup)."""
         buffers, params = self._buffers, self._parameters
         w, bias = params["weight"], params.get("bias")
-        native = (_native._ENABLED and x.dtype == torch.float32 and w.dtype == torch.float32
-                  and not _needs_grad(x, w, bias))
+        native = (_native._ENABLED and x.dtype == torch.float32 and w.dtype == torch.float32 and x.is_cpu
+                  and w.is_cpu and not _needs_grad(x, w, bias))
         n = x.shape[0]
         index = buffers["in_index"]
         if native and n == 1:

@@ -82,6 +82,16 @@ def test_a_chain_gives_the_same_values_with_and_without_the_c_kernels(handoff):
     assert a.grad is not None and a.grad.abs().sum() > 0
 
 
+def test_other_dtypes_take_the_pytorch_path():
+    lin, layer = _layer(True)
+    lin, layer = lin.double(), layer.double()
+    x = torch.randn(4, 23, dtype=torch.float64)
+    with torch.no_grad():
+        for batch in (x[:1], x):
+            got = layer(batch)
+            assert got.dtype == torch.float64 and _rel(got, lin(batch)) <= 1e-10
+
+
 def test_a_damaged_index_reads_zeros_and_never_outside_the_input():
     _, layer = _layer(True, sizes=(16, 12), blocks=4)
     assert not layer.padded_in  # balanced: every entry a real feature

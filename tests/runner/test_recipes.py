@@ -173,18 +173,24 @@ def _cli(*args, cwd=ROOT):
                           env={**os.environ, "PYTHONPATH": ROOT})
 
 
-def test_cli_errors_are_one_clear_line(tmp_path):
+def test_cli_errors_are_one_clear_line(tmp_path, capsys):
+    from pfgdf_plugin.cli import main
+
     bad = tmp_path / "bad.yaml"
     bad.write_text("prune:\n  params:\n    k: 0\n")
-    r = _cli("validate", str(bad))
+    r = _cli("validate", str(bad))  # the real entry point, in its own process
     assert r.returncode == 2 and "k must be > 0" in r.stderr and "Traceback" not in r.stderr
-    r = _cli("run", PFGDF_RECIPE, "--set", "data.name=cifar10", "--set", f"data.root={tmp_path}",
-             "--set", f"output_dir={tmp_path}", "--quiet")
-    assert r.returncode == 2 and "cifar-10-batches-py" in r.stderr and "Traceback" not in r.stderr
-    r = _cli("validate", str(tmp_path / "missing.yaml"))
-    assert r.returncode == 2 and "no such recipe file" in r.stderr
-    r = _cli("validate", PFGDF_RECIPE, "--set", "prune.params.k=2.0")
-    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip().count("\n") == 0, r.stderr
+    # the same entry point in this process (an escaping exception would fail the test)
+    capsys.readouterr()
+    assert main(["run", PFGDF_RECIPE, "--set", "data.name=cifar10", "--set", f"data.root={tmp_path}",
+                 "--set", f"output_dir={tmp_path}", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "cifar-10-batches-py" in err and err.startswith("error: ") and err.strip().count("\n") == 0, err
+    assert main(["validate", str(tmp_path / "missing.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "no such recipe file" in err and err.strip().count("\n") == 0, err
+    assert main(["validate", PFGDF_RECIPE, "--set", "prune.params.k=2.0"]) == 0, capsys.readouterr().err
 
 
 def _digest(path):
