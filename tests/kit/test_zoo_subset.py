@@ -1,6 +1,8 @@
-"""The zoo sweep's fixed fast subset (default suite): a ConvNeXt, an EfficientNet, a RegNet, a DenseNet and a
-MobileNetV3 go through every check of pfgdf_plugin/zoo_sweep.py at the smallest input they take; each check
-passes or fails with the plugin's documented error, never a raw exception. The full sweep is tests/kit/test_zoo_full.py.
+"""The zoo sweep's fixed fast subset (default suite): a ConvNeXt, an EfficientNet, a RegNet, a GoogLeNet
+(concatenating branches) and a MobileNetV3 go through every check of pfgdf_plugin/zoo_sweep.py at the smallest
+input they take; each check passes or fails with the plugin's documented error, never a raw exception. The full
+sweep (every torchvision classifier, the DenseNets' dense concatenations among them; ``make zoo``) is
+tests/kit/test_zoo_full.py.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import torch
 from pfgdf_plugin import zoo_sweep
 from pfgdf_plugin.errors import DBPError
 
-SUBSET = ("convnext_tiny", "efficientnet_b0", "regnet_x_400mf", "densenet121", "mobilenet_v3_small")
+SUBSET = ("convnext_tiny", "efficientnet_b0", "regnet_x_400mf", "googlenet", "mobilenet_v3_small")
 CASES = [(m, c) for m in SUBSET for c in zoo_sweep.CHECKS]
 
 

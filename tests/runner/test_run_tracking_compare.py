@@ -6,7 +6,6 @@ import importlib.util
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -98,14 +97,20 @@ def test_pruning_progress_is_in_the_curves(tmp_path, name, method, params, ratio
         assert rows[-1]["epoch"] == 0.5 and rows[-1]["masked_weights"] > 0.8
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "pfgdf_plugin", *args], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": ROOT})
+def _cli(capsys, *args):
+    """The command line's ``main`` in this process: ``(exit code, stdout, stderr)`` (an exception it lets
+    escape fails the test, as a traceback would)."""
+    from pfgdf_plugin.cli import main
+
+    capsys.readouterr()
+    code = main(list(args))
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
 
 
-def test_compare_prints_a_table_and_writes_the_plot(two_runs, tmp_path):
+def test_compare_prints_a_table_and_writes_the_plot(two_runs, tmp_path, capsys):
     plot = tmp_path / "plots" / "runs.png"
-    r = _cli("compare", *two_runs, "--out", str(plot))
+    r = _cli(capsys, "compare", *two_runs, "--out", str(plot))
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[0].split()[:4] == ["run", "method", "framework", "model"] and "latency" in lines[0]
@@ -121,10 +126,10 @@ def test_compare_prints_a_table_and_writes_the_plot(two_runs, tmp_path):
     assert path is None and table.splitlines()[2:] == lines[2:4]
 
 
-def test_compare_refuses_a_folder_that_is_not_a_run(two_runs, tmp_path):
+def test_compare_refuses_a_folder_that_is_not_a_run(two_runs, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     plot = tmp_path / "runs.png"
-    r = _cli("compare", two_runs[0], str(tmp_path / "empty"), "--out", str(plot))
+    r = _cli(capsys, "compare", two_runs[0], str(tmp_path / "empty"), "--out", str(plot))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.count("\n") == 1 and "empty is not a run folder (no metrics.json)" in r.stderr
     assert not plot.exists()
