@@ -27,7 +27,9 @@ clock: on a machine shared with other work it leaves out the time the process wa
 (one thread only; ONNX Runtime with one intra-op thread runs on the calling thread). ``--warm``
 runs every model once, untimed, before each timed call, so neither model times the cache misses
 the other one caused (the steady state of a model served alone); without it the rounds simply
-alternate. ``--no-handoff`` converts without the feature-major hand-off between ``bmm`` layers
+alternate. ``--grad-mode inference`` times the PyTorch calls under ``torch.inference_mode()`` (the
+mode PyTorch recommends for serving) instead of ``torch.no_grad()`` (the default, as the figures in
+docs/mpd.md). ``--no-handoff`` converts without the feature-major hand-off between ``bmm`` layers
 (every boundary gathers columns, as before it), to compare the two forwards; ``--no-native``
 runs the converted layers on PyTorch operations only (without the C kernels of
 :mod:`pfgdf_plugin.native`). The meta of every output records both settings.
@@ -50,11 +52,13 @@ import torch.nn as nn
 from . import native
 from .methods import mpd
 
-__all__ = ["CLOCKS", "LayerGrid", "TARGETS", "bench_layers", "bench_targets", "bench_wide_mlp", "engine_table",
-           "main", "markdown_table", "plot_speedups", "wide_mlp_pair"]
+__all__ = ["CLOCKS", "GRAD_MODES", "LayerGrid", "TARGETS", "bench_layers", "bench_targets", "bench_wide_mlp",
+           "engine_table", "main", "markdown_table", "plot_speedups", "wide_mlp_pair"]
 
 Clock = Callable[[], float]
 CLOCKS: Dict[str, Clock] = {"wall": time.perf_counter, "cpu": time.thread_time}
+# how the PyTorch calls are timed: without autograd (no_grad), or also without its bookkeeping (inference)
+GRAD_MODES: Dict[str, Callable[[], Any]] = {"no_grad": torch.no_grad, "inference": torch.inference_mode}
 
 # MPDCompress's speed goals (PyTorch, 1 thread, converted against dense, bmm kernel, 8 blocks)
 TARGETS: Tuple[Dict[str, Any], ...] = (
@@ -81,6 +85,7 @@ class LayerGrid:
         spatial: the side of a convolution's input.
         warmup, repeats: runs before timing, and timed rounds.
         warm: run each model once, untimed, right before each of its timed calls.
+        grad_mode: ``no_grad`` or ``inference`` (:data:`GRAD_MODES`): the mode of the PyTorch calls.
         handoff: let folded ``bmm`` layers hand batches over feature-major (``False``: every
             boundary gathers columns, the forward before the hand-off, for comparison).
     """
@@ -99,6 +104,7 @@ class LayerGrid:
     repeats: int = 30
     warm: bool = False
     handoff: bool = True
+    grad_mode: str = "no_grad"
 
     def __post_init__(self) -> None:
         problems = [f"kinds: unknown {k!r} (linear, conv2d)" for k in self.kinds if k not in ("linear", "conv2d")]
@@ -110,6 +116,8 @@ class LayerGrid:
             values = getattr(self, key)
             if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
                 problems.append(f"{key} must be positive integers, got {list(values)!r}")
+        if self.grad_mode not in GRAD_MODES:
+            problems.append(f"grad_mode: unknown {self.grad_mode!r} ({', '.join(GRAD_MODES)})")
         if self.warmup < 0 or self.repeats < 1:
             problems.append(f"warmup must be >= 0 and repeats >= 1, got {self.warmup} and {self.repeats}")
         if problems:
@@ -200,7 +208,7 @@ def _time_pair(dense: nn.Module, converted: nn.Module, x: torch.Tensor, engine: 
         previous = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            with torch.no_grad():
+            with GRAD_MODES[grid.grad_mode]():
                 return _interleaved({"dense": lambda: dense(x), "converted": lambda: converted(x)},
                                     grid.warmup, grid.repeats, clock, grid.warm)
         finally:
@@ -271,7 +279,8 @@ def _row(case: Dict[str, Any], batch: int, threads: int, engine: str, dense_s: f
 
 def bench_targets(engines: Sequence[str] = ("pytorch", "onnxruntime"), warmup: int = 5, repeats: int = 60,
                   warm: bool = False, clock: Optional[Clock] = None, targets: Sequence[Dict[str, Any]] = TARGETS,
-                  progress: Optional[Callable[[str], None]] = None, handoff: bool = True) -> List[Dict[str, Any]]:
+                  progress: Optional[Callable[[str], None]] = None, handoff: bool = True,
+                  grad_mode: str = "no_grad") -> List[Dict[str, Any]]:
     """Time the configurations of :data:`TARGETS` (1 thread): one row per target and engine, with
     ``target`` (the speed-up asked for) and ``met`` (``speedup >= target``; the goals are stated for
     PyTorch, the ONNX Runtime rows are for comparison).
@@ -287,7 +296,8 @@ def bench_targets(engines: Sequence[str] = ("pytorch", "onnxruntime"), warmup: i
     for t in targets:
         grid = LayerGrid(kinds=(t["kind"],), sizes=(t["size"],), conv_sizes=(t["size"],), blocks=(t["blocks"],),
                          depths=(t["depth"],), kernels=(t["kernel"],), batches=(t["batch"],), threads=(1,),
-                         engines=tuple(engines), warmup=warmup, repeats=repeats, warm=warm, handoff=handoff)
+                         engines=tuple(engines), warmup=warmup, repeats=repeats, warm=warm, handoff=handoff,
+                         grad_mode=grad_mode)
         for row in bench_layers(grid, clock):
             row.update(target=float(t["target"]), met=bool(row["speedup"] >= t["target"]))
             rows.append(row)
@@ -335,7 +345,8 @@ def _weights(model: nn.Module) -> int:
 def bench_wide_mlp(kernels: Sequence[str] = ("bmm",), batches: Sequence[int] = (1, 32), blocks: int = 8,
                    engines: Sequence[str] = ("pytorch", "onnxruntime"), warmup: int = 5, repeats: int = 60,
                    warm: bool = False, clock: Optional[Clock] = None, width: float = 1.0,
-                   progress: Optional[Callable[[str], None]] = None, handoff: bool = True) -> List[Dict[str, Any]]:
+                   progress: Optional[Callable[[str], None]] = None, handoff: bool = True,
+                   grad_mode: str = "no_grad") -> List[Dict[str, Any]]:
     """The wide MLP, dense against ``fc1``/``fc2`` in ``blocks`` blocks, on 1 thread.
 
     For each kernel and batch, the dense and the converted model on every engine are timed in the
@@ -370,7 +381,8 @@ def bench_wide_mlp(kernels: Sequence[str] = ("bmm",), batches: Sequence[int] = (
                                 runs[f"{engine}:{which}"] = (lambda m, inp: lambda: m(inp))(model, x)
                             else:
                                 runs[f"{engine}:{which}"] = _ort_runner(model, x, 1, folder, f"{which}_{batch}")
-                    t = _interleaved(runs, warmup, repeats, clock, warm)
+                    with GRAD_MODES[grad_mode]():  # the models were exported outside it
+                        t = _interleaved(runs, warmup, repeats, clock, warm)
                     for engine in engines:
                         row = _row(case, batch, 1, engine, t[f"{engine}:dense"], t[f"{engine}:converted"], ideal)
                         rows.append(row)
@@ -520,6 +532,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--warm", action="store_true", help="an untimed call of the same model before each timed call")
     p.add_argument("--no-handoff", action="store_true",
                    help="no feature-major hand-off between bmm layers (column gathers at every boundary)")
+    p.add_argument("--grad-mode", choices=sorted(GRAD_MODES), default="no_grad",
+                   help="time PyTorch under torch.no_grad() (default) or torch.inference_mode()")
     p.add_argument("--no-native", action="store_true",
                    help="converted layers on PyTorch operations only (not the C kernels of pfgdf_plugin.native)")
     p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
@@ -538,7 +552,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          blocks=_ints(a.blocks), depths=_ints(a.depths), kernels=a.kernels.split(","),
                          batches=_ints(a.batches), threads=_ints(a.threads), engines=engines,
                          spatial=a.spatial, warmup=a.warmup, repeats=a.repeats or d.repeats, warm=a.warm,
-                         handoff=not a.no_handoff)
+                         handoff=not a.no_handoff, grad_mode=a.grad_mode)
         bad = [k for k in a.wide_kernels.split(",") if k not in ("bmm", "grouped", "dense", "block", "auto")]
         if bad:
             raise ValueError(f"--wide-kernels: unknown {bad} (bmm, grouped, dense, block, auto)")
@@ -557,17 +571,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _run(a: argparse.Namespace, grid: LayerGrid, engines: List[str], clock: Clock, modes: bool) -> int:
     meta = {"clock": a.clock, "warm": a.warm, "warmup": a.warmup, "repeats": a.repeats or 60, "threads": 1,
-            "handoff": not a.no_handoff, "native": native.enabled()}
+            "handoff": not a.no_handoff, "native": native.enabled(), "grad_mode": a.grad_mode}
     if a.targets:
         rows = bench_targets(engines, a.warmup, a.repeats or 60, a.warm, clock, progress=print,
-                             handoff=not a.no_handoff)
+                             handoff=not a.no_handoff, grad_mode=a.grad_mode)
         paths = write_mode(rows, a.out, "targets", dict(meta, targets=list(TARGETS)),
                            columns=_COLUMNS + ("target", "met"))
         print(f"wrote {paths['md']}, {paths['json']}")
     if a.wide_mlp:
         rows = bench_wide_mlp(a.wide_kernels.split(","), _ints(a.wide_batches), engines=engines,
                               warmup=a.warmup, repeats=a.repeats or 60, warm=a.warm, clock=clock,
-                              width=a.wide_width, progress=print, handoff=not a.no_handoff)
+                              width=a.wide_width, progress=print, handoff=not a.no_handoff,
+                              grad_mode=a.grad_mode)
         paths = write_mode(rows, a.out, "wide_mlp", meta)
         print(engine_table(rows))
         print(f"wrote {paths['md']}, {paths['json']}")

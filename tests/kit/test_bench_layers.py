@@ -62,6 +62,8 @@ def test_main_runs_a_tiny_grid_with_the_real_clock(tmp_path, capsys):
 def test_a_bad_grid_lists_every_problem():
     with pytest.raises(ValueError, match=r"kinds: unknown 'lstm'.*engines: unknown 'tvm'.*blocks must be positive"):
         LayerGrid(kinds=("lstm",), engines=("tvm",), blocks=(0,))
+    with pytest.raises(ValueError, match=r"grad_mode: unknown 'eval' \(no_grad, inference\)"):
+        LayerGrid(grad_mode="eval")
 
 
 def test_the_targets_mode_marks_each_goal_met_or_not_by_the_clock():
@@ -112,10 +114,13 @@ def test_main_runs_the_modes_and_refuses_bad_options(tmp_path, capsys):
     saved = json.load(open(tmp_path / "wide_mlp.json"))
     assert saved["meta"]["clock"] == "cpu" and saved["meta"]["warm"] is True and len(saved["rows"]) == 1
     assert saved["meta"]["handoff"] is True and saved["meta"]["native"] is True
+    assert saved["meta"]["grad_mode"] == "no_grad"
     assert main(["--wide-mlp", "--wide-width", "0.03125", "--wide-batches", "2", "--engines", "pytorch",
-                 "--warmup", "0", "--repeats", "2", "--no-handoff", "--no-native", "--out", str(tmp_path)]) == 0
+                 "--warmup", "0", "--repeats", "2", "--no-handoff", "--no-native", "--grad-mode", "inference",
+                 "--out", str(tmp_path)]) == 0
     saved = json.load(open(tmp_path / "wide_mlp.json"))
     assert saved["meta"]["handoff"] is False and saved["meta"]["native"] is False
+    assert saved["meta"]["grad_mode"] == "inference" and len(saved["rows"]) == 1
     assert native.enabled()  # the command switches the C kernels back on when it ends
     capsys.readouterr()
     for argv, message in ((["--wide-mlp", "--wide-kernels", "fast"], "--wide-kernels: unknown"),
