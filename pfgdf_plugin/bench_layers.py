@@ -32,7 +32,7 @@ mode PyTorch recommends for serving) instead of ``torch.no_grad()`` (the default
 docs/mpd.md). ``--no-handoff`` converts without the feature-major hand-off between ``bmm`` layers
 (every boundary gathers columns, as before it), to compare the two forwards; ``--no-native``
 runs the converted layers on PyTorch operations only (without the C kernels of
-:mod:`pfgdf_plugin.native`). The meta of every output records both settings.
+:mod:`pfgdf_plugin.native`). The meta of every output records these settings.
 """
 
 from __future__ import annotations
