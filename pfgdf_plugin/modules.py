@@ -306,16 +306,15 @@ class BlockDiagonalLinear(nn.Module):
                     x = _native.gather_cols(x, index, self.in_features)  # padded slots read zero
                 else:
                     x = (_with_zero_channel(x, 1) if self.padded_in else x).index_select(1, index)
-            if self.handoff and n > 1:
+            if n > 1 and (self.handoff or (native and features_first)):  # multiply features first
                 c, i, o = self.blocks, self.block_in, self.block_out
                 y = torch.bmm(w.transpose(1, 2), x.reshape(n, c, i).permute(1, 2, 0))  # [c, O, N]
+                if not self.handoff:  # back to a contiguous [N, width], scatter and bias in one pass
+                    return _native.gather_rows_t(y.view(c * o, n), buffers["out_index"],
+                                                 None if bias is None else bias.view(-1))
                 if bias is not None:
                     y.add_(bias.view(c, o, 1))
                 y = y.view(c * o, n).t()
-            elif native and features_first:  # multiply features first, then back to [N, width] with the bias
-                y = torch.bmm(w.transpose(1, 2), x.t().view(self.blocks, self.block_in, n))
-                return _native.gather_rows_t(y.view(self.raw_features, n), buffers["out_index"],
-                                             None if bias is None else bias.view(-1))
             elif native and buffers["out_index"] is not None:  # the bias goes in with the scatter
                 return _native.gather_cols(self._bmm(x, w, None), buffers["out_index"], self.raw_features,
                                            None if bias is None else bias.view(-1))

@@ -73,7 +73,7 @@ def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
 
 
 def _check(t: torch.Tensor, dtype: torch.dtype, numel: int, what: str) -> None:
-    if t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous() or t.numel() != numel:
+    if t.dtype != dtype or not t.is_cpu or not t.is_contiguous() or t.numel() != numel:
         raise ValueError(f"pfgdf_plugin.native: {what} must be a contiguous {dtype} CPU tensor of {numel} "
                          f"elements, got {t.dtype} {tuple(t.shape)} on {t.device}")
 
@@ -101,8 +101,7 @@ def gather_cols(x: torch.Tensor, index: torch.Tensor, in_features: int,
     ``bias`` ``[in_features]`` or ``None``); entries of ``index`` outside ``[0, in_features)``
     give zero columns."""
     n = x.shape[0]
-    if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != in_features or x.stride(1) != 1 \
-            or x.device.type != "cpu":
+    if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != in_features or x.stride(1) != 1 or not x.is_cpu:
         raise ValueError(f"pfgdf_plugin.native: x must be a float32 CPU [N, {in_features}] tensor with "
                          f"unit column stride, got {x.dtype} {tuple(x.shape)} strides {x.stride()}")
     m = index.numel()
