@@ -291,39 +291,33 @@ class BlockDiagonalLinear(nn.Module):
         costs about a microsecond a lookup)."""
         buffers, params = self._buffers, self._parameters
         w, bias = params["weight"], params.get("bias")
-        native = (_native._ENABLED and x.dtype == torch.float32 and w.dtype == torch.float32 and x.is_cpu
-                  and w.is_cpu and not _needs_grad(x, w, bias))
         n = x.shape[0]
-        index = buffers["in_index"]
-        if native and n == 1:
-            y = _native.block_gemv(x.contiguous(), index, self.in_features, w, bias)
+        index, out_index = buffers["in_index"], buffers["out_index"]
+        features_first = n > 1 and x.stride(0) == 1 and x.stride(1) == n
+        if (_native._ENABLED and n and x.dtype == torch.float32 and w.dtype == torch.float32 and x.is_cpu
+                and w.is_cpu and not _needs_grad(x, w, bias)):
+            if n == 1:
+                y = _native.block_gemv(x.contiguous(), index, self.in_features, w, bias)
+                return y if out_index is None else _native.gather_cols(y, out_index, y.shape[1])
+            # batch-first or features-first, the gather is the columns the kernel packs
+            y = _native.block_gemm(x if features_first or x.stride(1) == 1 else x.contiguous(), index,
+                                   self.in_features, w, bias)
+            if self.handoff:
+                return (y if out_index is None else y.index_select(0, out_index)).t()
+            return _native.gather_rows_t(y, out_index, None)
+        if features_first:
+            x = self._gather_rows(x.t()).t()
+        elif index is not None:
+            x = (_with_zero_channel(x, 1) if self.padded_in else x).index_select(1, index)
+        if n > 1 and self.handoff:  # multiply features first: [c, O, I] x [c, I, N]
+            c, i, o = self.blocks, self.block_in, self.block_out
+            y = torch.bmm(w.transpose(1, 2), x.reshape(n, c, i).permute(1, 2, 0))
+            if bias is not None:
+                y.add_(bias.view(c, o, 1))
+            y = y.view(c * o, n).t()
         else:
-            features_first = n > 1 and x.stride(0) == 1 and x.stride(1) == n
-            if features_first:
-                x = self._gather_rows(x.t()).t()
-            elif index is not None:
-                if native and x.stride(1) == 1:
-                    x = _native.gather_cols(x, index, self.in_features)  # padded slots read zero
-                else:
-                    x = (_with_zero_channel(x, 1) if self.padded_in else x).index_select(1, index)
-            if n > 1 and (self.handoff or (native and features_first)):  # multiply features first
-                c, i, o = self.blocks, self.block_in, self.block_out
-                y = torch.bmm(w.transpose(1, 2), x.reshape(n, c, i).permute(1, 2, 0))  # [c, O, N]
-                if not self.handoff:  # back to a contiguous [N, width], scatter and bias in one pass
-                    return _native.gather_rows_t(y.view(c * o, n), buffers["out_index"],
-                                                 None if bias is None else bias.view(-1))
-                if bias is not None:
-                    y.add_(bias.view(c, o, 1))
-                y = y.view(c * o, n).t()
-            elif native and buffers["out_index"] is not None:  # the bias goes in with the scatter
-                return _native.gather_cols(self._bmm(x, w, None), buffers["out_index"], self.raw_features,
-                                           None if bias is None else bias.view(-1))
-            else:
-                y = self._bmm(x, w, bias)
-        index = buffers["out_index"]
-        if index is None:
-            return y
-        return _native.gather_cols(y, index, y.shape[1]) if native and y.stride(1) == 1 else y.index_select(1, index)
+            y = self._bmm(x, w, bias)
+        return y if out_index is None else y.index_select(1, out_index)
 
     def _gather_rows(self, xt: torch.Tensor) -> torch.Tensor:
         """``[features, N]`` (features first) -> ``[c * I, N]`` in block layout."""

@@ -2,10 +2,12 @@
 
 Inference of a :class:`pfgdf_plugin.modules.BlockDiagonalLinear` is a gather, a batched matmul, a
 bias and a scatter. At batch 1 PyTorch runs them as four or five short kernels whose dispatch costs
-as much as the multiplications; at larger batches a gather of columns (``index_select`` along
-dim 1) costs about as much as a transpose copy. The library does each of those steps in one pass:
-the batch-1 layer as one fused gather + block matrix-vector product + bias, a column gather, and the
-scatter of a features-first result back to a batch-first tensor (bias included). It is built at
+as much as the multiplications; at larger batches the gather and the bias are each a pass over the
+activations besides the matmul. The library fuses them: the batch-1 layer is one gather + block
+matrix-vector product + bias; a batch is one block matrix product that packs its inputs from where
+the gather would fetch them (batch-first or features-first) and adds the bias, into a features-first
+``[features, N]`` result that the next layer reads as it is (the hand-off) or that one pass scatters
+back to batch-first. It is built at
 install time (``setup.py``, plain C, optional); without it, or with ``PFGDF_NATIVE=0`` in the
 environment, or after :func:`set_enabled(False) <set_enabled>`, the layers run on PyTorch
 operations only (the same values up to float rounding).
@@ -23,7 +25,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["available", "block_gemv", "enabled", "gather_cols", "gather_rows_t", "set_enabled"]
+__all__ = ["available", "block_gemm", "block_gemv", "enabled", "gather_cols", "gather_rows_t", "set_enabled"]
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 
@@ -38,11 +40,12 @@ def _load() -> Optional[ctypes.CDLL]:
         return None
     for name, args in (("pfgdf_block_gemv", [_P, _P, _I, _P, _P, _P, _I, _I, _I]),
                        ("pfgdf_gather_cols", [_P, _I, _I, _I, _P, _P, _I, _P]),
-                       ("pfgdf_gather_rows_t", [_P, _I, _I, _P, _P, _I, _P])):
+                       ("pfgdf_gather_rows_t", [_P, _I, _I, _P, _P, _I, _P]),
+                       ("pfgdf_block_gemm", [_P, _I, _I, _I, _I, _P, _P, _P, _P, _I, _I, _I])):
         fn = getattr(lib, name, None)
         if fn is None:  # a library built from other sources: not ours to call
             return None
-        fn.argtypes, fn.restype = args, None
+        fn.argtypes, fn.restype = args, ctypes.c_int if name == "pfgdf_block_gemm" else None
     return lib
 
 
@@ -127,4 +130,37 @@ def gather_rows_t(y: torch.Tensor, index: Optional[torch.Tensor], bias: Optional
         _check(bias, torch.float32, rows, "bias")
     out = torch.empty((n, m))
     _LIB.pfgdf_gather_rows_t(y.data_ptr(), rows, n, _ptr(index), _ptr(bias), m, out.data_ptr())
+    return out
+
+
+def block_gemm(x: torch.Tensor, index: Optional[torch.Tensor], in_features: int, weight: torch.Tensor,
+               bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """Features-first ``[c * O, N]``: columns ``index`` of ``x`` ``[N, in_features]`` (``None``: all,
+    ``in_features = c * I``) as ``[c, I, N]``, multiplied by ``weight`` ``[c, I, O]`` transposed, plus
+    ``bias`` ``[c, O]``. ``x`` is batch-first (unit column stride,
+    rows may be strided) or the transposed view of a contiguous ``[in_features, N]``; index entries
+    outside ``[0, in_features)`` read zeros."""
+    c, i, o = weight.shape
+    n = x.shape[0]
+    if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != in_features or not x.is_cpu:
+        raise ValueError(f"pfgdf_plugin.native: x must be a float32 CPU [N, {in_features}] tensor, "
+                         f"got {x.dtype} {tuple(x.shape)} on {x.device}")
+    if x.stride(1) == 1:
+        fs, rs = 1, x.stride(0)
+    elif x.stride(0) == 1 and x.stride(1) == n:
+        fs, rs = n, 1
+    else:
+        raise ValueError(f"pfgdf_plugin.native: x must be batch-first with unit column stride or the transpose of "
+                         f"a contiguous [{in_features}, N], got strides {x.stride()}")
+    _check(weight, torch.float32, c * i * o, "weight")
+    if index is None and in_features != c * i:
+        raise ValueError(f"pfgdf_plugin.native: without an index x must have {c * i} features, got {in_features}")
+    if index is not None:
+        _check(index, torch.int64, c * i, "index")
+    if bias is not None:
+        _check(bias, torch.float32, c * o, "bias")
+    out = torch.empty((c * o, n))
+    if n and _LIB.pfgdf_block_gemm(x.data_ptr(), in_features, n, fs, rs, _ptr(index), weight.data_ptr(), _ptr(bias),
+                                   out.data_ptr(), c, i, o):
+        raise MemoryError("pfgdf_plugin.native.block_gemm: out of memory for the packed tiles")
     return out

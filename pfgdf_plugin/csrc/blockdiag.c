@@ -2,10 +2,12 @@
  *
  * Plain C, no Python or torch headers: the caller passes contiguous float32 / int64 buffers.
  * Index entries outside [0, limit) read as zero (the padded slots of an unbalanced split),
- * so a damaged index buffer can not read outside its source. Single-threaded; memory-bound
- * work (gathers, batch-1 matrix-vector products) that PyTorch would run as several kernels.
+ * so a damaged index buffer can not read outside its source. Single-threaded: the batch-1
+ * matrix-vector product, gathers and transposes that PyTorch would run as several kernels, and a
+ * block matrix product for batches that reads its inputs through the gather and adds the bias.
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
@@ -96,4 +98,161 @@ void pfgdf_gather_rows_t(const float *restrict src, int64_t rows, int64_t n, con
       for (int64_t j = 0; j < kn; ++j) o[j] = p[j][r * step[j]] + bias[j];
     }
   }
+}
+
+/* Block matrix product of a batch, into features-first:
+ *   out[c*O + o][r] = b[c*O + o] + sum_i W[c][i][o] * x(idx[c*I + i], r),  W stored [C, I, O],
+ * out [C*O, n], where input feature s of batch column r is
+ * x(s, r) = src[s * fs + r * rs], s < rows (fs == 1: batch first, rows rs apart; else features first,
+ * rs == 1 and fs == n); idx NULL: feature c*I + i. Blocked as a
+ * GEMM is: the gathered inputs of up to 256 KiB of columns and panels of 6 outputs' weights (up to
+ * 128 KiB of them) are packed in the order the tiles read them (the gather costs nothing more than
+ * that copy, which the product needed anyway: rows a power of two apart share a handful of cache
+ * sets), the inner dimension goes in pieces of KC so a tile's inputs and weights stay in the
+ * first-level cache, and register tiles are 6 outputs x 16 columns (12 accumulators of 8 floats).
+ * The packing loops request their rows ahead. Returns 0, or -1 if out of memory. */
+typedef float pfgdf_v8 __attribute__((vector_size(32)));
+enum { MR = 6, NR = 16, KC = 256, PACK_AHEAD = 8 };
+/* Macros, not functions: no call passes a vector (whose ABI differs with and without AVX). */
+#define PFGDF_LOAD(v, p) memcpy(&(v), (p), sizeof(pfgdf_v8))
+#define PFGDF_STORE(p, v) memcpy((p), &(v), sizeof(pfgdf_v8))
+
+/* One tile: xp [kc][NR] packed inputs, wp [kc][MR] packed weights. The accumulators start from the
+ * bias bp [MR] (first piece of the inner dimension) or from what out holds (the later ones); rows
+ * j < mr go to out + j * ldo (the others are padding). */
+#define PFGDF_TILE_BODY                                                                                      \
+  pfgdf_v8 a0[MR], a1[MR];                                                                                   \
+  if (bp) {                                                                                                  \
+    for (int j = 0; j < MR; ++j) a0[j] = a1[j] = (pfgdf_v8){0} + bp[j];                                      \
+  } else {                                                                                                   \
+    for (int j = 0; j < MR; ++j) { a0[j] = a1[j] = (pfgdf_v8){0}; }                                          \
+    for (int64_t j = 0; j < mr; ++j) { PFGDF_LOAD(a0[j], out + j * ldo); PFGDF_LOAD(a1[j], out + j * ldo + 8); } \
+  }                                                                                                          \
+  for (int64_t i = 0; i < kc; ++i, xp += NR, wp += MR) {                                                     \
+    pfgdf_v8 x0, x1;                                                                                         \
+    PFGDF_LOAD(x0, xp);                                                                                      \
+    PFGDF_LOAD(x1, xp + 8);                                                                                  \
+    for (int j = 0; j < MR; ++j) { a0[j] += wp[j] * x0; a1[j] += wp[j] * x1; }                               \
+  }                                                                                                          \
+  if (mr == MR) {                                                                                            \
+    for (int j = 0; j < MR; ++j) { PFGDF_STORE(out + j * ldo, a0[j]); PFGDF_STORE(out + j * ldo + 8, a1[j]); } \
+  } else {                                                                                                   \
+    float t[MR][NR];                                                                                         \
+    for (int j = 0; j < MR; ++j) { PFGDF_STORE(t[j], a0[j]); PFGDF_STORE(t[j] + 8, a1[j]); }                 \
+    for (int64_t j = 0; j < mr; ++j) memcpy(out + j * ldo, t[j], sizeof t[j]);                               \
+  }
+
+#define PFGDF_GEMM_BODY                                                                                      \
+  int64_t kc_max = in < KC ? in : KC;                                                                        \
+  int64_t chunk = 32768 / kc_max / MR * MR; /* outputs whose packed weights fill 128 KiB */                  \
+  if (chunk < MR) chunk = MR;                                                                                \
+  if (chunk > bo) chunk = (bo + MR - 1) / MR * MR;                                                           \
+  int64_t ncols = 65536 / kc_max / NR * NR; /* columns whose packed inputs fill 256 KiB */                   \
+  if (ncols < NR) ncols = NR;                                                                                \
+  if (ncols > n) ncols = (n + NR - 1) / NR * NR;                                                             \
+  float *wpack = malloc(sizeof(float) * (size_t)(chunk * kc_max + ncols * kc_max + MR));                     \
+  if (!wpack) return -1;                                                                                     \
+  float *xpack = wpack + chunk * kc_max, *bpack = xpack + ncols * kc_max;                                    \
+  for (int64_t c = 0; c < blocks; ++c) {                                                                     \
+    const float *wc = w + c * in * bo;                                                                       \
+    const int64_t *ic = idx ? idx + c * in : NULL;                                                           \
+    for (int64_t n0 = 0; n0 < n; n0 += ncols) {                                                              \
+      int64_t ne = n - n0 < ncols ? n : n0 + ncols;                                                          \
+      for (int64_t k0 = 0; k0 < in; k0 += KC) {                                                              \
+        int64_t kc = in - k0 < KC ? in - k0 : KC;                                      \
+        if (fs == 1) { /* batch first: row r of the batch holds column r of every input */                 \
+          for (int64_t r = n0; r < ne; ++r) {                                                                \
+            const float *xr = src + r * rs;                                                                  \
+            float *d = xpack + (r - n0) / NR * NR * kc + (r - n0) % NR;                                      \
+            if (r + 1 < ne) __builtin_prefetch(xr + rs, 0, 3);                                               \
+            for (int64_t i = 0; i < kc; ++i) {                                                               \
+              int64_t s = ic ? ic[k0 + i] : c * in + k0 + i;                                                 \
+              d[i * NR] = (uint64_t)s < (uint64_t)rows ? xr[s] : 0.0f;                                       \
+            }                                                                                                \
+          }                                                                                                  \
+          for (int64_t r = ne; r % NR; ++r) /* zeros past n in the last tile */                              \
+            for (int64_t i = 0; i < kc; ++i) xpack[(r - n0) / NR * NR * kc + i * NR + (r - n0) % NR] = 0.0f;  \
+        } else {                                                                                             \
+          for (int64_t i = 0; i < kc; ++i) { /* tiles [kc][NR] of columns n0..; zeros past n or a bad index */ \
+            int64_t s = ic ? ic[k0 + i] : c * in + k0 + i;                                                   \
+            if (i + PACK_AHEAD < kc) {                                                                       \
+              int64_t sa = ic ? ic[k0 + i + PACK_AHEAD] : s + PACK_AHEAD;                                    \
+              if ((uint64_t)sa < (uint64_t)rows)                                                             \
+                for (int64_t r = n0; r < ne; r += 16) __builtin_prefetch(src + sa * fs + r, 0, 3);           \
+            }                                                                                                \
+            const float *row = (uint64_t)s < (uint64_t)rows ? src + s * fs : NULL;                           \
+            for (int64_t r0 = n0; r0 < ne; r0 += NR) {                                                       \
+              float *d = xpack + (r0 - n0) * kc + i * NR;                                                    \
+              int64_t nr = ne - r0 < NR ? ne - r0 : NR;                                                      \
+              if (row) memcpy(d, row + r0, sizeof(float) * (size_t)nr); else nr = 0;                         \
+              for (int64_t k = nr; k < NR; ++k) d[k] = 0.0f;                                                 \
+            }                                                                                                \
+          }                                                                                                  \
+        }                                                                                                    \
+        for (int64_t o1 = 0; o1 < bo; o1 += chunk) {                                                         \
+          int64_t oe = bo - o1 < chunk ? bo : o1 + chunk;                                                    \
+          for (int64_t i = 0; i < kc; ++i) { /* panels [kc][MR] of outputs o1.., zeros past oe */            \
+            const float *row = wc + (k0 + i) * bo;                                                           \
+            if (i + PACK_AHEAD < kc)                                                                         \
+              for (int64_t o = o1; o < oe; o += 16) __builtin_prefetch(row + PACK_AHEAD * bo + o, 0, 0);     \
+            for (int64_t o0 = o1; o0 < oe; o0 += MR) {                                                       \
+              float *d = wpack + (o0 - o1) * kc + i * MR;                                                    \
+              if (o0 + MR <= oe) { memcpy(d, row + o0, sizeof(float) * MR); continue; }                      \
+              memcpy(d, row + o0, sizeof(float) * (size_t)(oe - o0));                                        \
+              for (int64_t j = oe - o0; j < MR; ++j) d[j] = 0.0f;                                            \
+            }                                                                                                \
+          }                                                                                                  \
+          for (int64_t r0 = n0; r0 < ne; r0 += NR) {                                                         \
+            int64_t nr = ne - r0 < NR ? ne - r0 : NR;                                                        \
+            const float *xp = xpack + (r0 - n0) * kc;                                                        \
+            for (int64_t o0 = o1; o0 < oe; o0 += MR) {                                                       \
+              int64_t mr = oe - o0 < MR ? oe - o0 : MR;                                                      \
+              const float *bp = NULL, *wp = wpack + (o0 - o1) * kc;                                          \
+              if (k0 == 0) {                                                                                 \
+                for (int64_t j = 0; j < MR; ++j) bpack[j] = b && j < mr ? b[c * bo + o0 + j] : 0.0f;         \
+                bp = bpack;                                                                                  \
+              }                                                                                              \
+              float *o = out + (c * bo + o0) * n + r0;                                                       \
+              if (nr == NR) {                                                                                \
+                pfgdf_tile(xp, wp, bp, kc, mr, o, n);                                          \
+              } else { /* the last columns: a whole tile in scratch, then the ones that exist */             \
+                float t[MR * NR] = {0};                                                                      \
+                for (int64_t j = 0; j < mr && !bp; ++j) memcpy(t + j * NR, o + j * n, sizeof(float) * (size_t)nr); \
+                pfgdf_tile(xp, wp, bp, kc, mr, t, NR);                                         \
+                for (int64_t j = 0; j < mr; ++j) memcpy(o + j * n, t + j * NR, sizeof(float) * (size_t)nr); \
+              }                                                                                              \
+            }                                                                                                \
+          }                                                                                                  \
+        }                                                                                                    \
+      }                                                                                                      \
+    }                                                                                                        \
+  }                                                                                                          \
+  free(wpack);                                                                                               \
+  return 0;
+
+#define PFGDF_TILE_ARGS                                                                                      \
+  const float *restrict xp, const float *restrict wp, const float *restrict bp, int64_t kc, int64_t mr,       \
+      float *restrict out, int64_t ldo
+#define PFGDF_GEMM_ARGS                                                                                      \
+  const float *restrict src, int64_t rows, int64_t n, int64_t fs, int64_t rs, const int64_t *restrict idx,   \
+      const float *restrict w, const float *restrict b, float *restrict out, int64_t blocks, int64_t in, int64_t bo
+
+/* Compiled twice: with AVX2 + FMA (chosen at run time where the CPU has them) and for any CPU. */
+#if defined(__GNUC__) && defined(__x86_64__)
+#define PFGDF_FMA 1
+#define pfgdf_tile pfgdf_tile_fma
+__attribute__((target("avx2,fma"))) static inline void pfgdf_tile(PFGDF_TILE_ARGS) { PFGDF_TILE_BODY }
+__attribute__((target("avx2,fma"))) static int pfgdf_block_gemm_fma(PFGDF_GEMM_ARGS) { PFGDF_GEMM_BODY }
+#undef pfgdf_tile
+#endif
+static inline void pfgdf_tile(PFGDF_TILE_ARGS) { PFGDF_TILE_BODY }
+static int pfgdf_block_gemm_base(PFGDF_GEMM_ARGS) { PFGDF_GEMM_BODY }
+
+int pfgdf_block_gemm(PFGDF_GEMM_ARGS) {
+  if (in < 1 || bo < 1) return 0; /* nothing to multiply (the caller never asks) */
+#ifdef PFGDF_FMA
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    return pfgdf_block_gemm_fma(src, rows, n, fs, rs, idx, w, b, out, blocks, in, bo);
+#endif
+  return pfgdf_block_gemm_base(src, rows, n, fs, rs, idx, w, b, out, blocks, in, bo);
 }

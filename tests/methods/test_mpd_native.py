@@ -82,6 +82,38 @@ def test_a_chain_gives_the_same_values_with_and_without_the_c_kernels(handoff):
     assert a.grad is not None and a.grad.abs().sum() > 0
 
 
+def _block_product(x: torch.Tensor, index, w: torch.Tensor, bias) -> torch.Tensor:
+    """What ``native.block_gemm`` computes, in float64 PyTorch: ``[c * O, N]`` features first."""
+    c, i, o = w.shape
+    xz = torch.cat([x.double(), torch.zeros(x.shape[0], 1, dtype=torch.float64)], 1)  # the zero feature
+    cols = torch.arange(c * i) if index is None else index.clamp(-1, x.shape[1])
+    cols = torch.where((cols < 0) | (cols >= x.shape[1]), torch.full_like(cols, x.shape[1]), cols)
+    xb = xz[:, cols].t().reshape(c, i, -1)  # [c, I, N]
+    y = torch.bmm(w.double().transpose(1, 2), xb)
+    if bias is not None:
+        y = y + bias.double().view(c, o, 1)
+    return y.reshape(c * o, -1)
+
+
+@pytest.mark.parametrize("c,i,o,n", [(3, 7, 5, 37),        # a 5-column tail after two whole tiles
+                                     (2, 300, 200, 300),   # inner dimension in two pieces, two output chunks,
+                                     (1, 1, 1, 1),         # two column chunks; and the smallest layer
+                                     (4, 16, 12, 16)])
+def test_the_block_product_matches_pytorch_in_both_layouts(c, i, o, n):
+    torch.manual_seed(c * 1000 + n)
+    w, bias = torch.randn(c, i, o), torch.randn(c, o)
+    features = c * i + 3
+    x = torch.randn(n, features)
+    index = torch.randperm(features)[: c * i]
+    index[0] = features  # a padded slot reads zero
+    expect = _block_product(x, index, w, bias).float()
+    for layout in (x, x.t().contiguous().t(), torch.randn(n, 2 * features)[:, :features].copy_(x)):
+        got = native.block_gemm(layout, index, features, w, bias)
+        assert got.shape == (c * o, n) and _rel(got, expect) <= 1e-5, layout.stride()
+    xi = torch.randn(n, c * i)
+    assert _rel(native.block_gemm(xi, None, c * i, w, None), _block_product(xi, None, w, None).float()) <= 1e-5
+
+
 def test_other_dtypes_take_the_pytorch_path():
     lin, layer = _layer(True)
     lin, layer = lin.double(), layer.double()
@@ -112,6 +144,8 @@ def test_a_damaged_index_reads_zeros_and_never_outside_the_input():
     expect[:, [0, 2]] = y[:, [8, 3]]
     assert torch.equal(native.gather_cols(y, bad, 9), expect)
     assert torch.equal(native.gather_rows_t(y.t().contiguous(), bad, None), expect)
+    w = torch.randn(1, 5, 2)
+    assert torch.allclose(native.block_gemm(y, bad, 9, w, None), (expect @ w[0]).t(), atol=1e-5)
 
 
 def test_the_kernels_refuse_tensors_they_would_misread():
@@ -128,6 +162,12 @@ def test_the_kernels_refuse_tensors_they_would_misread():
         native.gather_rows_t(torch.randn(3, 4).t(), None, None)
     with pytest.raises(ValueError, match="bias must be a contiguous torch.float32 CPU tensor of 3"):
         native.gather_rows_t(torch.randn(3, 4), None, torch.randn(4))
+    with pytest.raises(ValueError, match="x must be batch-first with unit column stride or the transpose"):
+        native.block_gemm(torch.randn(4, 12)[:, ::2], None, 6, w, None)
+    with pytest.raises(ValueError, match="without an index x must have 6 features, got 5"):
+        native.block_gemm(torch.randn(4, 5), None, 5, w, None)
+    with pytest.raises(ValueError, match="index must be a contiguous torch.int64 CPU tensor of 6"):
+        native.block_gemm(torch.randn(4, 9), torch.arange(5), 9, w, None)
 
 
 def test_a_layer_given_the_wrong_width_names_it():
