@@ -299,12 +299,11 @@ class BlockDiagonalLinear(nn.Module):
             if n == 1:
                 y = _native.block_gemv(x.contiguous(), index, self.in_features, w, bias)
                 return y if out_index is None else _native.gather_cols(y, out_index, y.shape[1])
-            # batch-first or features-first, the gather is the columns the kernel packs
-            y = _native.block_gemm(x if features_first or x.stride(1) == 1 else x.contiguous(), index,
-                                   self.in_features, w, bias)
-            if self.handoff:
+            x = x if features_first or x.stride(1) == 1 else x.contiguous()  # the kernel packs the gather
+            if self.handoff:  # features first, as the next layer reads it
+                y = _native.block_gemm(x, index, self.in_features, w, bias)
                 return (y if out_index is None else y.index_select(0, out_index)).t()
-            return _native.gather_rows_t(y, out_index, None)
+            return _native.block_gemm(x, index, self.in_features, w, bias, batch_first=True, out_index=out_index)
         if features_first:
             x = self._gather_rows(x.t()).t()
         elif index is not None:

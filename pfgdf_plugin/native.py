@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["available", "block_gemm", "block_gemv", "enabled", "gather_cols", "gather_rows_t", "set_enabled"]
+__all__ = ["available", "block_gemm", "block_gemv", "enabled", "gather_cols", "set_enabled"]
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 
@@ -39,9 +39,8 @@ def _load() -> Optional[ctypes.CDLL]:
     except OSError:
         return None
     for name, args in (("pfgdf_block_gemv", [_P, _P, _I, _P, _P, _P, _I, _I, _I]),
-                       ("pfgdf_gather_cols", [_P, _I, _I, _I, _P, _P, _I, _P]),
-                       ("pfgdf_gather_rows_t", [_P, _I, _I, _P, _P, _I, _P]),
-                       ("pfgdf_block_gemm", [_P, _I, _I, _I, _I, _P, _P, _P, _P, _I, _I, _I])):
+                       ("pfgdf_gather_cols", [_P, _I, _I, _I, _P, _I, _P]),
+                       ("pfgdf_block_gemm", [_P, _I, _I, _I, _I, _P, _P, _P, _P, _I, _I, _I, _P, _I])):
         fn = getattr(lib, name, None)
         if fn is None:  # a library built from other sources: not ours to call
             return None
@@ -98,48 +97,29 @@ def block_gemv(x: torch.Tensor, index: Optional[torch.Tensor], in_features: int,
     return y
 
 
-def gather_cols(x: torch.Tensor, index: torch.Tensor, in_features: int,
-                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``x[:, index] + bias[index]`` of a row-major ``[N, in_features]`` (rows may be strided;
-    ``bias`` ``[in_features]`` or ``None``); entries of ``index`` outside ``[0, in_features)``
-    give zero columns."""
+def gather_cols(x: torch.Tensor, index: torch.Tensor, in_features: int) -> torch.Tensor:
+    """``x[:, index]`` of a row-major ``[N, in_features]`` (rows may be strided); entries of
+    ``index`` outside ``[0, in_features)`` give zero columns."""
     n = x.shape[0]
     if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != in_features or x.stride(1) != 1 or not x.is_cpu:
         raise ValueError(f"pfgdf_plugin.native: x must be a float32 CPU [N, {in_features}] tensor with "
                          f"unit column stride, got {x.dtype} {tuple(x.shape)} strides {x.stride()}")
     m = index.numel()
     _check(index, torch.int64, m, "index")
-    if bias is not None:
-        _check(bias, torch.float32, in_features, "bias")
     out = torch.empty((n, m))
-    _LIB.pfgdf_gather_cols(x.data_ptr(), n, x.stride(0), in_features, index.data_ptr(), _ptr(bias), m,
-                           out.data_ptr())
-    return out
-
-
-def gather_rows_t(y: torch.Tensor, index: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """Features-first ``y`` ``[R, N]`` to a contiguous batch-first ``[N, M]``:
-    ``(y[index] + bias[index, None]).t()`` (``index`` ``None``: all ``R`` rows in order; ``bias``
-    ``[R]`` or ``None``)."""
-    rows, n = y.shape
-    _check(y, torch.float32, rows * n, "y")
-    m = rows if index is None else index.numel()
-    if index is not None:
-        _check(index, torch.int64, m, "index")
-    if bias is not None:
-        _check(bias, torch.float32, rows, "bias")
-    out = torch.empty((n, m))
-    _LIB.pfgdf_gather_rows_t(y.data_ptr(), rows, n, _ptr(index), _ptr(bias), m, out.data_ptr())
+    _LIB.pfgdf_gather_cols(x.data_ptr(), n, x.stride(0), in_features, index.data_ptr(), m, out.data_ptr())
     return out
 
 
 def block_gemm(x: torch.Tensor, index: Optional[torch.Tensor], in_features: int, weight: torch.Tensor,
-               bias: Optional[torch.Tensor]) -> torch.Tensor:
+               bias: Optional[torch.Tensor], batch_first: bool = False,
+               out_index: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Features-first ``[c * O, N]``: columns ``index`` of ``x`` ``[N, in_features]`` (``None``: all,
     ``in_features = c * I``) as ``[c, I, N]``, multiplied by ``weight`` ``[c, I, O]`` transposed, plus
-    ``bias`` ``[c, O]``. ``x`` is batch-first (unit column stride,
-    rows may be strided) or the transposed view of a contiguous ``[in_features, N]``; index entries
-    outside ``[0, in_features)`` read zeros."""
+    ``bias`` ``[c, O]``. ``x`` is batch-first (unit column stride, rows may be strided) or the
+    transposed view of a contiguous ``[in_features, N]``; index entries outside ``[0, in_features)``
+    read zeros. ``batch_first``: the result as a contiguous ``[N, M]`` instead, column ``k`` its row
+    ``out_index[k]`` (``None``: all ``c * O`` rows in order), scattered by the kernel's stores."""
     c, i, o = weight.shape
     n = x.shape[0]
     if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != in_features or not x.is_cpu:
@@ -159,8 +139,16 @@ def block_gemm(x: torch.Tensor, index: Optional[torch.Tensor], in_features: int,
         _check(index, torch.int64, c * i, "index")
     if bias is not None:
         _check(bias, torch.float32, c * o, "bias")
-    out = torch.empty((c * o, n))
-    if n and _LIB.pfgdf_block_gemm(x.data_ptr(), in_features, n, fs, rs, _ptr(index), weight.data_ptr(), _ptr(bias),
-                                   out.data_ptr(), c, i, o):
+    m = -1
+    if batch_first:
+        m = c * o if out_index is None else out_index.numel()
+        if out_index is not None:
+            _check(out_index, torch.int64, m, "out_index")
+    out = torch.empty((n, m) if batch_first else (c * o, n))
+    rc = _LIB.pfgdf_block_gemm(x.data_ptr(), in_features, n, fs, rs, _ptr(index), weight.data_ptr(), _ptr(bias),
+                               out.data_ptr(), c, i, o, _ptr(out_index), m) if n else 0
+    if rc == -2:
+        raise ValueError(f"pfgdf_plugin.native: out_index must name each of the {c * o} rows at most once")
+    if rc:
         raise MemoryError("pfgdf_plugin.native.block_gemm: out of memory for the packed tiles")
     return out

@@ -107,11 +107,16 @@ def test_the_block_product_matches_pytorch_in_both_layouts(c, i, o, n):
     index = torch.randperm(features)[: c * i]
     index[0] = features  # a padded slot reads zero
     expect = _block_product(x, index, w, bias).float()
+    out_index = torch.randperm(c * o)[: max(1, c * o - 2)]  # a scatter that drops two rows
     for layout in (x, x.t().contiguous().t(), torch.randn(n, 2 * features)[:, :features].copy_(x)):
         got = native.block_gemm(layout, index, features, w, bias)
         assert got.shape == (c * o, n) and _rel(got, expect) <= 1e-5, layout.stride()
+        got = native.block_gemm(layout, index, features, w, bias, batch_first=True, out_index=out_index)
+        assert got.shape == (n, out_index.numel()) and _rel(got, expect[out_index].t()) <= 1e-5
     xi = torch.randn(n, c * i)
-    assert _rel(native.block_gemm(xi, None, c * i, w, None), _block_product(xi, None, w, None).float()) <= 1e-5
+    expect = _block_product(xi, None, w, None).float()
+    assert _rel(native.block_gemm(xi, None, c * i, w, None), expect) <= 1e-5
+    assert _rel(native.block_gemm(xi, None, c * i, w, None, batch_first=True), expect.t()) <= 1e-5
 
 
 def test_other_dtypes_take_the_pytorch_path():
@@ -143,9 +148,11 @@ def test_a_damaged_index_reads_zeros_and_never_outside_the_input():
     expect = torch.zeros(4, 5)
     expect[:, [0, 2]] = y[:, [8, 3]]
     assert torch.equal(native.gather_cols(y, bad, 9), expect)
-    assert torch.equal(native.gather_rows_t(y.t().contiguous(), bad, None), expect)
     w = torch.randn(1, 5, 2)
     assert torch.allclose(native.block_gemm(y, bad, 9, w, None), (expect @ w[0]).t(), atol=1e-5)
+    for out_index in (torch.tensor([0, 0]), torch.tensor([1, 2])):  # a row twice, a row that is not there
+        with pytest.raises(ValueError, match="out_index must name each of the 2 rows at most once"):
+            native.block_gemm(y, bad, 9, w, None, batch_first=True, out_index=out_index)
 
 
 def test_the_kernels_refuse_tensors_they_would_misread():
@@ -158,10 +165,8 @@ def test_the_kernels_refuse_tensors_they_would_misread():
         native.gather_cols(torch.randn(2, 4, dtype=torch.float64), torch.arange(4), 4)
     with pytest.raises(ValueError, match="index must be a contiguous torch.int64"):
         native.gather_cols(torch.randn(2, 4), torch.arange(4, dtype=torch.int32), 4)
-    with pytest.raises(ValueError, match="y must be a contiguous"):
-        native.gather_rows_t(torch.randn(3, 4).t(), None, None)
-    with pytest.raises(ValueError, match="bias must be a contiguous torch.float32 CPU tensor of 3"):
-        native.gather_rows_t(torch.randn(3, 4), None, torch.randn(4))
+    with pytest.raises(ValueError, match="bias must be a contiguous torch.float32 CPU tensor of 8"):
+        native.block_gemm(torch.randn(4, 6), None, 6, w, torch.randn(2, 3))
     with pytest.raises(ValueError, match="x must be batch-first with unit column stride or the transpose"):
         native.block_gemm(torch.randn(4, 12)[:, ::2], None, 6, w, None)
     with pytest.raises(ValueError, match="without an index x must have 6 features, got 5"):
