@@ -109,7 +109,7 @@ static void pfgdf_gather_rows_t(const float *restrict src, int64_t rows, int64_t
  * first-level cache, and register tiles are 6 outputs x 16 columns (12 accumulators of 8 floats).
  * The packing loops request their rows ahead. Returns 0, or -1 if out of memory. */
 typedef float pfgdf_v8 __attribute__((vector_size(32)));
-enum { MR = 6, NR = 16, KC = 256, PACK_AHEAD = 8, SCATTER_MAX = 65536 };
+enum { MR = 6, NR = 16, KC = 256, PACK_AHEAD = 24, SCATTER_MAX = 65536 };
 /* Macros, not functions: no call passes a vector (whose ABI differs with and without AVX). */
 #define PFGDF_LOAD(v, p) memcpy(&(v), (p), sizeof(pfgdf_v8))
 #define PFGDF_STORE(p, v) memcpy((p), &(v), sizeof(pfgdf_v8))
@@ -191,7 +191,7 @@ enum { MR = 6, NR = 16, KC = 256, PACK_AHEAD = 8, SCATTER_MAX = 65536 };
           for (int64_t i = 0; i < kc; ++i) { /* panels [kc][MR] of outputs o1.., zeros past oe */            \
             const float *row = wc + (k0 + i) * bo;                                                           \
             if (i + PACK_AHEAD < kc)                                                                         \
-              for (int64_t o = o1; o < oe; o += 16) __builtin_prefetch(row + PACK_AHEAD * bo + o, 0, 0);     \
+              for (int64_t o = o1; o < oe; o += 16) __builtin_prefetch(row + PACK_AHEAD * bo + o, 0, 3);     \
             for (int64_t o0 = o1; o0 < oe; o0 += MR) {                                                       \
               float *d = wpack + (o0 - o1) * kc + i * MR;                                                    \
               if (o0 + MR <= oe) { memcpy(d, row + o0, sizeof(float) * MR); continue; }                      \
