@@ -285,7 +285,9 @@ class BlockDiagonalLinear(nn.Module):
         its output on as the transposed view of ``[width, N]``; any other layer runs :meth:`_bmm`
         and returns a contiguous ``[N, width]``. For inference (no autograd, float32, CPU) with the C
         kernels of :mod:`pfgdf_plugin.native` built, batch 1 is one fused gather + block
-        matrix-vector product + bias, and column gathers take one pass. At batch 1 a small layer
+        matrix-vector product + bias, and a batch one block matrix product that packs the gathered
+        inputs (batch-first or features-first), adds the bias and writes the hand-off or the
+        scattered batch-first output. At batch 1 a small layer
         runs a few short kernels and the Python around them is a measurable share of its time,
         so the registered tensors are read from the module's dicts (``nn.Module.__getattr__``
         costs about a microsecond a lookup)."""
