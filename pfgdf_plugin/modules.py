@@ -299,8 +299,7 @@ class BlockDiagonalLinear(nn.Module):
         if (_native._ENABLED and n and x.dtype == torch.float32 and w.dtype == torch.float32 and x.is_cpu
                 and w.is_cpu and not _needs_grad(x, w, bias)):
             if n == 1:
-                y = _native.block_gemv(x.contiguous(), index, self.in_features, w, bias)
-                return y if out_index is None else _native.gather_cols(y, out_index, y.shape[1])
+                return _native.block_gemv(x.contiguous(), index, self.in_features, w, bias, out_index)
             x = x if features_first or x.stride(1) == 1 else x.contiguous()  # the kernel packs the gather
             if self.handoff:  # features first, as the next layer reads it
                 y = _native.block_gemm(x, index, self.in_features, w, bias)

@@ -3,14 +3,14 @@
 Inference of a :class:`pfgdf_plugin.modules.BlockDiagonalLinear` is a gather, a batched matmul, a
 bias and a scatter. At batch 1 PyTorch runs them as four or five short kernels whose dispatch costs
 as much as the multiplications; at larger batches the gather and the bias are each a pass over the
-activations besides the matmul. The library fuses them: the batch-1 layer is one gather + block
-matrix-vector product + bias; a batch is one block matrix product that packs its inputs from where
-the gather would fetch them (batch-first or features-first) and adds the bias, into a features-first
-``[features, N]`` result that the next layer reads as it is (the hand-off) or that one pass scatters
-back to batch-first. It is built at
-install time (``setup.py``, plain C, optional); without it, or with ``PFGDF_NATIVE=0`` in the
-environment, or after :func:`set_enabled(False) <set_enabled>`, the layers run on PyTorch
-operations only (the same values up to float rounding).
+activations besides the matmul. The library fuses them: the batch-1 layer is one call (gather, block
+matrix-vector product, bias, scatter); a batch is one block matrix product that packs its inputs from
+where the gather would fetch them (batch-first or features-first), adds the bias and writes either a
+features-first ``[features, N]`` result that the next layer reads as it is (the hand-off) or the
+scattered batch-first output. It is built at install time (``setup.py``, plain C, optional);
+without it, or with ``PFGDF_NATIVE=0`` in the environment, or after
+:func:`set_enabled(False) <set_enabled>`, the layers run on PyTorch operations only (the same
+values up to float rounding).
 
 The functions here check nothing but what keeps memory safe (contiguous float32 / int64 CPU
 tensors of the right sizes); the layer decides when to call them (no autograd, float32, CPU).
@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["available", "block_gemm", "block_gemv", "enabled", "gather_cols", "set_enabled"]
+__all__ = ["available", "block_gemm", "block_gemv", "enabled", "set_enabled"]
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 
@@ -38,13 +38,12 @@ def _load() -> Optional[ctypes.CDLL]:
         lib = ctypes.CDLL(spec.origin)
     except OSError:
         return None
-    for name, args in (("pfgdf_block_gemv", [_P, _P, _I, _P, _P, _P, _I, _I, _I]),
-                       ("pfgdf_gather_cols", [_P, _I, _I, _I, _P, _I, _P]),
+    for name, args in (("pfgdf_block_gemv", [_P, _P, _I, _P, _P, _P, _I, _I, _I, _P, _I]),
                        ("pfgdf_block_gemm", [_P, _I, _I, _I, _I, _P, _P, _P, _P, _I, _I, _I, _P, _I])):
         fn = getattr(lib, name, None)
         if fn is None:  # a library built from other sources: not ours to call
             return None
-        fn.argtypes, fn.restype = args, ctypes.c_int if name == "pfgdf_block_gemm" else None
+        fn.argtypes, fn.restype = args, ctypes.c_int
     return lib
 
 
@@ -81,9 +80,10 @@ def _check(t: torch.Tensor, dtype: torch.dtype, numel: int, what: str) -> None:
 
 
 def block_gemv(x: torch.Tensor, index: Optional[torch.Tensor], in_features: int, weight: torch.Tensor,
-               bias: Optional[torch.Tensor]) -> torch.Tensor:
+               bias: Optional[torch.Tensor], out_index: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``[1, c * O]``: ``x[0, index]`` (``None``: ``x`` itself) as ``[c, 1, I]`` times ``weight``
-    ``[c, I, O]``, plus ``bias`` ``[c, O]``. Index entries outside ``[0, in_features)`` read zero."""
+    ``[c, I, O]``, plus ``bias`` ``[c, O]``; with ``out_index``, ``[1, M]``: its columns ``out_index``
+    (the scatter). Index entries outside ``[0, in_features)`` (``out_index``: ``[0, c * O)``) read zero."""
     c, i, o = weight.shape
     _check(weight, torch.float32, c * i * o, "weight")
     _check(x, torch.float32, in_features if index is not None else c * i, "x")
@@ -91,24 +91,14 @@ def block_gemv(x: torch.Tensor, index: Optional[torch.Tensor], in_features: int,
         _check(index, torch.int64, c * i, "index")
     if bias is not None:
         _check(bias, torch.float32, c * o, "bias")
-    y = torch.empty((1, c * o))
-    _LIB.pfgdf_block_gemv(x.data_ptr(), _ptr(index), in_features, weight.data_ptr(), _ptr(bias), y.data_ptr(),
-                          c, i, o)
+    m = c * o if out_index is None else out_index.numel()
+    if out_index is not None:
+        _check(out_index, torch.int64, m, "out_index")
+    y = torch.empty((1, m))
+    if _LIB.pfgdf_block_gemv(x.data_ptr(), _ptr(index), in_features, weight.data_ptr(), _ptr(bias), y.data_ptr(),
+                             c, i, o, _ptr(out_index), m):
+        raise MemoryError("pfgdf_plugin.native.block_gemv: out of memory")
     return y
-
-
-def gather_cols(x: torch.Tensor, index: torch.Tensor, in_features: int) -> torch.Tensor:
-    """``x[:, index]`` of a row-major ``[N, in_features]`` (rows may be strided); entries of
-    ``index`` outside ``[0, in_features)`` give zero columns."""
-    n = x.shape[0]
-    if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != in_features or x.stride(1) != 1 or not x.is_cpu:
-        raise ValueError(f"pfgdf_plugin.native: x must be a float32 CPU [N, {in_features}] tensor with "
-                         f"unit column stride, got {x.dtype} {tuple(x.shape)} strides {x.stride()}")
-    m = index.numel()
-    _check(index, torch.int64, m, "index")
-    out = torch.empty((n, m))
-    _LIB.pfgdf_gather_cols(x.data_ptr(), n, x.stride(0), in_features, index.data_ptr(), m, out.data_ptr())
-    return out
 
 
 def block_gemm(x: torch.Tensor, index: Optional[torch.Tensor], in_features: int, weight: torch.Tensor,

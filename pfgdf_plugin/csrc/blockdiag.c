@@ -22,55 +22,26 @@ enum { AHEAD = 8 };
 
 /* Batch 1: y[c*O + o] = b[c*O + o] + sum_i x[idx[c*I + i]] * W[c][i][o], W stored [C, I, O].
  * idx NULL: the input already is in block layout (x[c*I + i]). b NULL: no bias. */
-PFGDF_CLONES
-void pfgdf_block_gemv(const float *restrict x, const int64_t *restrict idx, int64_t nfeat,
-                      const float *restrict w, const float *restrict b, float *restrict y,
-                      int64_t blocks, int64_t block_in, int64_t block_out) {
-  for (int64_t c = 0; c < blocks; ++c) {
-    float *restrict yc = y + c * block_out;
-    if (b)
-      memcpy(yc, b + c * block_out, (size_t)block_out * sizeof(float));
-    else
-      memset(yc, 0, (size_t)block_out * sizeof(float));
-    const float *restrict wc = w + c * block_in * block_out;
-    for (int64_t i = 0; i < block_in; ++i) {
-      int64_t k = c * block_in + i;
-      float xv = !idx ? x[k] : (uint64_t)idx[k] < (uint64_t)nfeat ? x[idx[k]] : 0.0f;
-      const float *restrict row = wc + i * block_out;
-      if (k + AHEAD < blocks * block_in) /* the rows AHEAD further on, possibly in the next block */
-        for (int64_t l = 0; l < block_out; l += 16) __builtin_prefetch(row + AHEAD * block_out + l, 0, 0);
-      for (int64_t o = 0; o < block_out; ++o) yc[o] += xv * row[o];
-    }
+#define PFGDF_GEMV_BODY                                                                                      \
+  for (int64_t c = 0; c < blocks; ++c) {                                                                     \
+    float *restrict yc = y + c * block_out;                                                                  \
+    if (b)                                                                                                   \
+      memcpy(yc, b + c * block_out, (size_t)block_out * sizeof(float));                                      \
+    else                                                                                                     \
+      memset(yc, 0, (size_t)block_out * sizeof(float));                                                     \
+    const float *restrict wc = w + c * block_in * block_out;                                                 \
+    for (int64_t i = 0; i < block_in; ++i) {                                                                 \
+      int64_t k = c * block_in + i;                                                                          \
+      float xv = !idx ? x[k] : (uint64_t)idx[k] < (uint64_t)nfeat ? x[idx[k]] : 0.0f;                        \
+      const float *restrict row = wc + i * block_out;                                                        \
+      if (k + AHEAD < blocks * block_in) /* the rows AHEAD further on, possibly in the next block */         \
+        for (int64_t l = 0; l < block_out; l += 16) __builtin_prefetch(row + AHEAD * block_out + l, 0, 0);   \
+      for (int64_t o = 0; o < block_out; ++o) yc[o] += xv * row[o];                                          \
+    }                                                                                                        \
   }
-}
-
-/* Columns of a batch-major input: out[r][k] = x[r * stride + idx[k]] for r < n, k < m. Four rows at a
- * time: one index read serves four loads and four sequential stores. */
-PFGDF_CLONES
-void pfgdf_gather_cols(const float *restrict x, int64_t n, int64_t stride, int64_t nfeat,
-                       const int64_t *restrict idx, int64_t m, float *restrict out) {
-  int64_t r = 0;
-  for (; r + 4 <= n; r += 4) {
-    const float *x0 = x + r * stride, *x1 = x0 + stride, *x2 = x1 + stride, *x3 = x2 + stride;
-    float *restrict o0 = out + r * m, *restrict o1 = o0 + m, *restrict o2 = o1 + m, *restrict o3 = o2 + m;
-    for (int64_t k = 0; k < m; ++k) {
-      int64_t s = idx[k];
-      if ((uint64_t)s < (uint64_t)nfeat) {
-        o0[k] = x0[s]; o1[k] = x1[s]; o2[k] = x2[s]; o3[k] = x3[s];
-      } else {
-        o0[k] = o1[k] = o2[k] = o3[k] = 0.0f;
-      }
-    }
-  }
-  for (; r < n; ++r) {
-    const float *restrict xr = x + r * stride;
-    float *restrict o = out + r * m;
-    for (int64_t k = 0; k < m; ++k) {
-      int64_t s = idx[k];
-      o[k] = (uint64_t)s < (uint64_t)nfeat ? xr[s] : 0.0f;
-    }
-  }
-}
+#define PFGDF_GEMV_ARGS                                                                                      \
+  const float *restrict x, const int64_t *restrict idx, int64_t nfeat, const float *restrict w,              \
+      const float *restrict b, float *restrict y, int64_t blocks, int64_t block_in, int64_t block_out
 
 /* Features-first [rows, n] to batch-first [n, m]: out[r][k] = src[idx[k]][r] (idx NULL: k itself,
  * m == rows). Sixteen k at a time, so every output row gets a whole cache line per pass while the
@@ -250,10 +221,12 @@ enum { MR = 6, NR = 16, KC = 256, PACK_AHEAD = 24, SCATTER_MAX = 65536 };
 #define pfgdf_tile pfgdf_tile_fma
 __attribute__((target("avx2,fma"))) static inline void pfgdf_tile(PFGDF_TILE_ARGS) { PFGDF_TILE_BODY }
 __attribute__((target("avx2,fma"))) static int pfgdf_block_gemm_fma(PFGDF_GEMM_ARGS) { PFGDF_GEMM_BODY }
+__attribute__((target("avx2,fma"))) static void pfgdf_gemv_fma(PFGDF_GEMV_ARGS) { PFGDF_GEMV_BODY }
 #undef pfgdf_tile
 #endif
 static inline void pfgdf_tile(PFGDF_TILE_ARGS) { PFGDF_TILE_BODY }
 static int pfgdf_block_gemm_base(PFGDF_GEMM_ARGS) { PFGDF_GEMM_BODY }
+static void pfgdf_gemv_base(PFGDF_GEMV_ARGS) { PFGDF_GEMV_BODY }
 
 static int pfgdf_block_gemm_any(PFGDF_GEMM_ARGS) {
 #ifdef PFGDF_FMA
@@ -294,4 +267,24 @@ int pfgdf_block_gemm(const float *src, int64_t rows, int64_t n, int64_t fs, int6
   }
   free(pos);
   return rc;
+}
+
+/* Batch 1, y [m]: y[k] = the product's row oidx[k] (zero for an entry outside [0, C*O)); oidx NULL:
+ * y is the whole [C*O] product. Returns 0, or -1 if out of memory. */
+int pfgdf_block_gemv(const float *x, const int64_t *idx, int64_t nfeat, const float *w, const float *b, float *y,
+                     int64_t blocks, int64_t block_in, int64_t block_out, const int64_t *oidx, int64_t m) {
+  int64_t raw = blocks * block_out;
+  float *dst = oidx ? malloc(sizeof(float) * (size_t)(raw > 0 ? raw : 1)) : y;
+  if (!dst) return -1;
+#ifdef PFGDF_FMA
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    pfgdf_gemv_fma(x, idx, nfeat, w, b, dst, blocks, block_in, block_out);
+  else
+#endif
+    pfgdf_gemv_base(x, idx, nfeat, w, b, dst, blocks, block_in, block_out);
+  if (oidx) {
+    for (int64_t k = 0; k < m; ++k) y[k] = (uint64_t)oidx[k] < (uint64_t)raw ? dst[oidx[k]] : 0.0f;
+    free(dst);
+  }
+  return 0;
 }

@@ -147,8 +147,11 @@ def test_a_damaged_index_reads_zeros_and_never_outside_the_input():
     bad = torch.tensor([8, -1, 3, 9, 2 ** 40])
     expect = torch.zeros(4, 5)
     expect[:, [0, 2]] = y[:, [8, 3]]
-    assert torch.equal(native.gather_cols(y, bad, 9), expect)
     w = torch.randn(1, 5, 2)
+    for r in range(4):  # batch 1: the input gather, and a scatter naming rows that are not there
+        got = native.block_gemv(y[r:r + 1], bad, 9, w, None, out_index=torch.tensor([1, -1, 0, 2]))
+        row = expect[r] @ w[0]
+        assert torch.allclose(got, torch.stack([row[1], row.new_zeros(()), row[0], row.new_zeros(())])[None], atol=1e-5)
     assert torch.allclose(native.block_gemm(y, bad, 9, w, None), (expect @ w[0]).t(), atol=1e-5)
     for out_index in (torch.tensor([0, 0]), torch.tensor([1, 2])):  # a row twice, a row that is not there
         with pytest.raises(ValueError, match="out_index must name each of the 2 rows at most once"):
@@ -162,9 +165,11 @@ def test_the_kernels_refuse_tensors_they_would_misread():
     with pytest.raises(ValueError, match="weight must be a contiguous"):
         native.block_gemv(torch.randn(1, 6), None, 6, w.transpose(1, 2), None)
     with pytest.raises(ValueError, match=r"x must be a float32 CPU \[N, 4\] tensor"):
-        native.gather_cols(torch.randn(2, 4, dtype=torch.float64), torch.arange(4), 4)
+        native.block_gemm(torch.randn(2, 4, dtype=torch.float64), torch.arange(6), 4, w, None)
     with pytest.raises(ValueError, match="index must be a contiguous torch.int64"):
-        native.gather_cols(torch.randn(2, 4), torch.arange(4, dtype=torch.int32), 4)
+        native.block_gemv(torch.randn(1, 6), torch.arange(6, dtype=torch.int32), 6, w, None)
+    with pytest.raises(ValueError, match="out_index must be a contiguous torch.int64"):
+        native.block_gemv(torch.randn(1, 6), None, 6, w, None, out_index=torch.arange(3.0))
     with pytest.raises(ValueError, match="bias must be a contiguous torch.float32 CPU tensor of 8"):
         native.block_gemm(torch.randn(4, 6), None, 6, w, torch.randn(2, 3))
     with pytest.raises(ValueError, match="x must be batch-first with unit column stride or the transpose"):
