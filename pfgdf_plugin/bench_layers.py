@@ -1,7 +1,8 @@
 """Layer benchmark: dense against MPD-converted ``Linear`` and ``Conv2d`` layers, side by side.
 
 For every layer kind, size ``n`` (an ``n x n`` layer), block count ``c``, stack depth (one layer,
-or ``depth`` layers with ReLUs between them, permutations folded), kernel, batch size, thread
+or ``depth`` layers with ReLUs between them, permutations folded, each ReLU applied by the ``bmm``
+layer before it: :func:`~pfgdf_plugin.methods.mpd.fuse_activations`), kernel, batch size, thread
 count and engine (PyTorch eager, ONNX Runtime), the dense and the converted model are timed in
 one process, interleaved (each round runs both, the starting one alternating), and the medians
 compared. The ideal speed-up of ``c`` blocks is ``c`` (``c``-fold fewer multiplications). Writes

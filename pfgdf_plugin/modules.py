@@ -47,6 +47,8 @@ __all__ = ["BlockDiagonalLinear", "ChannelPermute", "MaskedDenseConv2d", "Masked
            "BLOCK_KERNELS", "MODULE_TYPES", "module_from_description"]
 
 BLOCK_KERNELS = ("bmm", "grouped")
+# what a BlockDiagonalLinear may apply to its own output (the ReLU that followed it, fused away)
+ACTIVATIONS = (None, "relu")
 
 
 def _sizes(values: Sequence[int], what: str) -> List[int]:
@@ -194,6 +196,9 @@ class BlockDiagonalLinear(nn.Module):
             contiguous ``[width, N]`` tensor (the next ``bmm`` layer reads it feature-major
             without a copy) instead of a contiguous ``[N, width]`` one. Set by the folding
             between two ``bmm`` layers; values are the same either way.
+        activation: ``None``, or ``"relu"``: the layer applies the ReLU that followed it (set by
+            :func:`~pfgdf_plugin.methods.mpd.fuse_activations`, which replaces that ReLU by an
+            ``nn.Identity``; the C kernels apply it as they store the result).
         in_index: ``long [c * I]`` buffer (entries equal to ``in_features`` feed zeros) or ``None``.
         out_index: ``long [out_features]`` buffer (raw position of each output) or ``None``.
 
@@ -231,6 +236,7 @@ class BlockDiagonalLinear(nn.Module):
         self.register_buffer("out_index", out_index if self.scatter else None)
         self.padded_in = False
         self.handoff = False
+        self.activation: Optional[str] = None
         self.set_gather(in_index if self.gather else None, self.in_features)
 
     def block_weight(self) -> torch.Tensor:
@@ -273,8 +279,10 @@ class BlockDiagonalLinear(nn.Module):
         if type(x) is torch.Tensor and x.dim() == 2 and self.kernel == "bmm" and not torch._C._get_tracing_state():
             return self._bmm_eager(x)  # the common case, with as little Python around the kernels as possible
         if not isinstance(x, Proxy) and x.dim() == 2:  # no reshapes around the layer (ONNX: no Shape/Concat chain)
-            return self._forward_2d(x)
-        return self._forward_2d(x.reshape(-1, self.in_features)).reshape(x.shape[:-1] + (self.width,))
+            y = self._forward_2d(x)
+        else:
+            y = self._forward_2d(x.reshape(-1, self.in_features)).reshape(x.shape[:-1] + (self.width,))
+        return y if self.activation is None else torch.relu(y)
 
     def _bmm_eager(self, x: torch.Tensor) -> torch.Tensor:
         """Eager ``bmm`` forward of a 2-D tensor: gather, batched matmul, scatter.
@@ -298,13 +306,15 @@ class BlockDiagonalLinear(nn.Module):
         features_first = n > 1 and x.stride(0) == 1 and x.stride(1) == n
         if (_native._ENABLED and n and x.dtype == torch.float32 and w.dtype == torch.float32 and x.is_cpu
                 and w.is_cpu and not _needs_grad(x, w, bias)):
+            relu = self.activation is not None
             if n == 1:
-                return _native.block_gemv(x.contiguous(), index, self.in_features, w, bias, out_index)
+                return _native.block_gemv(x.contiguous(), index, self.in_features, w, bias, out_index, relu)
             x = x if features_first or x.stride(1) == 1 else x.contiguous()  # the kernel packs the gather
             if self.handoff:  # features first, as the next layer reads it
-                y = _native.block_gemm(x, index, self.in_features, w, bias)
+                y = _native.block_gemm(x, index, self.in_features, w, bias, relu=relu)
                 return (y if out_index is None else y.index_select(0, out_index)).t()
-            return _native.block_gemm(x, index, self.in_features, w, bias, batch_first=True, out_index=out_index)
+            return _native.block_gemm(x, index, self.in_features, w, bias, relu=relu, batch_first=True,
+                                      out_index=out_index)
         if features_first:
             x = self._gather_rows(x.t()).t()
         elif index is not None:
@@ -317,7 +327,8 @@ class BlockDiagonalLinear(nn.Module):
             y = y.view(c * o, n).t()
         else:
             y = self._bmm(x, w, bias)
-        return y if out_index is None else y.index_select(1, out_index)
+        y = y if out_index is None else y.index_select(1, out_index)
+        return y if self.activation is None else torch.relu(y)
 
     def _gather_rows(self, xt: torch.Tensor) -> torch.Tensor:
         """``[features, N]`` (features first) -> ``[c * I, N]`` in block layout."""
@@ -388,13 +399,14 @@ class BlockDiagonalLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, blocks={self.blocks}, "
                 f"block={self.block_out}x{self.block_in}, bias={self.bias is not None}, kernel={self.kernel}, "
-                f"gather={self.gather}, scatter={self.scatter}" + (", handoff=True" if self.handoff else ""))
+                f"gather={self.gather}, scatter={self.scatter}" + (", handoff=True" if self.handoff else "")
+                + (f", activation={self.activation}" if self.activation else ""))
 
     def describe(self) -> Dict[str, Any]:
         """JSON-safe structure; weights and indices are in the ``state_dict``."""
         return {"type": "BlockDiagonalLinear", "in_features": self.in_features, "out_sizes": list(self.out_sizes),
                 "in_sizes": list(self.in_sizes), "bias": self.bias is not None, "scatter": self.scatter,
-                "gather": self.gather, "kernel": self.kernel, "handoff": self.handoff}
+                "gather": self.gather, "kernel": self.kernel, "handoff": self.handoff, "activation": self.activation}
 
     @classmethod
     def from_description(cls, d: Dict[str, Any]) -> "BlockDiagonalLinear":
@@ -402,6 +414,9 @@ class BlockDiagonalLinear(nn.Module):
         layer = cls(int(d["in_features"]), d["out_sizes"], d["in_sizes"], bias=bool(d["bias"]),
                     scatter=bool(d["scatter"]), kernel=str(d.get("kernel", "bmm")), gather=bool(d.get("gather", True)))
         layer.handoff = bool(d.get("handoff", False))
+        layer.activation = d.get("activation")
+        if layer.activation not in ACTIVATIONS:
+            raise ValueError(f"BlockDiagonalLinear: activation must be one of {ACTIVATIONS}, got {layer.activation!r}")
         return layer
 
 

@@ -38,8 +38,8 @@ def _load() -> Optional[ctypes.CDLL]:
         lib = ctypes.CDLL(spec.origin)
     except OSError:
         return None
-    for name, args in (("pfgdf_block_gemv", [_P, _P, _I, _P, _P, _P, _I, _I, _I, _P, _I]),
-                       ("pfgdf_block_gemm", [_P, _I, _I, _I, _I, _P, _P, _P, _P, _I, _I, _I, _P, _I])):
+    for name, args in (("pfgdf_block_gemv", [_P, _P, _I, _P, _P, ctypes.c_int, _P, _I, _I, _I, _P, _I]),
+                       ("pfgdf_block_gemm", [_P, _I, _I, _I, _I, _P, _P, _P, ctypes.c_int, _P, _I, _I, _I, _P, _I])):
         fn = getattr(lib, name, None)
         if fn is None:  # a library built from other sources: not ours to call
             return None
@@ -80,10 +80,12 @@ def _check(t: torch.Tensor, dtype: torch.dtype, numel: int, what: str) -> None:
 
 
 def block_gemv(x: torch.Tensor, index: Optional[torch.Tensor], in_features: int, weight: torch.Tensor,
-               bias: Optional[torch.Tensor], out_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+               bias: Optional[torch.Tensor], out_index: Optional[torch.Tensor] = None,
+               relu: bool = False) -> torch.Tensor:
     """``[1, c * O]``: ``x[0, index]`` (``None``: ``x`` itself) as ``[c, 1, I]`` times ``weight``
-    ``[c, I, O]``, plus ``bias`` ``[c, O]``; with ``out_index``, ``[1, M]``: its columns ``out_index``
-    (the scatter). Index entries outside ``[0, in_features)`` (``out_index``: ``[0, c * O)``) read zero."""
+    ``[c, I, O]``, plus ``bias`` ``[c, O]``, through ``max(0, .)`` if ``relu``; with ``out_index``,
+    ``[1, M]``: its columns ``out_index`` (the scatter). Index entries outside ``[0, in_features)``
+    (``out_index``: ``[0, c * O)``) read zero."""
     c, i, o = weight.shape
     _check(weight, torch.float32, c * i * o, "weight")
     _check(x, torch.float32, in_features if index is not None else c * i, "x")
@@ -95,21 +97,22 @@ def block_gemv(x: torch.Tensor, index: Optional[torch.Tensor], in_features: int,
     if out_index is not None:
         _check(out_index, torch.int64, m, "out_index")
     y = torch.empty((1, m))
-    if _LIB.pfgdf_block_gemv(x.data_ptr(), _ptr(index), in_features, weight.data_ptr(), _ptr(bias), y.data_ptr(),
-                             c, i, o, _ptr(out_index), m):
+    if _LIB.pfgdf_block_gemv(x.data_ptr(), _ptr(index), in_features, weight.data_ptr(), _ptr(bias), int(relu),
+                             y.data_ptr(), c, i, o, _ptr(out_index), m):
         raise MemoryError("pfgdf_plugin.native.block_gemv: out of memory")
     return y
 
 
 def block_gemm(x: torch.Tensor, index: Optional[torch.Tensor], in_features: int, weight: torch.Tensor,
-               bias: Optional[torch.Tensor], batch_first: bool = False,
+               bias: Optional[torch.Tensor], relu: bool = False, batch_first: bool = False,
                out_index: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Features-first ``[c * O, N]``: columns ``index`` of ``x`` ``[N, in_features]`` (``None``: all,
     ``in_features = c * I``) as ``[c, I, N]``, multiplied by ``weight`` ``[c, I, O]`` transposed, plus
-    ``bias`` ``[c, O]``. ``x`` is batch-first (unit column stride, rows may be strided) or the
-    transposed view of a contiguous ``[in_features, N]``; index entries outside ``[0, in_features)``
-    read zeros. ``batch_first``: the result as a contiguous ``[N, M]`` instead, column ``k`` its row
-    ``out_index[k]`` (``None``: all ``c * O`` rows in order), scattered by the kernel's stores."""
+    ``bias`` ``[c, O]``, through ``max(0, .)`` if ``relu``. ``x`` is batch-first (unit column stride,
+    rows may be strided) or the transposed view of a contiguous ``[in_features, N]``; index entries
+    outside ``[0, in_features)`` read zeros. ``batch_first``: the result as a contiguous ``[N, M]``
+    instead, column ``k`` its row ``out_index[k]`` (``None``: all ``c * O`` rows in order), scattered
+    by the kernel's stores."""
     c, i, o = weight.shape
     n = x.shape[0]
     if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != in_features or not x.is_cpu:
@@ -136,7 +139,7 @@ def block_gemm(x: torch.Tensor, index: Optional[torch.Tensor], in_features: int,
             _check(out_index, torch.int64, m, "out_index")
     out = torch.empty((n, m) if batch_first else (c * o, n))
     rc = _LIB.pfgdf_block_gemm(x.data_ptr(), in_features, n, fs, rs, _ptr(index), weight.data_ptr(), _ptr(bias),
-                               out.data_ptr(), c, i, o, _ptr(out_index), m) if n else 0
+                               int(relu), out.data_ptr(), c, i, o, _ptr(out_index), m) if n else 0
     if rc == -2:
         raise ValueError(f"pfgdf_plugin.native: out_index must name each of the {c * o} rows at most once")
     if rc:

@@ -69,8 +69,8 @@ static void pfgdf_gather_rows_t(const float *restrict src, int64_t rows, int64_t
 }
 
 /* Block matrix product of a batch, into features-first:
- *   out[c*O + o][r] = b[c*O + o] + sum_i W[c][i][o] * x(idx[c*I + i], r),  W stored [C, I, O],
- * out [C*O, n], where input feature s of batch column r is
+ *   out[c*O + o][r] = act(b[c*O + o] + sum_i W[c][i][o] * x(idx[c*I + i], r)),  W stored [C, I, O],
+ * out [C*O, n], act max(0, .) if relu else the identity, where input feature s of batch column r is
  * x(s, r) = src[s * fs + r * rs], s < rows (fs == 1: batch first, rows rs apart; else features first,
  * rs == 1 and fs == n); idx NULL: feature c*I + i. Blocked as a
  * GEMM is: the gathered inputs of up to 256 KiB of columns and panels of 6 outputs' weights (up to
@@ -80,14 +80,16 @@ static void pfgdf_gather_rows_t(const float *restrict src, int64_t rows, int64_t
  * first-level cache, and register tiles are 6 outputs x 16 columns (12 accumulators of 8 floats).
  * The packing loops request their rows ahead. Returns 0, or -1 if out of memory. */
 typedef float pfgdf_v8 __attribute__((vector_size(32)));
+typedef int32_t pfgdf_v8i __attribute__((vector_size(32)));
 enum { MR = 6, NR = 16, KC = 256, PACK_AHEAD = 24, SCATTER_MAX = 65536 };
 /* Macros, not functions: no call passes a vector (whose ABI differs with and without AVX). */
 #define PFGDF_LOAD(v, p) memcpy(&(v), (p), sizeof(pfgdf_v8))
 #define PFGDF_STORE(p, v) memcpy((p), &(v), sizeof(pfgdf_v8))
+#define PFGDF_RELU(a) ((pfgdf_v8)((pfgdf_v8i)(a) & ((a) > (pfgdf_v8){0})))
 
 /* One tile: xp [kc][NR] packed inputs, wp [kc][MR] packed weights. The accumulators start from the
  * bias bp [MR] (first piece of the inner dimension) or from what out holds (the later ones); rows
- * j < mr go to out + j * ldo (the others are padding). */
+ * j < mr go to out + j * ldo (the others are padding), through max(0, .) if relu (the last piece). */
 #define PFGDF_TILE_BODY                                                                                      \
   pfgdf_v8 a0[MR], a1[MR];                                                                                   \
   if (bp) {                                                                                                  \
@@ -102,6 +104,8 @@ enum { MR = 6, NR = 16, KC = 256, PACK_AHEAD = 24, SCATTER_MAX = 65536 };
     PFGDF_LOAD(x1, xp + 8);                                                                                  \
     for (int j = 0; j < MR; ++j) { a0[j] += wp[j] * x0; a1[j] += wp[j] * x1; }                               \
   }                                                                                                          \
+  if (relu)                                                                                                  \
+    for (int j = 0; j < MR; ++j) { a0[j] = PFGDF_RELU(a0[j]); a1[j] = PFGDF_RELU(a1[j]); }                   \
   if (mr == MR) {                                                                                            \
     for (int j = 0; j < MR; ++j) { PFGDF_STORE(out + j * ldo, a0[j]); PFGDF_STORE(out + j * ldo + 8, a1[j]); } \
   } else {                                                                                                   \
@@ -183,7 +187,7 @@ enum { MR = 6, NR = 16, KC = 256, PACK_AHEAD = 24, SCATTER_MAX = 65536 };
               if (pos) { /* batch first (one piece of the inner dimension): a tile in scratch, scattered */  \
                 float t[MR * NR];                                                                            \
                 const int64_t *pj = pos + c * bo + o0;                                                       \
-                pfgdf_tile(xp, wp, bp, kc, mr, t, NR);                                                       \
+                pfgdf_tile(xp, wp, bp, kc, relu && k0 + kc == in, mr, t, NR);                                 \
                 for (int64_t r = 0; r < nr; ++r)                                                             \
                   for (int64_t j = 0; j < mr; ++j)                                                           \
                     if (pj[j] >= 0) out[(r0 + r) * m + pj[j]] = t[j * NR + r];                               \
@@ -191,11 +195,11 @@ enum { MR = 6, NR = 16, KC = 256, PACK_AHEAD = 24, SCATTER_MAX = 65536 };
               }                                                                                              \
               float *o = out + (c * bo + o0) * n + r0;                                                       \
               if (nr == NR) {                                                                                \
-                pfgdf_tile(xp, wp, bp, kc, mr, o, n);                                                        \
+                pfgdf_tile(xp, wp, bp, kc, relu && k0 + kc == in, mr, o, n);                                  \
               } else { /* the last columns: a whole tile in scratch, then the ones that exist */             \
                 float t[MR * NR] = {0};                                                                      \
                 for (int64_t j = 0; j < mr && !bp; ++j) memcpy(t + j * NR, o + j * n, sizeof(float) * (size_t)nr); \
-                pfgdf_tile(xp, wp, bp, kc, mr, t, NR);                                                       \
+                pfgdf_tile(xp, wp, bp, kc, relu && k0 + kc == in, mr, t, NR);                                 \
                 for (int64_t j = 0; j < mr; ++j) memcpy(o + j * n, t + j * NR, sizeof(float) * (size_t)nr); \
               }                                                                                              \
             }                                                                                                \
@@ -208,12 +212,12 @@ enum { MR = 6, NR = 16, KC = 256, PACK_AHEAD = 24, SCATTER_MAX = 65536 };
   return 0;
 
 #define PFGDF_TILE_ARGS                                                                                      \
-  const float *restrict xp, const float *restrict wp, const float *restrict bp, int64_t kc, int64_t mr,       \
-      float *restrict out, int64_t ldo
+  const float *restrict xp, const float *restrict wp, const float *restrict bp, int64_t kc, int relu,        \
+      int64_t mr, float *restrict out, int64_t ldo
 #define PFGDF_GEMM_ARGS                                                                                      \
   const float *restrict src, int64_t rows, int64_t n, int64_t fs, int64_t rs, const int64_t *restrict idx,   \
-      const float *restrict w, const float *restrict b, float *restrict out, int64_t blocks, int64_t in, int64_t bo, \
-      const int64_t *restrict pos, int64_t m
+      const float *restrict w, const float *restrict b, int relu, float *restrict out, int64_t blocks, int64_t in, \
+      int64_t bo, const int64_t *restrict pos, int64_t m
 
 /* Compiled twice: with AVX2 + FMA (chosen at run time where the CPU has them) and for any CPU. */
 #if defined(__GNUC__) && defined(__x86_64__)
@@ -231,22 +235,22 @@ static void pfgdf_gemv_base(PFGDF_GEMV_ARGS) { PFGDF_GEMV_BODY }
 static int pfgdf_block_gemm_any(PFGDF_GEMM_ARGS) {
 #ifdef PFGDF_FMA
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-    return pfgdf_block_gemm_fma(src, rows, n, fs, rs, idx, w, b, out, blocks, in, bo, pos, m);
+    return pfgdf_block_gemm_fma(src, rows, n, fs, rs, idx, w, b, relu, out, blocks, in, bo, pos, m);
 #endif
-  return pfgdf_block_gemm_base(src, rows, n, fs, rs, idx, w, b, out, blocks, in, bo, pos, m);
+  return pfgdf_block_gemm_base(src, rows, n, fs, rs, idx, w, b, relu, out, blocks, in, bo, pos, m);
 }
 
 /* The product above. oidx NULL and m < 0: out is features-first [C*O, n]. Otherwise out is
  * batch-first [n, m]: out[r][k] = the product's row oidx[k] (oidx NULL: k itself, m == C*O), scattered
  * by the tiles' stores where the inner dimension is one piece and the result fits in the second-level
  * cache (SCATTER_MAX floats), else by one pass over a features-first result (measured faster for a
- * Linear(4096) at batch 64: stores a random permutation apart miss the cache). Returns 0; -1 if out of memory; -2 if oidx names a row twice
- * or one outside [0, C*O) (nothing written: the caller scatters the features-first result itself). */
+ * Linear(4096) at batch 64: stores a random permutation apart miss the cache). Returns 0; -1 if out
+ * of memory; -2 if oidx names a row twice or one outside [0, C*O) (nothing written). */
 int pfgdf_block_gemm(const float *src, int64_t rows, int64_t n, int64_t fs, int64_t rs, const int64_t *idx,
-                     const float *w, const float *b, float *out, int64_t blocks, int64_t in, int64_t bo,
+                     const float *w, const float *b, int relu, float *out, int64_t blocks, int64_t in, int64_t bo,
                      const int64_t *oidx, int64_t m) {
   if (in < 1 || bo < 1) return 0; /* nothing to multiply (the caller never asks) */
-  if (m < 0) return pfgdf_block_gemm_any(src, rows, n, fs, rs, idx, w, b, out, blocks, in, bo, NULL, -1);
+  if (m < 0) return pfgdf_block_gemm_any(src, rows, n, fs, rs, idx, w, b, relu, out, blocks, in, bo, NULL, -1);
   int64_t raw = blocks * bo;
   if (!oidx && m != raw) return -2;
   int64_t *pos = malloc(sizeof(int64_t) * (size_t)raw); /* the position of each row of the product, or -1 */
@@ -258,10 +262,10 @@ int pfgdf_block_gemm(const float *src, int64_t rows, int64_t n, int64_t fs, int6
   }
   int rc;
   if (in <= KC && n * m <= SCATTER_MAX) { /* one piece of the inner dimension, the result in cache */
-    rc = pfgdf_block_gemm_any(src, rows, n, fs, rs, idx, w, b, out, blocks, in, bo, pos, m);
+    rc = pfgdf_block_gemm_any(src, rows, n, fs, rs, idx, w, b, relu, out, blocks, in, bo, pos, m);
   } else { /* features first, then one pass back */
     float *tmp = malloc(sizeof(float) * (size_t)(raw * n));
-    rc = tmp ? pfgdf_block_gemm_any(src, rows, n, fs, rs, idx, w, b, tmp, blocks, in, bo, NULL, -1) : -1;
+    rc = tmp ? pfgdf_block_gemm_any(src, rows, n, fs, rs, idx, w, b, relu, tmp, blocks, in, bo, NULL, -1) : -1;
     if (!rc) pfgdf_gather_rows_t(tmp, raw, n, oidx, m, out);
     free(tmp);
   }
@@ -269,10 +273,10 @@ int pfgdf_block_gemm(const float *src, int64_t rows, int64_t n, int64_t fs, int6
   return rc;
 }
 
-/* Batch 1, y [m]: y[k] = the product's row oidx[k] (zero for an entry outside [0, C*O)); oidx NULL:
- * y is the whole [C*O] product. Returns 0, or -1 if out of memory. */
-int pfgdf_block_gemv(const float *x, const int64_t *idx, int64_t nfeat, const float *w, const float *b, float *y,
-                     int64_t blocks, int64_t block_in, int64_t block_out, const int64_t *oidx, int64_t m) {
+/* Batch 1, y [m]: y[k] = the product's row oidx[k] (zero for an entry outside [0, C*O)), through
+ * max(0, .) if relu; oidx NULL: y is the whole [C*O] product. Returns 0, or -1 if out of memory. */
+int pfgdf_block_gemv(const float *x, const int64_t *idx, int64_t nfeat, const float *w, const float *b, int relu,
+                     float *y, int64_t blocks, int64_t block_in, int64_t block_out, const int64_t *oidx, int64_t m) {
   int64_t raw = blocks * block_out;
   float *dst = oidx ? malloc(sizeof(float) * (size_t)(raw > 0 ? raw : 1)) : y;
   if (!dst) return -1;
@@ -282,6 +286,7 @@ int pfgdf_block_gemv(const float *x, const int64_t *idx, int64_t nfeat, const fl
   else
 #endif
     pfgdf_gemv_base(x, idx, nfeat, w, b, dst, blocks, block_in, block_out);
+  for (int64_t k = 0; relu && k < raw; ++k) dst[k] = dst[k] > 0.0f ? dst[k] : 0.0f;
   if (oidx) {
     for (int64_t k = 0; k < m; ++k) y[k] = (uint64_t)oidx[k] < (uint64_t)raw ? dst[oidx[k]] : 0.0f;
     free(dst);

@@ -14,7 +14,7 @@ from ...modules import (BlockDiagonalLinear, MaskedDenseConv2d, MaskedDenseLinea
                         module_from_description)
 from .blocks import BlockPlan
 from .checks import check_layer
-from .fold import CONVERTED, FoldLink, drop_identities, fold, set_module
+from .fold import CONVERTED, FoldLink, drop_identities, fold, fuse_activations, set_module
 from .kernels import (LAYER_KERNELS, KernelSpec, Timer, batches_ok, check_kernel, choose_kernel, describe_choice,
                       layer_kind, requested_kernel, sample_input)
 
@@ -220,7 +220,9 @@ def convert_model(model: nn.Module, plans: Mapping[str, BlockPlan], links: Itera
 
     Returns:
         :func:`summarize` of the converted model (each layer with its ``kernel``), plus
-        ``"folded"`` (the links folded), ``"identity"`` (identity gathers dropped) and
+        ``"folded"`` (the links folded), ``"identity"`` (identity gathers dropped), ``"fused"``
+        (ReLUs a ``bmm`` layer now applies itself: :func:`~pfgdf_plugin.methods.mpd.fold.fuse_activations`;
+        not with ``"block"``) and
         ``"kernels"`` (per layer: ``kernel``, ``reason``, ``times`` ``{kernel: {batch: s}}``,
         ``threads``, ``engine``).
     """
@@ -256,6 +258,7 @@ def convert_model(model: nn.Module, plans: Mapping[str, BlockPlan], links: Itera
     report = summarize(model)
     report["folded"] = folded
     report["identity"] = [] if legacy else drop_identities(model, list(todo))
+    report["fused"] = [] if legacy else fuse_activations(model, list(todo))
     report["kernels"] = choices
     return report
 

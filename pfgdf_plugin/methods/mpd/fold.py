@@ -17,15 +17,17 @@ absorb it offline:
 
 BatchNorms on the way are permuted to the layout that crosses them; a padded layout widens them
 (padding channels: weight 1, bias 0, mean 0, variance 1, so a zero stays zero) when
-``widen_norms``.
+``widen_norms``. :func:`fuse_activations` lets a ``bmm`` layer apply the ReLU that alone follows it.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 
 from ...modules import (BlockDiagonalLinear, ChannelPermute, MaskedDenseConv2d, MaskedDenseLinear,
@@ -215,3 +217,54 @@ def drop_identities(model: nn.Module, names: List[str]) -> List[str]:
                 m.drop_scatter()
                 dropped.append(f"{name}: scatter")
     return dropped
+
+
+class _ConvertedLeaves(fx.Tracer):
+    """torch.fx tracing that keeps the converted layers whole (only who calls whom matters here)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, CONVERTED) or super().is_leaf_module(m, module_qualified_name)
+
+
+def fuse_activations(model: nn.Module, names: List[str]) -> List[str]:
+    """Let each named ``bmm`` :class:`~pfgdf_plugin.modules.BlockDiagonalLinear` apply the ReLU that
+    alone reads its output, in place.
+
+    Where ``torch.fx`` (the converted layers as leaves) shows a layer called once whose output goes
+    only to an ``nn.ReLU`` module that the forward calls once (registered once, with no hooks on
+    either), the layer's ``activation`` becomes ``"relu"`` and that ReLU is replaced by
+    ``nn.Identity``: the same values, one pass over the activations and one PyTorch call fewer (the
+    C kernels apply it as they store). A model ``torch.fx`` cannot trace is left as it is.
+
+    Returns:
+        ``"<layer> + <relu>"`` for each fusion.
+
+    Example:
+        >>> from pfgdf_plugin.modules import BlockDiagonalLinear
+        >>> net = nn.Sequential(BlockDiagonalLinear(4, [2, 2], [2, 2]), nn.ReLU(), nn.Linear(4, 2))
+        >>> fuse_activations(net, ["0"]), net[0].activation, type(net[1]).__name__
+        (['0 + 1'], 'relu', 'Identity')
+    """
+    try:
+        graph = _ConvertedLeaves().trace(model)
+    except Exception:  # data-dependent control flow, unsupported operations: nothing is fused
+        return []
+    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
+    registered = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+    modules = dict(model.named_modules())
+    fused = []
+    for node in graph.nodes:
+        layer = modules.get(node.target) if node.op == "call_module" else None
+        if (node.target not in names or not isinstance(layer, BlockDiagonalLinear) or layer.kernel != "bmm"
+                or layer.activation is not None or calls[node.target] != 1 or len(node.users) != 1):
+            continue
+        (user,) = node.users
+        act = modules.get(user.target) if user.op == "call_module" else None
+        if (type(act) is not nn.ReLU or calls[user.target] != 1 or registered[id(act)] != 1
+                or registered[id(layer)] != 1 or act._forward_hooks or act._forward_pre_hooks
+                or layer._forward_hooks):
+            continue
+        layer.activation = "relu"
+        set_module(model, user.target, nn.Identity())
+        fused.append(f"{node.target} + {user.target}")
+    return fused
