@@ -2,19 +2,15 @@
  *
  * Plain C, no Python or torch headers: the caller passes contiguous float32 / int64 buffers.
  * Index entries outside [0, limit) read as zero (the padded slots of an unbalanced split),
- * so a damaged index buffer can not read outside its source. Single-threaded: the batch-1
- * matrix-vector product, gathers and transposes that PyTorch would run as several kernels, and a
- * block matrix product for batches that reads its inputs through the gather and adds the bias.
+ * so a damaged index buffer can not read outside its source. Single-threaded: a layer's whole
+ * inference in one call (gather, block product, bias, ReLU, scatter), which PyTorch would run as
+ * several kernels: a matrix-vector product at batch 1, a blocked matrix product for batches. The
+ * products are compiled twice, with AVX2 + FMA (chosen at run time where the CPU has them) and
+ * for any CPU.
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define PFGDF_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define PFGDF_CLONES
-#endif
 
 /* Rows of the weight requested ahead of use at batch 1: the weights stream from memory once per
  * call, and asking for them early measured 20-35% faster than the hardware prefetcher alone. */
@@ -46,7 +42,6 @@ enum { AHEAD = 8 };
 /* Features-first [rows, n] to batch-first [n, m]: out[r][k] = src[idx[k]][r] (idx NULL: k itself,
  * m == rows). Sixteen k at a time, so every output row gets a whole cache line per pass while the
  * sixteen source rows are read sequentially. */
-PFGDF_CLONES
 static void pfgdf_gather_rows_t(const float *restrict src, int64_t rows, int64_t n, const int64_t *restrict idx,
                                 int64_t m, float *restrict out) {
   enum { T = 16 };
