@@ -12,9 +12,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Rows of the weight requested ahead of use at batch 1: the weights stream from memory once per
- * call, and asking for them early measured 20-35% faster than the hardware prefetcher alone. */
-enum { AHEAD = 8 };
+/* Rows of the weight requested ahead of use at batch 1 (the weights stream from memory once per
+ * call): 16 rows ahead took 42-51 us for three 8 x 128 x 128 layers in a C loop with 12 MB streamed
+ * through the caches between rounds, 54-55 us at 8 rows and 50-60 us at 32-64. */
+enum { AHEAD = 16 };
 
 /* Batch 1: y[c*O + o] = b[c*O + o] + sum_i x[idx[c*I + i]] * W[c][i][o], W stored [C, I, O].
  * idx NULL: the input already is in block layout (x[c*I + i]). b NULL: no bias. */
