@@ -3,25 +3,14 @@ values on every path, and no fusion where the ReLU, the layer or the model does 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import pytest
 import torch
 import torch.nn as nn
 
-from pfgdf_plugin import native
 from pfgdf_plugin.methods import mpd
 from pfgdf_plugin.modules import BlockDiagonalLinear, module_from_description
-
-
-@contextlib.contextmanager
-def _native(on: bool):
-    previous = native.set_enabled(on)
-    try:
-        yield
-    finally:
-        native.set_enabled(previous)
 
 
 def _masked(model: nn.Module, names, blocks: int = 4):
@@ -38,7 +27,7 @@ def _chain():
                          nn.ReLU(), nn.Linear(22, 5))
 
 
-def test_a_fused_chain_gives_the_masked_models_values_and_gradients():
+def test_a_fused_chain_gives_the_masked_models_values_and_gradients(native_switch):
     model = _chain()
     plans = _masked(model, ["0", "2", "4"], blocks=3)  # 40/36/30/22 in 3 blocks: padded, unequal
     masked = copy.deepcopy(model)
@@ -52,7 +41,7 @@ def test_a_fused_chain_gives_the_masked_models_values_and_gradients():
         with torch.no_grad():
             ref = masked(batch)
             for on in (True, False):
-                with _native(on):
+                with native_switch(on):
                     got = model(batch)
                 assert torch.allclose(got, ref, atol=1e-5), (batch.shape, on)
     a, b = x[:6].clone().requires_grad_(), x[:6].clone().requires_grad_()

@@ -3,7 +3,6 @@ the same values as the PyTorch-only forward on every eager path, and memory-safe
 
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import pytest
@@ -13,15 +12,6 @@ import torch.nn as nn
 from pfgdf_plugin import native
 from pfgdf_plugin.bench_layers import build_pair
 from pfgdf_plugin.methods import mpd
-
-
-@contextlib.contextmanager
-def _native(on: bool):
-    previous = native.set_enabled(on)
-    try:
-        yield
-    finally:
-        native.set_enabled(previous)
 
 
 def _layer(bias: bool, sizes=(23, 19), blocks: int = 3, seed: int = 0):
@@ -46,7 +36,7 @@ def test_the_install_builds_the_c_kernels():
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("gather,scatter", [(True, True), (False, True), (True, False)])
-def test_a_lone_layer_gives_the_same_values_with_and_without_the_c_kernels(bias, gather, scatter):
+def test_a_lone_layer_gives_the_same_values_with_and_without_the_c_kernels(bias, gather, scatter, native_switch):
     lin, layer = _layer(bias)
     assert layer.padded_in
     if not scatter:
@@ -56,9 +46,9 @@ def test_a_lone_layer_gives_the_same_values_with_and_without_the_c_kernels(bias,
     x = torch.randn(6, layer.in_features)
     for batch in (x[:1], x[:5], x, x.t().contiguous().t(), x[:, :].clone()[::2]):  # strided rows too
         with torch.no_grad():
-            with _native(False):
+            with native_switch(False):
                 ref = layer(batch)
-            with _native(True):
+            with native_switch(True):
                 got = layer(batch)
         assert got.shape == ref.shape and _rel(got, ref) <= 1e-6, batch.stride()
         if gather and scatter:
@@ -66,14 +56,14 @@ def test_a_lone_layer_gives_the_same_values_with_and_without_the_c_kernels(bias,
 
 
 @pytest.mark.parametrize("handoff", [True, False])
-def test_a_chain_gives_the_same_values_with_and_without_the_c_kernels(handoff):
+def test_a_chain_gives_the_same_values_with_and_without_the_c_kernels(handoff, native_switch):
     _, model = build_pair("linear", 48, 4, 3, "bmm", handoff=handoff)
     x = torch.randn(7, 48)
     for batch in (x[:1], x[:2], x):
         with torch.no_grad():
-            with _native(False):
+            with native_switch(False):
                 ref = model(batch)
-            with _native(True):
+            with native_switch(True):
                 got = model(batch)
         assert got.is_contiguous() and torch.allclose(got, ref, atol=1e-5)
     # autograd takes the PyTorch path whatever the setting: gradients flow
@@ -129,7 +119,7 @@ def test_other_dtypes_take_the_pytorch_path():
             assert got.dtype == torch.float64 and _rel(got, lin(batch)) <= 1e-10
 
 
-def test_a_damaged_index_reads_zeros_and_never_outside_the_input():
+def test_a_damaged_index_reads_zeros_and_never_outside_the_input(native_switch):
     _, layer = _layer(True, sizes=(16, 12), blocks=4)
     assert not layer.padded_in  # balanced: every entry a real feature
     x = torch.randn(3, 16)
@@ -141,7 +131,7 @@ def test_a_damaged_index_reads_zeros_and_never_outside_the_input():
         fixed = layer.in_index.clone()
         fixed[zero_at] = layer.in_features  # the zero channel
         layer.set_gather(fixed, layer.in_features)  # padded now: the PyTorch path reads the zero channel
-        with _native(False):
+        with native_switch(False):
             assert torch.allclose(got1, layer(x[:1]), atol=1e-6) and torch.allclose(got, layer(x), atol=1e-6)
     y = torch.randn(4, 9)
     bad = torch.tensor([8, -1, 3, 9, 2 ** 40])
