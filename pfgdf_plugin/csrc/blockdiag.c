@@ -142,6 +142,8 @@ enum { MR = 6, NR = 16, KC = 256, PACK_AHEAD = 24, SCATTER_MAX = 16384 };
     for (int64_t j = 0; j < mr; ++j) memcpy(out + j * ldo, t[j], sizeof t[j]);                               \
   }
 
+#define PFGDF_PREFETCH_NEXT                                                                                  \
+  for (int64_t l = 0; l < pf_lines && pf < pf_end; ++l, pf += 64) __builtin_prefetch(pf, 0, 2)
 #define PFGDF_GEMM_BODY                                                                                      \
   int64_t kc_max = in < KC ? in : KC;                                                                        \
   int64_t chunk = 32768 / kc_max / MR * MR; /* outputs whose packed weights fill 128 KiB */                  \
@@ -153,8 +155,11 @@ enum { MR = 6, NR = 16, KC = 256, PACK_AHEAD = 24, SCATTER_MAX = 16384 };
   float *wpack = malloc(sizeof(float) * (size_t)(chunk * kc_max + ncols * kc_max + MR));                     \
   if (!wpack) return -1;                                                                                     \
   float *xpack = wpack + chunk * kc_max, *bpack = xpack + ncols * kc_max;                                    \
+  int64_t tiles = (n + NR - 1) / NR * ((bo + MR - 1) / MR) * ((in + KC - 1) / KC);                          \
+  int64_t pf_lines = (in * bo / 16 + tiles - 1) / tiles; /* of the next block's weights, after each tile */ \
   for (int64_t c = 0; c < blocks; ++c) {                                                                     \
     const float *wc = w + c * in * bo;                                                                       \
+    const char *pf = (const char *)(wc + in * bo), *pf_end = c + 1 < blocks ? pf + sizeof(float) * in * bo : pf; \
     const int64_t *ic = idx ? idx + c * in : NULL;                                                           \
     for (int64_t n0 = 0; n0 < n; n0 += ncols) {                                                              \
       int64_t ne = n - n0 < ncols ? n : n0 + ncols;                                                          \
@@ -193,10 +198,13 @@ enum { MR = 6, NR = 16, KC = 256, PACK_AHEAD = 24, SCATTER_MAX = 16384 };
           int64_t oe = bo - o1 < chunk ? bo : o1 + chunk;                                                    \
           for (int64_t i = 0; i < kc; ++i) { /* panels [kc][MR] of outputs o1.., zeros past oe */            \
             const float *row = wc + (k0 + i) * bo;                                                           \
+            float *d = wpack + i * MR;                                                                       \
+            int64_t wide = i + 1 < kc ? bo - 8 : -1; /* eight floats a panel row up to there (the next row   \
+                                                       of the panel overwrites the two extra) */             \
             if (i + PACK_AHEAD < kc)                                                                         \
               for (int64_t o = o1; o < oe; o += 16) __builtin_prefetch(row + PACK_AHEAD * bo + o, 0, 3);     \
-            for (int64_t o0 = o1; o0 < oe; o0 += MR) {                                                       \
-              float *d = wpack + (o0 - o1) * kc + i * MR;                                                    \
+            for (int64_t o0 = o1; o0 < oe; o0 += MR, d += MR * kc) {                                         \
+              if (o0 <= wide) { memcpy(d, row + o0, sizeof(float) * 8); continue; }                          \
               if (o0 + MR <= oe) { memcpy(d, row + o0, sizeof(float) * MR); continue; }                      \
               memcpy(d, row + o0, sizeof(float) * (size_t)(oe - o0));                                        \
               for (int64_t j = oe - o0; j < MR; ++j) d[j] = 0.0f;                                            \
@@ -216,12 +224,14 @@ enum { MR = 6, NR = 16, KC = 256, PACK_AHEAD = 24, SCATTER_MAX = 16384 };
                 float t[MR * NR];                                                                            \
                 const int64_t *pj = pos + c * bo + o0;                                                       \
                 pfgdf_tile(xp, wp, bp, kc, relu && k0 + kc == in, mr, t, NR);                                 \
+                PFGDF_PREFETCH_NEXT;                                                                         \
                 for (int64_t r = 0; r < nr; ++r)                                                             \
                   for (int64_t j = 0; j < mr; ++j)                                                           \
                     if (pj[j] >= 0) out[(r0 + r) * m + pj[j]] = t[j * NR + r];                               \
                 continue;                                                                                    \
               }                                                                                              \
               float *o = out + (c * bo + o0) * n + r0;                                                       \
+              PFGDF_PREFETCH_NEXT;                                                                           \
               if (nr == NR) {                                                                                \
                 pfgdf_tile(xp, wp, bp, kc, relu && k0 + kc == in, mr, o, n);                                  \
               } else { /* the last columns: a whole tile in scratch, then the ones that exist */             \

@@ -30,8 +30,17 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_the_install_builds_the_c_kernels():
-    assert native.available(), "pfgdf_plugin/_blockdiag was not built (setup.py needs a C compiler)"
+    assert native.available(), "pfgdf_plugin/_blockdiag was not built (setup.py needs a C compiler and Python headers)"
     assert native.enabled()
+
+
+def test_the_entry_points_refuse_a_call_they_would_misread():
+    lib = native._LIB
+    with pytest.raises(TypeError, match="block_gemv takes 12 arguments, got 2"):
+        lib.block_gemv(0, 0)
+    with pytest.raises(TypeError):  # an address must be an int (or None)
+        lib.block_gemm("x", *([0] * 14))
+    assert lib.block_gemm(*([0] * 15)) == 0  # nothing to multiply: nothing read or written
 
 
 @pytest.mark.parametrize("bias", [True, False])
