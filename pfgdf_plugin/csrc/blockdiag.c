@@ -82,6 +82,18 @@ __attribute__((target("avx2,fma"))) static void pfgdf_gather_rows_t_fma(const fl
       }
 }
 
+
+/* The whole groups of eight rows and eight features of pfgdf_transpose, 64 features at a time. */
+__attribute__((target("avx2,fma"))) static void pfgdf_transpose_fma(const float *restrict src, int64_t n, int64_t nf,
+                                                                    int64_t rs, float *restrict xt) {
+  for (int64_t f1 = 0; f1 + 8 <= nf; f1 += 64)
+    for (int64_t r = 0; r + 8 <= n; r += 8)
+      for (int64_t f = f1; f + 8 <= nf && f < f1 + 64; f += 8) {
+        const float *q[8];
+        for (int j = 0; j < 8; ++j) q[j] = src + (r + j) * rs + f;
+        pfgdf_t8(q, xt + f * n + r, n);
+      }
+}
 #endif
 
 /* Features-first [rows, n] to batch-first [n, m]: out[r][k] = src[idx[k]][r] (idx NULL: k itself,
@@ -94,6 +106,16 @@ static void pfgdf_gather_rows_t(const float *restrict src, int64_t n, const int6
 #endif
   for (int64_t r = 0; r < n; ++r)
     for (int64_t k = r < r8 ? k8 : 0; k < m; ++k) out[r * m + k] = src[(idx ? idx[k] : k) * n + r];
+}
+
+/* Batch-first [n, nf] (rows rs apart) to features-first [nf, n]: xt[f][r] = src[r * rs + f]. */
+static void pfgdf_transpose(const float *restrict src, int64_t n, int64_t nf, int64_t rs, float *restrict xt) {
+  int64_t r8 = 0, f8 = 0; /* rows < r8 and features < f8: done eight by eight */
+#ifdef PFGDF_FMA
+  if (PFGDF_HAVE_FMA()) pfgdf_transpose_fma(src, n, nf, rs, xt), r8 = n / 8 * 8, f8 = nf / 8 * 8;
+#endif
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t f = r < r8 ? f8 : 0; f < nf; ++f) xt[f * n + r] = src[r * rs + f];
 }
 
 /* Block matrix product of a batch, into features-first:
@@ -109,7 +131,7 @@ static void pfgdf_gather_rows_t(const float *restrict src, int64_t n, const int6
  * The packing loops request their rows ahead. Returns 0, or -1 if out of memory. */
 typedef float pfgdf_v8 __attribute__((vector_size(32)));
 typedef int32_t pfgdf_v8i __attribute__((vector_size(32)));
-enum { MR = 6, NR = 16, KC = 256, PACK_AHEAD = 24, SCATTER_MAX = 16384 };
+enum { MR = 6, NR = 16, KC = 256, PACK_AHEAD = 24, SCATTER_MAX = 16384, TRANSPOSE_MIN = 65536 };
 /* Macros, not functions: no call passes a vector (whose ABI differs with and without AVX). */
 #define PFGDF_LOAD(v, p) memcpy(&(v), (p), sizeof(pfgdf_v8))
 #define PFGDF_STORE(p, v) memcpy((p), &(v), sizeof(pfgdf_v8))
@@ -284,7 +306,11 @@ static int pfgdf_block_gemm_any(PFGDF_GEMM_ARGS) {
  * (stores a random permutation apart miss the first-level cache: for 8 x 128 x 128 blocks the pass
  * took 290 us against 340 for the scattering stores at batch 64, and 113 against 102 at batch 7,
  * where it has no whole groups of eight rows; equal at batch 20). Returns 0; -1 if out
- * of memory; -2 if oidx names a row twice or one outside [0, C*O) (nothing written). */
+ * of memory; -2 if oidx names a row twice or one outside [0, C*O) (nothing written). A batch-first input
+ * larger than TRANSPOSE_MIN floats is first transposed to features-first (eight by eight with AVX2): the
+ * packing then copies rows instead of fetching each element from rows a cache miss apart (Linear(4096)
+ * at batch 64: 4.24-4.40 ms against 4.35-4.54; at Linear(1024), where the input stays in cache, the
+ * packing fetching elements was 7 us faster of 280).
 int pfgdf_block_gemm(const float *src, int64_t rows, int64_t n, int64_t fs, int64_t rs, const int64_t *idx,
                      const float *w, const float *b, int relu, float *out, int64_t blocks, int64_t in, int64_t bo,
                      const int64_t *oidx, int64_t m) {
@@ -300,8 +326,13 @@ int pfgdf_block_gemm(const float *src, int64_t rows, int64_t n, int64_t fs, int6
       pos[oidx[k]] = k;
     }
   }
-  float *tmp = NULL;
+  float *xt = NULL, *tmp = NULL;
   int rc = -1;
+  if (fs == 1 && rows * n > TRANSPOSE_MIN) { /* batch first, past the cache: transposed once */
+    if (!(xt = malloc(sizeof(float) * (size_t)(rows * n)))) goto done;
+    pfgdf_transpose(src, n, rows, rs, xt);
+    src = xt, fs = n, rs = 1;
+  }
   if (m < 0) {
     rc = pfgdf_block_gemm_any(src, rows, n, fs, rs, idx, w, b, relu, out, blocks, in, bo, NULL, -1);
   } else if (in <= KC && n * m <= SCATTER_MAX) { /* one piece of the inner dimension, the result in cache */
@@ -310,7 +341,9 @@ int pfgdf_block_gemm(const float *src, int64_t rows, int64_t n, int64_t fs, int6
     rc = pfgdf_block_gemm_any(src, rows, n, fs, rs, idx, w, b, relu, tmp, blocks, in, bo, NULL, -1);
     if (!rc) pfgdf_gather_rows_t(tmp, n, oidx, m, out);
   }
+done:
   free(tmp);
+  free(xt);
   free(pos);
   return rc;
 }
