@@ -8,8 +8,9 @@ matrix-vector product, bias, scatter); a batch is one block matrix product that 
 where the gather would fetch them (batch-first or features-first), adds the bias and writes either a
 features-first ``[features, N]`` result that the next layer reads as it is (the hand-off) or the
 scattered batch-first output. It is built at install time (``setup.py``: plain C kernels behind a
-small CPython module whose calls cost a fraction of a microsecond; optional);
-without it, or with ``PFGDF_NATIVE=0`` in the environment, or after
+small CPython module whose calls cost a fraction of a microsecond; optional). The kernels are
+written for x86-64 CPUs with AVX2 and FMA (chosen at run time). Without the library, on other
+CPUs, with ``PFGDF_NATIVE=0`` in the environment, or after
 :func:`set_enabled(False) <set_enabled>`, the layers run on PyTorch operations only (the same
 values up to float rounding).
 
@@ -34,9 +35,9 @@ def _load() -> Optional[ModuleType]:
         lib = importlib.import_module("pfgdf_plugin._blockdiag")
     except ImportError:
         return None
-    if not all(hasattr(lib, name) for name in ("block_gemv", "block_gemm")):
+    if not all(hasattr(lib, name) for name in ("tuned", "block_gemv", "block_gemm")):
         return None  # a library built from other sources: not ours to call
-    return lib
+    return lib if lib.tuned() else None  # the kernels need AVX2 + FMA (see blockdiag.c)
 
 
 _LIB = _load()
@@ -44,7 +45,7 @@ _ENABLED = _LIB is not None and os.environ.get("PFGDF_NATIVE", "1") != "0"
 
 
 def available() -> bool:
-    """Whether the C library was built and loads."""
+    """Whether the C library was built, loads, and runs on this CPU (x86-64 with AVX2 and FMA)."""
     return _LIB is not None
 
 

@@ -5,8 +5,7 @@
  * so a damaged index buffer can not read outside its source. Single-threaded: a layer's whole
  * inference in one call (gather, block product, bias, ReLU, scatter), which PyTorch would run as
  * several kernels: a matrix-vector product at batch 1, a blocked matrix product for batches. The
- * products are compiled twice, with AVX2 + FMA (chosen at run time where the CPU has them) and
- * for any CPU.
+ * products are compiled for AVX2 + FMA and run where the CPU has them (pfgdf_tuned()).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -279,24 +278,32 @@ enum { MR = 6, NR = 16, KC = 256, PACK_AHEAD = 24, SCATTER_MAX = 16384, TRANSPOS
       const float *restrict w, const float *restrict b, int relu, float *restrict out, int64_t blocks, int64_t in, \
       int64_t bo, const int64_t *restrict pos, int64_t m
 
-/* Compiled twice: with AVX2 + FMA (chosen at run time where the CPU has them) and for any CPU. */
+/* Compiled for AVX2 + FMA only: a portable build of the same C was exact but 20-30x slower for
+ * batches on an x86-64 CPU without them, so pfgdf_plugin.native leaves the kernels off where
+ * pfgdf_tuned() says no (the layers then run on PyTorch operations). */
 #ifdef PFGDF_FMA
-#define pfgdf_tile pfgdf_tile_fma
 __attribute__((target("avx2,fma"))) static inline void pfgdf_tile(PFGDF_TILE_ARGS) { PFGDF_TILE_BODY }
 __attribute__((target("avx2,fma"))) static int pfgdf_block_gemm_fma(PFGDF_GEMM_ARGS) { PFGDF_GEMM_BODY }
 __attribute__((target("avx2,fma"))) static void pfgdf_gemv_fma(PFGDF_GEMV_ARGS) { PFGDF_GEMV_BODY }
-#undef pfgdf_tile
 #endif
-static inline void pfgdf_tile(PFGDF_TILE_ARGS) { PFGDF_TILE_BODY }
-static int pfgdf_block_gemm_base(PFGDF_GEMM_ARGS) { PFGDF_GEMM_BODY }
-static void pfgdf_gemv_base(PFGDF_GEMV_ARGS) { PFGDF_GEMV_BODY }
+
+/* Whether this CPU runs the products below (x86-64 with AVX2 and FMA); they return -3 elsewhere. */
+int pfgdf_tuned(void) {
+#ifdef PFGDF_FMA
+  return PFGDF_HAVE_FMA();
+#else
+  return 0;
+#endif
+}
 
 static int pfgdf_block_gemm_any(PFGDF_GEMM_ARGS) {
 #ifdef PFGDF_FMA
-  if (PFGDF_HAVE_FMA())
-    return pfgdf_block_gemm_fma(src, rows, n, fs, rs, idx, w, b, relu, out, blocks, in, bo, pos, m);
+  return pfgdf_block_gemm_fma(src, rows, n, fs, rs, idx, w, b, relu, out, blocks, in, bo, pos, m);
+#else
+  (void)src, (void)rows, (void)n, (void)fs, (void)rs, (void)idx, (void)w, (void)b, (void)relu, (void)out;
+  (void)blocks, (void)in, (void)bo, (void)pos, (void)m;
+  return -3;
 #endif
-  return pfgdf_block_gemm_base(src, rows, n, fs, rs, idx, w, b, relu, out, blocks, in, bo, pos, m);
 }
 
 /* The product above. oidx NULL and m < 0: out is features-first [C*O, n]. Otherwise out is
@@ -306,14 +313,16 @@ static int pfgdf_block_gemm_any(PFGDF_GEMM_ARGS) {
  * (stores a random permutation apart miss the first-level cache: for 8 x 128 x 128 blocks the pass
  * took 290 us against 340 for the scattering stores at batch 64, and 113 against 102 at batch 7,
  * where it has no whole groups of eight rows; equal at batch 20). Returns 0; -1 if out
- * of memory; -2 if oidx names a row twice or one outside [0, C*O) (nothing written). A batch-first input
+ * of memory; -2 if oidx names a row twice or one outside [0, C*O) (nothing written); -3 if the CPU
+ * lacks AVX2 + FMA. A batch-first input
  * larger than TRANSPOSE_MIN floats is first transposed to features-first (eight by eight with AVX2): the
  * packing then copies rows instead of fetching each element from rows a cache miss apart (Linear(4096)
  * at batch 64: 4.24-4.40 ms against 4.35-4.54; at Linear(1024), where the input stays in cache, the
- * packing fetching elements was 7 us faster of 280).
+ * packing fetching elements was 7 us faster of 280). */
 int pfgdf_block_gemm(const float *src, int64_t rows, int64_t n, int64_t fs, int64_t rs, const int64_t *idx,
                      const float *w, const float *b, int relu, float *out, int64_t blocks, int64_t in, int64_t bo,
                      const int64_t *oidx, int64_t m) {
+  if (!pfgdf_tuned()) return -3;
   if (in < 1 || bo < 1) return 0; /* nothing to multiply (the caller never asks) */
   int64_t raw = blocks * bo, *pos = NULL;
   if (m >= 0) {
@@ -349,22 +358,25 @@ done:
 }
 
 /* Batch 1, y [m]: y[k] = the product's row oidx[k] (zero for an entry outside [0, C*O)), through
- * max(0, .) if relu; oidx NULL: y is the whole [C*O] product. Returns 0, or -1 if out of memory. */
+ * max(0, .) if relu; oidx NULL: y is the whole [C*O] product. Returns 0; -1 if out of memory; -3 if
+ * the CPU lacks AVX2 + FMA. */
 int pfgdf_block_gemv(const float *x, const int64_t *idx, int64_t nfeat, const float *w, const float *b, int relu,
                      float *y, int64_t blocks, int64_t block_in, int64_t block_out, const int64_t *oidx, int64_t m) {
+#ifdef PFGDF_FMA
+  if (!PFGDF_HAVE_FMA()) return -3;
   int64_t raw = blocks * block_out;
   float *dst = oidx ? malloc(sizeof(float) * (size_t)(raw > 0 ? raw : 1)) : y;
   if (!dst) return -1;
-#ifdef PFGDF_FMA
-  if (PFGDF_HAVE_FMA())
-    pfgdf_gemv_fma(x, idx, nfeat, w, b, dst, blocks, block_in, block_out);
-  else
-#endif
-    pfgdf_gemv_base(x, idx, nfeat, w, b, dst, blocks, block_in, block_out);
+  pfgdf_gemv_fma(x, idx, nfeat, w, b, dst, blocks, block_in, block_out);
   for (int64_t k = 0; relu && k < raw; ++k) dst[k] = dst[k] > 0.0f ? dst[k] : 0.0f;
   if (oidx) {
     for (int64_t k = 0; k < m; ++k) y[k] = (uint64_t)oidx[k] < (uint64_t)raw ? dst[oidx[k]] : 0.0f;
     free(dst);
   }
   return 0;
+#else
+  (void)x, (void)idx, (void)nfeat, (void)w, (void)b, (void)relu, (void)y, (void)blocks, (void)block_in;
+  (void)block_out, (void)oidx, (void)m;
+  return -3;
+#endif
 }

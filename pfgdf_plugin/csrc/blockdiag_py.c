@@ -11,6 +11,7 @@
 
 int pfgdf_block_gemv(const float *x, const int64_t *idx, int64_t nfeat, const float *w, const float *b, int relu,
                      float *y, int64_t blocks, int64_t block_in, int64_t block_out, const int64_t *oidx, int64_t m);
+int pfgdf_tuned(void);
 int pfgdf_block_gemm(const float *src, int64_t rows, int64_t n, int64_t fs, int64_t rs, const int64_t *idx,
                      const float *w, const float *b, int relu, float *out, int64_t blocks, int64_t in, int64_t bo,
                      const int64_t *oidx, int64_t m);
@@ -55,7 +56,13 @@ static PyObject *pfgdf_py_gemm(PyObject *self, PyObject *const *args, Py_ssize_t
   return PyLong_FromLong(rc);
 }
 
+static PyObject *pfgdf_py_tuned(PyObject *self, PyObject *unused) {
+  (void)self, (void)unused;
+  return PyBool_FromLong(pfgdf_tuned());
+}
+
 static PyMethodDef pfgdf_methods[] = {
+    {"tuned", pfgdf_py_tuned, METH_NOARGS, "tuned() -> bool: whether this CPU runs the kernels (AVX2 + FMA)"},
     {"block_gemv", (PyCFunction)(void (*)(void))pfgdf_py_gemv, METH_FASTCALL,
      "block_gemv(x, idx, nfeat, w, b, relu, y, blocks, block_in, block_out, oidx, m) -> int"},
     {"block_gemm", (PyCFunction)(void (*)(void))pfgdf_py_gemm, METH_FASTCALL,
