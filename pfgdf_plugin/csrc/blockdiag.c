@@ -123,7 +123,8 @@ static void pfgdf_transpose(const float *restrict src, int64_t n, int64_t nf, in
  * x(s, r) = src[s * fs + r * rs], s < rows (fs == 1: batch first, rows rs apart; else features first,
  * rs == 1 and fs == n); idx NULL: feature c*I + i. Blocked as a
  * GEMM is: the gathered inputs of up to 256 KiB of columns and panels of 6 outputs' weights (up to
- * 128 KiB of them) are packed in the order the tiles read them (the gather costs nothing more than
+ * 64 KiB of them: 10% faster than 128 KiB for a Linear(4096) at batch 64, 18% for 8 blocks of
+ * 256 x 256 at batch 32) are packed in the order the tiles read them (the gather costs nothing more than
  * that copy, which the product needed anyway: rows a power of two apart share a handful of cache
  * sets), the inner dimension goes in pieces of KC so a tile's inputs and weights stay in the
  * first-level cache, and register tiles are 6 outputs x 16 columns (12 accumulators of 8 floats).
@@ -167,9 +168,10 @@ enum { MR = 6, NR = 16, KC = 256, PACK_AHEAD = 24, SCATTER_MAX = 16384, TRANSPOS
   for (int64_t l = 0; l < pf_lines && pf < pf_end; ++l, pf += 64) __builtin_prefetch(pf, 0, 2)
 #define PFGDF_GEMM_BODY                                                                                      \
   int64_t kc_max = in < KC ? in : KC;                                                                        \
-  int64_t chunk = 32768 / kc_max / MR * MR; /* outputs whose packed weights fill 128 KiB */                  \
+  int64_t chunk = 16384 / kc_max / MR * MR; /* outputs whose packed weights fill 64 KiB (the whole block  \
+                                                up to half as much again) */                                 \
   if (chunk < MR) chunk = MR;                                                                                \
-  if (chunk > bo) chunk = (bo + MR - 1) / MR * MR;                                                           \
+  if (chunk + chunk / 2 >= bo) chunk = (bo + MR - 1) / MR * MR;                                              \
   int64_t ncols = 65536 / kc_max / NR * NR; /* columns whose packed inputs fill 256 KiB */                   \
   if (ncols < NR) ncols = NR;                                                                                \
   if (ncols > n) ncols = (n + NR - 1) / NR * NR;                                                             \

@@ -30,7 +30,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_the_install_builds_the_c_kernels():
-    assert native.available(), "pfgdf_plugin/_blockdiag was not built (setup.py needs a C compiler and Python headers)"
+    assert native.available(), ("pfgdf_plugin/_blockdiag was not built or does not run here (setup.py needs a C "
+                                "compiler and the Python headers; the kernels need AVX2 + FMA)")
     assert native.enabled()
 
 
