@@ -119,6 +119,33 @@ def test_the_block_product_matches_pytorch_in_both_layouts(c, i, o, n):
     assert _rel(native.block_gemm(xi, None, c * i, w, None, batch_first=True), expect.t()) <= 1e-5
 
 
+def test_threads_calling_at_once_get_their_own_scratch():
+    """The products run without the GIL and keep their scratch per thread: two threads alternating
+    sizes (so each one's scratch grows while the other computes) still get the reference values."""
+    import threading
+
+    torch.manual_seed(3)
+    cases = []
+    for c, i, o, n in ((8, 64, 64, 96), (4, 300, 40, 60)):  # the second transposes its input
+        w, bias, x = torch.randn(c, i, o), torch.randn(c, o), torch.randn(n, c * i)
+        out_index = torch.randperm(c * o)
+        cases.append((x, w, bias, out_index, _block_product(x, None, w, bias).float()[out_index].t()))
+    errors = []
+
+    def run(order):
+        for _ in range(15):
+            for x, w, bias, out_index, expect in (cases if order else cases[::-1]):
+                got = native.block_gemm(x, None, x.shape[1], w, bias, batch_first=True, out_index=out_index)
+                errors.append(_rel(got, expect))
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(errors) == 60 and max(errors) <= 1e-5
+
+
 def test_other_dtypes_take_the_pytorch_path():
     lin, layer = _layer(True)
     lin, layer = lin.double(), layer.double()
