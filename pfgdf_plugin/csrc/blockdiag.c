@@ -107,7 +107,6 @@ __attribute__((target("avx2,fma"))) static void pfgdf_gather_rows_t_fma(const fl
       }
 }
 
-
 /* The whole groups of eight rows and eight features of pfgdf_transpose, 64 features at a time. */
 __attribute__((target("avx2,fma"))) static void pfgdf_transpose_fma(const float *restrict src, int64_t n, int64_t nf,
                                                                     int64_t rs, float *restrict xt) {
@@ -341,16 +340,15 @@ static int pfgdf_block_gemm_any(PFGDF_GEMM_ARGS) {
 /* The product above. oidx NULL and m < 0: out is features-first [C*O, n]. Otherwise out is
  * batch-first [n, m]: out[r][k] = the product's row oidx[k] (oidx NULL: k itself, m == C*O), scattered
  * by the tiles' stores where the inner dimension is one piece and the result is small (SCATTER_MAX
- * floats), else by one pass over a features-first result, eight by eight in registers with AVX2
- * (stores a random permutation apart miss the first-level cache: for 8 x 128 x 128 blocks the pass
- * took 290 us against 340 for the scattering stores at batch 64, and 113 against 102 at batch 7,
- * where it has no whole groups of eight rows; equal at batch 20). Returns 0; -1 if out
- * of memory; -2 if oidx names a row twice or one outside [0, C*O) (nothing written); -3 if the CPU
- * lacks AVX2 + FMA. A batch-first input
- * larger than TRANSPOSE_MIN floats is first transposed to features-first (eight by eight with AVX2): the
- * packing then copies rows instead of fetching each element from rows a cache miss apart (Linear(4096)
- * at batch 64: 4.24-4.40 ms against 4.35-4.54; at Linear(1024), where the input stays in cache, the
- * packing fetching elements was 7 us faster of 280). */
+ * floats), else by one pass over a features-first result, eight by eight in registers (stores a
+ * random permutation apart miss the first-level cache: for 8 x 128 x 128 blocks the pass took 290 us
+ * against 340 for the scattering stores at batch 64, 113 against 102 at batch 7, where it has no
+ * whole groups of eight rows, and as much at batch 20). A batch-first input of more than
+ * TRANSPOSE_MIN floats is first transposed to features-first, eight by eight: the packing then
+ * copies rows instead of fetching each element from rows a cache miss apart (Linear(4096) at batch
+ * 64: 4.24-4.40 ms against 4.35-4.54; for a Linear(1024), whose input stays in cache, fetching the
+ * elements was faster). Returns 0; -1 if out of memory; -2 if oidx names a row twice or one outside
+ * [0, C*O) (nothing written); -3 if the CPU lacks AVX2 + FMA. */
 int pfgdf_block_gemm(const float *src, int64_t rows, int64_t n, int64_t fs, int64_t rs, const int64_t *idx,
                      const float *w, const float *b, int relu, float *out, int64_t blocks, int64_t in, int64_t bo,
                      const int64_t *oidx, int64_t m) {

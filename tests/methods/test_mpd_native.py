@@ -4,6 +4,7 @@ the same values as the PyTorch-only forward on every eager path, and memory-safe
 from __future__ import annotations
 
 import copy
+import threading
 
 import pytest
 import torch
@@ -122,8 +123,6 @@ def test_the_block_product_matches_pytorch_in_both_layouts(c, i, o, n):
 def test_threads_calling_at_once_get_their_own_scratch():
     """The products run without the GIL and keep their scratch per thread: two threads alternating
     sizes (so each one's scratch grows while the other computes) still get the reference values."""
-    import threading
-
     torch.manual_seed(3)
     cases = []
     for c, i, o, n in ((8, 64, 64, 96), (4, 300, 40, 60)):  # the second transposes its input
