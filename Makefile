@@ -7,7 +7,12 @@ STAMP := $(VENV)/.pfgdf-installed
 
 .PHONY: install data demo lint test bench zoo clean
 
-$(STAMP): pyproject.toml setup.py pfgdf_plugin/csrc/blockdiag.c
+# Python's headers build the C kernels of MPD's converted layers (optional): Debian's python3-dev when missing
+$(STAMP): pyproject.toml setup.py pfgdf_plugin/csrc/blockdiag.c pfgdf_plugin/csrc/blockdiag_py.c
+	@$(PYTHON) -c "import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h')))" \
+	  || (command -v apt-get >/dev/null 2>&1 && SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ) \
+	      && $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq python3-dev >/dev/null) \
+	  || echo "warning: no Python headers; MPD's converted layers will run without the C kernels"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test,export,timm,tensorboard]'
