@@ -145,9 +145,8 @@ static void pfgdf_transpose(const float *restrict src, int64_t n, int64_t nf, in
 /* Block matrix product of a batch, into features-first:
  *   out[c*O + o][r] = act(b[c*O + o] + sum_i W[c][i][o] * x(idx[c*I + i], r)),  W stored [C, I, O],
  * out [C*O, n], act max(0, .) if relu else the identity, where input feature s of batch column r is
- * x(s, r) = src[s * fs + r * rs], s < rows (fs == 1: batch first, rows rs apart; else features first,
- * rs == 1 and fs == n); idx NULL: feature c*I + i. Blocked as a
- * GEMM is: the gathered inputs of up to 256 KiB of columns and panels of 6 outputs' weights (up to
+ * x(s, r) = src[s * fs + r], s < rows (features first, rows fs >= n apart); idx NULL: feature c*I + i.
+ * Blocked as a GEMM is: the gathered inputs of up to 256 KiB of columns and panels of 6 outputs' weights (up to
  * 64 KiB of them: 10% faster than 128 KiB for a Linear(4096) at batch 64, 18% for 8 blocks of
  * 256 x 256 at batch 32) are packed in the order the tiles read them (the gather costs nothing more than
  * that copy, which the product needed anyway: rows a power of two apart share a handful of cache
@@ -156,7 +155,7 @@ static void pfgdf_transpose(const float *restrict src, int64_t n, int64_t nf, in
  * The packing loops request their rows ahead; the panels go in wpack (pfgdf_blocking floats). */
 typedef float pfgdf_v8 __attribute__((vector_size(32)));
 typedef int32_t pfgdf_v8i __attribute__((vector_size(32)));
-enum { MR = 6, NR = 16, KC = 256, PACK_AHEAD = 24, SCATTER_MAX = 16384, TRANSPOSE_MIN = 65536 };
+enum { MR = 6, NR = 16, KC = 256, PACK_AHEAD = 24, SCATTER_MAX = 16384 };
 /* Macros, not functions: no call passes a vector (whose ABI differs with and without AVX). */
 #define PFGDF_LOAD(v, p) memcpy(&(v), (p), sizeof(pfgdf_v8))
 #define PFGDF_STORE(p, v) memcpy((p), &(v), sizeof(pfgdf_v8))
@@ -218,19 +217,7 @@ static int64_t pfgdf_blocking(int64_t n, int64_t in, int64_t bo, int64_t *chunk,
       int64_t ne = n - n0 < ncols ? n : n0 + ncols;                                                          \
       for (int64_t k0 = 0; k0 < in; k0 += KC) {                                                              \
         int64_t kc = in - k0 < KC ? in - k0 : KC;                                      \
-        if (fs == 1) { /* batch first: row r of the batch holds column r of every input */                 \
-          for (int64_t r = n0; r < ne; ++r) {                                                                \
-            const float *xr = src + r * rs;                                                                  \
-            float *d = xpack + (r - n0) / NR * NR * kc + (r - n0) % NR;                                      \
-            if (r + 1 < ne) __builtin_prefetch(xr + rs, 0, 3);                                               \
-            for (int64_t i = 0; i < kc; ++i) {                                                               \
-              int64_t s = ic ? ic[k0 + i] : c * in + k0 + i;                                                 \
-              d[i * NR] = (uint64_t)s < (uint64_t)rows ? xr[s] : 0.0f;                                       \
-            }                                                                                                \
-          }                                                                                                  \
-          for (int64_t r = ne; r % NR; ++r) /* zeros past n in the last tile */                              \
-            for (int64_t i = 0; i < kc; ++i) xpack[(r - n0) / NR * NR * kc + i * NR + (r - n0) % NR] = 0.0f;  \
-        } else {                                                                                             \
+        {                                                                                                    \
           for (int64_t i = 0; i < kc; ++i) { /* tiles [kc][NR] of columns n0..; zeros past n or a bad index */ \
             int64_t s = ic ? ic[k0 + i] : c * in + k0 + i;                                                   \
             if (i + PACK_AHEAD < kc) {                                                                       \
@@ -242,8 +229,9 @@ static int64_t pfgdf_blocking(int64_t n, int64_t in, int64_t bo, int64_t *chunk,
             for (int64_t r0 = n0; r0 < ne; r0 += NR) {                                                       \
               float *d = xpack + (r0 - n0) * kc + i * NR;                                                    \
               int64_t nr = ne - r0 < NR ? ne - r0 : NR;                                                      \
-              if (row) memcpy(d, row + r0, sizeof(float) * (size_t)nr); else nr = 0;                         \
-              for (int64_t k = nr; k < NR; ++k) d[k] = 0.0f;                                                 \
+              if (row && nr == NR) { memcpy(d, row + r0, sizeof(float) * NR); continue; } /* inlined: a call \
+                                                                      per row of 16 took 15% of a product */ \
+              for (int64_t k = 0; k < NR; ++k) d[k] = row && k < nr ? row[r0 + k] : 0.0f;                   \
             }                                                                                                \
           }                                                                                                  \
         }                                                                                                    \
@@ -259,8 +247,7 @@ static int64_t pfgdf_blocking(int64_t n, int64_t in, int64_t bo, int64_t *chunk,
             for (int64_t o0 = o1; o0 < oe; o0 += MR, d += MR * kc) {                                         \
               if (o0 <= wide) { memcpy(d, row + o0, sizeof(float) * 8); continue; }                          \
               if (o0 + MR <= oe) { memcpy(d, row + o0, sizeof(float) * MR); continue; }                      \
-              memcpy(d, row + o0, sizeof(float) * (size_t)(oe - o0));                                        \
-              for (int64_t j = oe - o0; j < MR; ++j) d[j] = 0.0f;                                            \
+              for (int64_t j = 0; j < MR; ++j) d[j] = o0 + j < oe ? row[o0 + j] : 0.0f; /* no library call */ \
             }                                                                                                \
           }                                                                                                  \
           for (int64_t r0 = n0; r0 < ne; r0 += NR) {                                                         \
@@ -305,7 +292,7 @@ static int64_t pfgdf_blocking(int64_t n, int64_t in, int64_t bo, int64_t *chunk,
   const float *restrict xp, const float *restrict wp, const float *restrict bp, int64_t kc, int relu,        \
       int64_t mr, float *restrict out, int64_t ldo
 #define PFGDF_GEMM_ARGS                                                                                      \
-  const float *restrict src, int64_t rows, int64_t n, int64_t fs, int64_t rs, const int64_t *restrict idx,   \
+  const float *restrict src, int64_t rows, int64_t n, int64_t fs, const int64_t *restrict idx,               \
       const float *restrict w, const float *restrict b, int relu, float *restrict out, int64_t blocks, int64_t in, \
       int64_t bo, const int64_t *restrict pos, int64_t m, float *restrict wpack
 
@@ -329,9 +316,9 @@ int pfgdf_tuned(void) {
 
 static int pfgdf_block_gemm_any(PFGDF_GEMM_ARGS) {
 #ifdef PFGDF_FMA
-  return pfgdf_block_gemm_fma(src, rows, n, fs, rs, idx, w, b, relu, out, blocks, in, bo, pos, m, wpack);
+  return pfgdf_block_gemm_fma(src, rows, n, fs, idx, w, b, relu, out, blocks, in, bo, pos, m, wpack);
 #else
-  (void)src, (void)rows, (void)n, (void)fs, (void)rs, (void)idx, (void)w, (void)b, (void)relu, (void)out;
+  (void)src, (void)rows, (void)n, (void)fs, (void)idx, (void)w, (void)b, (void)relu, (void)out;
   (void)blocks, (void)in, (void)bo, (void)pos, (void)m, (void)wpack;
   return -3;
 #endif
@@ -343,11 +330,11 @@ static int pfgdf_block_gemm_any(PFGDF_GEMM_ARGS) {
  * floats), else by one pass over a features-first result, eight by eight in registers (stores a
  * random permutation apart miss the first-level cache: for 8 x 128 x 128 blocks the pass took 290 us
  * against 340 for the scattering stores at batch 64, 113 against 102 at batch 7, where it has no
- * whole groups of eight rows, and as much at batch 20). A batch-first input of more than
- * TRANSPOSE_MIN floats is first transposed to features-first, eight by eight: the packing then
- * copies rows instead of fetching each element from rows a cache miss apart (Linear(4096) at batch
- * 64: 4.24-4.40 ms against 4.35-4.54; for a Linear(1024), whose input stays in cache, fetching the
- * elements was faster). Returns 0; -1 if out of memory; -2 if oidx names a row twice or one outside
+ * whole groups of eight rows, and as much at batch 20). The input is x(s, r) = src[s * fs + r * rs]:
+ * features first (rs == 1, fs == n), or batch first (fs == 1, rows rs apart), which is transposed to
+ * features-first first, eight by eight: the packing then copies rows of 16 floats instead of fetching
+ * each element (the first of three Linear(1024) layers at batch 64: 244 us against 273; a
+ * Linear(4096): 4.24-4.40 ms against 4.35-4.54; equal at batch 2 and 7). Returns 0; -1 if out of memory; -2 if oidx names a row twice or one outside
  * [0, C*O) (nothing written); -3 if the CPU lacks AVX2 + FMA. */
 int pfgdf_block_gemm(const float *src, int64_t rows, int64_t n, int64_t fs, int64_t rs, const int64_t *idx,
                      const float *w, const float *b, int relu, float *out, int64_t blocks, int64_t in, int64_t bo,
@@ -356,7 +343,7 @@ int pfgdf_block_gemm(const float *src, int64_t rows, int64_t n, int64_t fs, int6
   if (in < 1 || bo < 1) return 0; /* nothing to multiply (the caller never asks) */
   int64_t raw = blocks * bo, chunk, ncols;
   if (m >= 0 && !oidx && m != raw) return -2;
-  int transpose = fs == 1 && rows * n > TRANSPOSE_MIN; /* batch first, past the cache: transposed once */
+  int transpose = fs == 1; /* batch first: transposed once, so the packing copies rows */
   int scatter = m >= 0 && in <= KC && n * m <= SCATTER_MAX; /* batch first by the tiles' stores */
   size_t at[4], bytes = 0; /* offsets of pos, xt, tmp and the panels in the scratch, 64-byte aligned */
   size_t need[4] = {m >= 0 ? sizeof(int64_t) * (size_t)raw : 0, transpose ? sizeof(float) * (size_t)(rows * n) : 0,
@@ -379,14 +366,14 @@ int pfgdf_block_gemm(const float *src, int64_t rows, int64_t n, int64_t fs, int6
   }
   if (transpose) {
     pfgdf_transpose(src, n, rows, rs, xt);
-    src = xt, fs = n, rs = 1;
+    src = xt, fs = n;
   }
   if (m < 0) {
-    rc = pfgdf_block_gemm_any(src, rows, n, fs, rs, idx, w, b, relu, out, blocks, in, bo, NULL, -1, wpack);
+    rc = pfgdf_block_gemm_any(src, rows, n, fs, idx, w, b, relu, out, blocks, in, bo, NULL, -1, wpack);
   } else if (scatter) {
-    rc = pfgdf_block_gemm_any(src, rows, n, fs, rs, idx, w, b, relu, out, blocks, in, bo, pos, m, wpack);
+    rc = pfgdf_block_gemm_any(src, rows, n, fs, idx, w, b, relu, out, blocks, in, bo, pos, m, wpack);
   } else { /* features first, then one pass back */
-    rc = pfgdf_block_gemm_any(src, rows, n, fs, rs, idx, w, b, relu, tmp, blocks, in, bo, NULL, -1, wpack);
+    rc = pfgdf_block_gemm_any(src, rows, n, fs, idx, w, b, relu, tmp, blocks, in, bo, NULL, -1, wpack);
     if (!rc) pfgdf_gather_rows_t(tmp, n, oidx, m, out);
   }
 done:
