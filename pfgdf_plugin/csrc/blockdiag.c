@@ -216,23 +216,21 @@ static int64_t pfgdf_blocking(int64_t n, int64_t in, int64_t bo, int64_t *chunk,
     for (int64_t n0 = 0; n0 < n; n0 += ncols) {                                                              \
       int64_t ne = n - n0 < ncols ? n : n0 + ncols;                                                          \
       for (int64_t k0 = 0; k0 < in; k0 += KC) {                                                              \
-        int64_t kc = in - k0 < KC ? in - k0 : KC;                                      \
-        {                                                                                                    \
-          for (int64_t i = 0; i < kc; ++i) { /* tiles [kc][NR] of columns n0..; zeros past n or a bad index */ \
-            int64_t s = ic ? ic[k0 + i] : c * in + k0 + i;                                                   \
-            if (i + PACK_AHEAD < kc) {                                                                       \
-              int64_t sa = ic ? ic[k0 + i + PACK_AHEAD] : s + PACK_AHEAD;                                    \
-              if ((uint64_t)sa < (uint64_t)rows)                                                             \
-                for (int64_t r = n0; r < ne; r += 16) __builtin_prefetch(src + sa * fs + r, 0, 3);           \
-            }                                                                                                \
-            const float *row = (uint64_t)s < (uint64_t)rows ? src + s * fs : NULL;                           \
-            for (int64_t r0 = n0; r0 < ne; r0 += NR) {                                                       \
-              float *d = xpack + (r0 - n0) * kc + i * NR;                                                    \
-              int64_t nr = ne - r0 < NR ? ne - r0 : NR;                                                      \
-              if (row && nr == NR) { memcpy(d, row + r0, sizeof(float) * NR); continue; } /* inlined: a call \
-                                                                      per row of 16 took 15% of a product */ \
-              for (int64_t k = 0; k < NR; ++k) d[k] = row && k < nr ? row[r0 + k] : 0.0f;                   \
-            }                                                                                                \
+        int64_t kc = in - k0 < KC ? in - k0 : KC;                                                            \
+        for (int64_t i = 0; i < kc; ++i) { /* tiles [kc][NR] of columns n0..; zeros past n or a bad index */   \
+          int64_t s = ic ? ic[k0 + i] : c * in + k0 + i;                                                     \
+          if (i + PACK_AHEAD < kc) {                                                                         \
+            int64_t sa = ic ? ic[k0 + i + PACK_AHEAD] : s + PACK_AHEAD;                                      \
+            if ((uint64_t)sa < (uint64_t)rows)                                                               \
+              for (int64_t r = n0; r < ne; r += 16) __builtin_prefetch(src + sa * fs + r, 0, 3);             \
+          }                                                                                                  \
+          const float *row = (uint64_t)s < (uint64_t)rows ? src + s * fs : NULL;                             \
+          for (int64_t r0 = n0; r0 < ne; r0 += NR) {                                                         \
+            float *d = xpack + (r0 - n0) * kc + i * NR;                                                      \
+            int64_t nr = ne - r0 < NR ? ne - r0 : NR;                                                        \
+            if (row && nr == NR) { memcpy(d, row + r0, sizeof(float) * NR); continue; } /* inlined: a call   \
+                                                                    per row of 16 took 15% of a product */   \
+            for (int64_t k = 0; k < NR; ++k) d[k] = row && k < nr ? row[r0 + k] : 0.0f;                     \
           }                                                                                                  \
         }                                                                                                    \
         for (int64_t o1 = 0; o1 < bo; o1 += chunk) {                                                         \
