@@ -5,12 +5,21 @@
  * so a damaged index buffer can not read outside its source. Single-threaded: a layer's whole
  * inference in one call (gather, block product, bias, ReLU, scatter), which PyTorch would run as
  * several kernels: a matrix-vector product at batch 1, a blocked matrix product for batches. The
- * products are compiled for AVX2 + FMA and run where the CPU has them (pfgdf_tuned()).
+ * kernels are x86-64 AVX2 + FMA code (GCC or Clang) and run where the CPU has them (pfgdf_tuned());
+ * a portable build of the same C was exact but 20-30x slower for batches, so elsewhere the library
+ * only says no and pfgdf_plugin.native leaves it off (the layers then run on PyTorch operations).
  */
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#define PFGDF_AVX2 __attribute__((target("avx2,fma")))
+
+/* Whether this CPU runs the kernels (AVX2 and FMA); the products return -3 where it does not. */
+int pfgdf_tuned(void) { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
 
 /* Scratch memory kept per thread between calls, up to SCRATCH_KEEP bytes: allocating and freeing
  * a few megabytes on every call let the C library return the pages and fault them in again on the
@@ -44,34 +53,29 @@ enum { AHEAD = 16 };
 
 /* Batch 1: y[c*O + o] = b[c*O + o] + sum_i x[idx[c*I + i]] * W[c][i][o], W stored [C, I, O].
  * idx NULL: the input already is in block layout (x[c*I + i]). b NULL: no bias. */
-#define PFGDF_GEMV_BODY                                                                                      \
-  for (int64_t c = 0; c < blocks; ++c) {                                                                     \
-    float *restrict yc = y + c * block_out;                                                                  \
-    if (b)                                                                                                   \
-      memcpy(yc, b + c * block_out, (size_t)block_out * sizeof(float));                                      \
-    else                                                                                                     \
-      memset(yc, 0, (size_t)block_out * sizeof(float));                                                     \
-    const float *restrict wc = w + c * block_in * block_out;                                                 \
-    for (int64_t i = 0; i < block_in; ++i) {                                                                 \
-      int64_t k = c * block_in + i;                                                                          \
-      float xv = !idx ? x[k] : (uint64_t)idx[k] < (uint64_t)nfeat ? x[idx[k]] : 0.0f;                        \
-      const float *restrict row = wc + i * block_out;                                                        \
-      if (k + AHEAD < blocks * block_in) /* the rows AHEAD further on, possibly in the next block */         \
-        for (int64_t l = 0; l < block_out; l += 16) __builtin_prefetch(row + AHEAD * block_out + l, 0, 0);   \
-      for (int64_t o = 0; o < block_out; ++o) yc[o] += xv * row[o];                                          \
-    }                                                                                                        \
+PFGDF_AVX2 static void pfgdf_gemv_fma(const float *restrict x, const int64_t *restrict idx, int64_t nfeat,
+                                      const float *restrict w, const float *restrict b, float *restrict y,
+                                      int64_t blocks, int64_t block_in, int64_t block_out) {
+  for (int64_t c = 0; c < blocks; ++c) {
+    float *restrict yc = y + c * block_out;
+    if (b)
+      memcpy(yc, b + c * block_out, (size_t)block_out * sizeof(float));
+    else
+      memset(yc, 0, (size_t)block_out * sizeof(float));
+    const float *restrict wc = w + c * block_in * block_out;
+    for (int64_t i = 0; i < block_in; ++i) {
+      int64_t k = c * block_in + i;
+      float xv = !idx ? x[k] : (uint64_t)idx[k] < (uint64_t)nfeat ? x[idx[k]] : 0.0f;
+      const float *restrict row = wc + i * block_out;
+      if (k + AHEAD < blocks * block_in) /* the rows AHEAD further on, possibly in the next block */
+        for (int64_t l = 0; l < block_out; l += 16) __builtin_prefetch(row + AHEAD * block_out + l, 0, 0);
+      for (int64_t o = 0; o < block_out; ++o) yc[o] += xv * row[o];
+    }
   }
-#define PFGDF_GEMV_ARGS                                                                                      \
-  const float *restrict x, const int64_t *restrict idx, int64_t nfeat, const float *restrict w,              \
-      const float *restrict b, float *restrict y, int64_t blocks, int64_t block_in, int64_t block_out
-
-#if defined(__GNUC__) && defined(__x86_64__)
-#define PFGDF_FMA 1
-#include <immintrin.h>
-#define PFGDF_HAVE_FMA() (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+}
 
 /* Eight by eight floats in AVX2 registers: out[i * ldo + j] = p[j][i]. */
-__attribute__((target("avx2,fma"))) static inline void pfgdf_t8(const float *const *p, float *out, int64_t ldo) {
+PFGDF_AVX2 static inline void pfgdf_t8(const float *const *p, float *out, int64_t ldo) {
   __m256 a0 = _mm256_loadu_ps(p[0]), a1 = _mm256_loadu_ps(p[1]), a2 = _mm256_loadu_ps(p[2]);
   __m256 a3 = _mm256_loadu_ps(p[3]), a4 = _mm256_loadu_ps(p[4]), a5 = _mm256_loadu_ps(p[5]);
   __m256 a6 = _mm256_loadu_ps(p[6]), a7 = _mm256_loadu_ps(p[7]);
@@ -93,11 +97,12 @@ __attribute__((target("avx2,fma"))) static inline void pfgdf_t8(const float *con
   _mm256_storeu_ps(out + 7 * ldo, _mm256_permute2f128_ps(s3, s7, 0x31));
 }
 
-/* The whole groups of eight rows and eight columns of pfgdf_gather_rows_t, 128 columns at a time
- * (their source rows stay in cache while every row of out gets them). */
-__attribute__((target("avx2,fma"))) static void pfgdf_gather_rows_t_fma(const float *restrict src, int64_t n,
-                                                                        const int64_t *restrict idx, int64_t m,
-                                                                        float *restrict out) {
+/* Features-first [rows, n] to batch-first [n, m]: out[r][k] = src[idx[k]][r] (idx NULL: k itself,
+ * m == rows); every idx entry in [0, rows) (the caller checks). Eight rows by eight columns in
+ * registers, 128 columns at a time (their source rows stay in cache while every row of out gets
+ * them); the rows and columns past the last whole eight one by one. */
+PFGDF_AVX2 static void pfgdf_gather_rows_t(const float *restrict src, int64_t n, const int64_t *restrict idx,
+                                           int64_t m, float *restrict out) {
   for (int64_t k1 = 0; k1 + 8 <= m; k1 += 128)
     for (int64_t r = 0; r + 8 <= n; r += 8)
       for (int64_t k0 = k1; k0 + 8 <= m && k0 < k1 + 128; k0 += 8) {
@@ -105,11 +110,16 @@ __attribute__((target("avx2,fma"))) static void pfgdf_gather_rows_t_fma(const fl
         for (int j = 0; j < 8; ++j) q[j] = src + (idx ? idx[k0 + j] : k0 + j) * n + r;
         pfgdf_t8(q, out + r * m + k0, m);
       }
+  int64_t r8 = n / 8 * 8, k8 = m / 8 * 8;
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t k = r < r8 ? k8 : 0; k < m; ++k) out[r * m + k] = src[(idx ? idx[k] : k) * n + r];
 }
 
-/* The whole groups of eight rows and eight features of pfgdf_transpose, 64 features at a time. */
-__attribute__((target("avx2,fma"))) static void pfgdf_transpose_fma(const float *restrict src, int64_t n, int64_t nf,
-                                                                    int64_t rs, float *restrict xt) {
+/* Batch-first [n, nf] (rows rs apart) to features-first [nf, n]: xt[f][r] = src[r * rs + f]. Eight
+ * by eight in registers, 64 features at a time; the rows and features past the last whole eight one
+ * by one. */
+PFGDF_AVX2 static void pfgdf_transpose(const float *restrict src, int64_t n, int64_t nf, int64_t rs,
+                                       float *restrict xt) {
   for (int64_t f1 = 0; f1 + 8 <= nf; f1 += 64)
     for (int64_t r = 0; r + 8 <= n; r += 8)
       for (int64_t f = f1; f + 8 <= nf && f < f1 + 64; f += 8) {
@@ -117,27 +127,7 @@ __attribute__((target("avx2,fma"))) static void pfgdf_transpose_fma(const float 
         for (int j = 0; j < 8; ++j) q[j] = src + (r + j) * rs + f;
         pfgdf_t8(q, xt + f * n + r, n);
       }
-}
-#endif
-
-/* Features-first [rows, n] to batch-first [n, m]: out[r][k] = src[idx[k]][r] (idx NULL: k itself,
- * m == rows); every idx entry in [0, rows) (the caller checks). */
-static void pfgdf_gather_rows_t(const float *restrict src, int64_t n, const int64_t *restrict idx, int64_t m,
-                                float *restrict out) {
-  int64_t r8 = 0, k8 = 0; /* rows < r8 and columns < k8: done eight by eight */
-#ifdef PFGDF_FMA
-  if (PFGDF_HAVE_FMA()) pfgdf_gather_rows_t_fma(src, n, idx, m, out), r8 = n / 8 * 8, k8 = m / 8 * 8;
-#endif
-  for (int64_t r = 0; r < n; ++r)
-    for (int64_t k = r < r8 ? k8 : 0; k < m; ++k) out[r * m + k] = src[(idx ? idx[k] : k) * n + r];
-}
-
-/* Batch-first [n, nf] (rows rs apart) to features-first [nf, n]: xt[f][r] = src[r * rs + f]. */
-static void pfgdf_transpose(const float *restrict src, int64_t n, int64_t nf, int64_t rs, float *restrict xt) {
-  int64_t r8 = 0, f8 = 0; /* rows < r8 and features < f8: done eight by eight */
-#ifdef PFGDF_FMA
-  if (PFGDF_HAVE_FMA()) pfgdf_transpose_fma(src, n, nf, rs, xt), r8 = n / 8 * 8, f8 = nf / 8 * 8;
-#endif
+  int64_t r8 = n / 8 * 8, f8 = nf / 8 * 8;
   for (int64_t r = 0; r < n; ++r)
     for (int64_t f = r < r8 ? f8 : 0; f < nf; ++f) xt[f * n + r] = src[r * rs + f];
 }
@@ -156,7 +146,7 @@ static void pfgdf_transpose(const float *restrict src, int64_t n, int64_t nf, in
 typedef float pfgdf_v8 __attribute__((vector_size(32)));
 typedef int32_t pfgdf_v8i __attribute__((vector_size(32)));
 enum { MR = 6, NR = 16, KC = 256, PACK_AHEAD = 24, SCATTER_MAX = 16384 };
-/* Macros, not functions: no call passes a vector (whose ABI differs with and without AVX). */
+/* Unaligned vector loads and stores, and max(0, .). */
 #define PFGDF_LOAD(v, p) memcpy(&(v), (p), sizeof(pfgdf_v8))
 #define PFGDF_STORE(p, v) memcpy((p), &(v), sizeof(pfgdf_v8))
 #define PFGDF_RELU(a) ((pfgdf_v8)((pfgdf_v8i)(a) & ((a) > (pfgdf_v8){0})))
@@ -164,29 +154,31 @@ enum { MR = 6, NR = 16, KC = 256, PACK_AHEAD = 24, SCATTER_MAX = 16384 };
 /* One tile: xp [kc][NR] packed inputs, wp [kc][MR] packed weights. The accumulators start from the
  * bias bp [MR] (first piece of the inner dimension) or from what out holds (the later ones); rows
  * j < mr go to out + j * ldo (the others are padding), through max(0, .) if relu (the last piece). */
-#define PFGDF_TILE_BODY                                                                                      \
-  pfgdf_v8 a0[MR], a1[MR];                                                                                   \
-  if (bp) {                                                                                                  \
-    for (int j = 0; j < MR; ++j) a0[j] = a1[j] = (pfgdf_v8){0} + bp[j];                                      \
-  } else {                                                                                                   \
-    for (int j = 0; j < MR; ++j) { a0[j] = a1[j] = (pfgdf_v8){0}; }                                          \
-    for (int64_t j = 0; j < mr; ++j) { PFGDF_LOAD(a0[j], out + j * ldo); PFGDF_LOAD(a1[j], out + j * ldo + 8); } \
-  }                                                                                                          \
-  for (int64_t i = 0; i < kc; ++i, xp += NR, wp += MR) {                                                     \
-    pfgdf_v8 x0, x1;                                                                                         \
-    PFGDF_LOAD(x0, xp);                                                                                      \
-    PFGDF_LOAD(x1, xp + 8);                                                                                  \
-    for (int j = 0; j < MR; ++j) { a0[j] += wp[j] * x0; a1[j] += wp[j] * x1; }                               \
-  }                                                                                                          \
-  if (relu)                                                                                                  \
-    for (int j = 0; j < MR; ++j) { a0[j] = PFGDF_RELU(a0[j]); a1[j] = PFGDF_RELU(a1[j]); }                   \
-  if (mr == MR) {                                                                                            \
-    for (int j = 0; j < MR; ++j) { PFGDF_STORE(out + j * ldo, a0[j]); PFGDF_STORE(out + j * ldo + 8, a1[j]); } \
-  } else {                                                                                                   \
-    float t[MR][NR];                                                                                         \
-    for (int j = 0; j < MR; ++j) { PFGDF_STORE(t[j], a0[j]); PFGDF_STORE(t[j] + 8, a1[j]); }                 \
-    for (int64_t j = 0; j < mr; ++j) memcpy(out + j * ldo, t[j], sizeof t[j]);                               \
+PFGDF_AVX2 static inline void pfgdf_tile(const float *restrict xp, const float *restrict wp, const float *restrict bp,
+                                         int64_t kc, int relu, int64_t mr, float *restrict out, int64_t ldo) {
+  pfgdf_v8 a0[MR], a1[MR];
+  if (bp) {
+    for (int j = 0; j < MR; ++j) a0[j] = a1[j] = (pfgdf_v8){0} + bp[j];
+  } else {
+    for (int j = 0; j < MR; ++j) { a0[j] = a1[j] = (pfgdf_v8){0}; }
+    for (int64_t j = 0; j < mr; ++j) { PFGDF_LOAD(a0[j], out + j * ldo); PFGDF_LOAD(a1[j], out + j * ldo + 8); }
   }
+  for (int64_t i = 0; i < kc; ++i, xp += NR, wp += MR) {
+    pfgdf_v8 x0, x1;
+    PFGDF_LOAD(x0, xp);
+    PFGDF_LOAD(x1, xp + 8);
+    for (int j = 0; j < MR; ++j) { a0[j] += wp[j] * x0; a1[j] += wp[j] * x1; }
+  }
+  if (relu)
+    for (int j = 0; j < MR; ++j) { a0[j] = PFGDF_RELU(a0[j]); a1[j] = PFGDF_RELU(a1[j]); }
+  if (mr == MR) {
+    for (int j = 0; j < MR; ++j) { PFGDF_STORE(out + j * ldo, a0[j]); PFGDF_STORE(out + j * ldo + 8, a1[j]); }
+  } else {
+    float t[MR][NR];
+    for (int j = 0; j < MR; ++j) { PFGDF_STORE(t[j], a0[j]); PFGDF_STORE(t[j] + 8, a1[j]); }
+    for (int64_t j = 0; j < mr; ++j) memcpy(out + j * ldo, t[j], sizeof t[j]);
+  }
+}
 
 /* The blocking of a product: outputs whose packed weights fill 64 KiB (the whole block up to half as
  * much again), columns whose packed inputs fill 256 KiB; returns the floats their panels take. */
@@ -201,125 +193,99 @@ static int64_t pfgdf_blocking(int64_t n, int64_t in, int64_t bo, int64_t *chunk,
   return *chunk * kc_max + *ncols * kc_max + MR;
 }
 
+/* After each tile: the next pf_lines cache lines of the next block's weights, so they come in while
+ * the tiles compute. */
 #define PFGDF_PREFETCH_NEXT                                                                                  \
   for (int64_t l = 0; l < pf_lines && pf < pf_end; ++l, pf += 64) __builtin_prefetch(pf, 0, 2)
-#define PFGDF_GEMM_BODY                                                                                      \
-  int64_t chunk, ncols, kc_max = in < KC ? in : KC;                                                          \
-  pfgdf_blocking(n, in, bo, &chunk, &ncols);                                                                 \
-  float *xpack = wpack + chunk * kc_max, *bpack = xpack + ncols * kc_max;                                    \
-  int64_t tiles = (n + NR - 1) / NR * ((bo + MR - 1) / MR) * ((in + KC - 1) / KC);                          \
-  int64_t pf_lines = (in * bo / 16 + tiles - 1) / tiles; /* of the next block's weights, after each tile */ \
-  for (int64_t c = 0; c < blocks; ++c) {                                                                     \
-    const float *wc = w + c * in * bo;                                                                       \
-    const char *pf = (const char *)(wc + in * bo), *pf_end = c + 1 < blocks ? pf + sizeof(float) * in * bo : pf; \
-    const int64_t *ic = idx ? idx + c * in : NULL;                                                           \
-    for (int64_t n0 = 0; n0 < n; n0 += ncols) {                                                              \
-      int64_t ne = n - n0 < ncols ? n : n0 + ncols;                                                          \
-      for (int64_t k0 = 0; k0 < in; k0 += KC) {                                                              \
-        int64_t kc = in - k0 < KC ? in - k0 : KC;                                                            \
-        for (int64_t i = 0; i < kc; ++i) { /* tiles [kc][NR] of columns n0..; zeros past n or a bad index */   \
-          int64_t s = ic ? ic[k0 + i] : c * in + k0 + i;                                                     \
-          if (i + PACK_AHEAD < kc) {                                                                         \
-            int64_t sa = ic ? ic[k0 + i + PACK_AHEAD] : s + PACK_AHEAD;                                      \
-            if ((uint64_t)sa < (uint64_t)rows)                                                               \
-              for (int64_t r = n0; r < ne; r += 16) __builtin_prefetch(src + sa * fs + r, 0, 3);             \
-          }                                                                                                  \
-          const float *row = (uint64_t)s < (uint64_t)rows ? src + s * fs : NULL;                             \
-          for (int64_t r0 = n0; r0 < ne; r0 += NR) {                                                         \
-            float *d = xpack + (r0 - n0) * kc + i * NR;                                                      \
-            int64_t nr = ne - r0 < NR ? ne - r0 : NR;                                                        \
-            if (row && nr == NR) { memcpy(d, row + r0, sizeof(float) * NR); continue; } /* inlined: a call   \
-                                                                    per row of 16 took 15% of a product */   \
-            for (int64_t k = 0; k < NR; ++k) d[k] = row && k < nr ? row[r0 + k] : 0.0f;                     \
-          }                                                                                                  \
-        }                                                                                                    \
-        for (int64_t o1 = 0; o1 < bo; o1 += chunk) {                                                         \
-          int64_t oe = bo - o1 < chunk ? bo : o1 + chunk;                                                    \
-          for (int64_t i = 0; i < kc; ++i) { /* panels [kc][MR] of outputs o1.., zeros past oe */            \
-            const float *row = wc + (k0 + i) * bo;                                                           \
-            float *d = wpack + i * MR;                                                                       \
-            int64_t wide = i + 1 < kc ? bo - 8 : -1; /* eight floats a panel row up to there (the next row   \
-                                                       of the panel overwrites the two extra) */             \
-            if (i + PACK_AHEAD < kc)                                                                         \
-              for (int64_t o = o1; o < oe; o += 16) __builtin_prefetch(row + PACK_AHEAD * bo + o, 0, 3);     \
-            for (int64_t o0 = o1; o0 < oe; o0 += MR, d += MR * kc) {                                         \
-              if (o0 <= wide) { memcpy(d, row + o0, sizeof(float) * 8); continue; }                          \
-              if (o0 + MR <= oe) { memcpy(d, row + o0, sizeof(float) * MR); continue; }                      \
-              for (int64_t j = 0; j < MR; ++j) d[j] = o0 + j < oe ? row[o0 + j] : 0.0f; /* no library call */ \
-            }                                                                                                \
-          }                                                                                                  \
-          for (int64_t r0 = n0; r0 < ne; r0 += NR) {                                                         \
-            int64_t nr = ne - r0 < NR ? ne - r0 : NR;                                                        \
-            const float *xp = xpack + (r0 - n0) * kc;                                                        \
-            for (int64_t o0 = o1; o0 < oe; o0 += MR) {                                                       \
-              int64_t mr = oe - o0 < MR ? oe - o0 : MR;                                                      \
-              const float *bp = NULL, *wp = wpack + (o0 - o1) * kc;                                          \
-              if (k0 == 0) {                                                                                 \
-                for (int64_t j = 0; j < MR; ++j) bpack[j] = b && j < mr ? b[c * bo + o0 + j] : 0.0f;         \
-                bp = bpack;                                                                                  \
-              }                                                                                              \
-              if (pos) { /* batch first (one piece of the inner dimension): a tile in scratch, scattered */  \
-                float t[MR * NR];                                                                            \
-                const int64_t *pj = pos + c * bo + o0;                                                       \
-                pfgdf_tile(xp, wp, bp, kc, relu && k0 + kc == in, mr, t, NR);                                 \
-                PFGDF_PREFETCH_NEXT;                                                                         \
-                for (int64_t r = 0; r < nr; ++r)                                                             \
-                  for (int64_t j = 0; j < mr; ++j)                                                           \
-                    if (pj[j] >= 0) out[(r0 + r) * m + pj[j]] = t[j * NR + r];                               \
-                continue;                                                                                    \
-              }                                                                                              \
-              float *o = out + (c * bo + o0) * n + r0;                                                       \
-              PFGDF_PREFETCH_NEXT;                                                                           \
-              if (nr == NR) {                                                                                \
-                pfgdf_tile(xp, wp, bp, kc, relu && k0 + kc == in, mr, o, n);                                  \
-              } else { /* the last columns: a whole tile in scratch, then the ones that exist */             \
-                float t[MR * NR] = {0};                                                                      \
-                for (int64_t j = 0; j < mr && !bp; ++j) memcpy(t + j * NR, o + j * n, sizeof(float) * (size_t)nr); \
-                pfgdf_tile(xp, wp, bp, kc, relu && k0 + kc == in, mr, t, NR);                                 \
-                for (int64_t j = 0; j < mr; ++j) memcpy(o + j * n, t + j * NR, sizeof(float) * (size_t)nr); \
-              }                                                                                              \
-            }                                                                                                \
-          }                                                                                                  \
-        }                                                                                                    \
-      }                                                                                                      \
-    }                                                                                                        \
-  }                                                                                                          \
+
+/* The block product of a features-first input into features-first out, or (pos) into batch-first
+ * out scattered by the tiles' stores; the panels in wpack. */
+PFGDF_AVX2 static int pfgdf_block_gemm_fma(const float *restrict src, int64_t rows, int64_t n, int64_t fs,
+                                           const int64_t *restrict idx, const float *restrict w,
+                                           const float *restrict b, int relu, float *restrict out, int64_t blocks,
+                                           int64_t in, int64_t bo, const int64_t *restrict pos, int64_t m,
+                                           float *restrict wpack) {
+  int64_t chunk, ncols, kc_max = in < KC ? in : KC;
+  pfgdf_blocking(n, in, bo, &chunk, &ncols);
+  float *xpack = wpack + chunk * kc_max, *bpack = xpack + ncols * kc_max;
+  int64_t tiles = (n + NR - 1) / NR * ((bo + MR - 1) / MR) * ((in + KC - 1) / KC);
+  int64_t pf_lines = (in * bo / 16 + tiles - 1) / tiles; /* of the next block's weights, after each tile */
+  for (int64_t c = 0; c < blocks; ++c) {
+    const float *wc = w + c * in * bo;
+    const char *pf = (const char *)(wc + in * bo), *pf_end = c + 1 < blocks ? pf + sizeof(float) * in * bo : pf;
+    const int64_t *ic = idx ? idx + c * in : NULL;
+    for (int64_t n0 = 0; n0 < n; n0 += ncols) {
+      int64_t ne = n - n0 < ncols ? n : n0 + ncols;
+      for (int64_t k0 = 0; k0 < in; k0 += KC) {
+        int64_t kc = in - k0 < KC ? in - k0 : KC;
+        for (int64_t i = 0; i < kc; ++i) { /* tiles [kc][NR] of columns n0..; zeros past n or a bad index */
+          int64_t s = ic ? ic[k0 + i] : c * in + k0 + i;
+          if (i + PACK_AHEAD < kc) {
+            int64_t sa = ic ? ic[k0 + i + PACK_AHEAD] : s + PACK_AHEAD;
+            if ((uint64_t)sa < (uint64_t)rows)
+              for (int64_t r = n0; r < ne; r += 16) __builtin_prefetch(src + sa * fs + r, 0, 3);
+          }
+          const float *row = (uint64_t)s < (uint64_t)rows ? src + s * fs : NULL;
+          for (int64_t r0 = n0; r0 < ne; r0 += NR) {
+            float *d = xpack + (r0 - n0) * kc + i * NR;
+            int64_t nr = ne - r0 < NR ? ne - r0 : NR;
+            if (row && nr == NR) { memcpy(d, row + r0, sizeof(float) * NR); continue; } /* inlined: a call
+                                                                    per row of 16 took 15% of a product */
+            for (int64_t k = 0; k < NR; ++k) d[k] = row && k < nr ? row[r0 + k] : 0.0f;
+          }
+        }
+        for (int64_t o1 = 0; o1 < bo; o1 += chunk) {
+          int64_t oe = bo - o1 < chunk ? bo : o1 + chunk;
+          for (int64_t i = 0; i < kc; ++i) { /* panels [kc][MR] of outputs o1.., zeros past oe */
+            const float *row = wc + (k0 + i) * bo;
+            float *d = wpack + i * MR;
+            int64_t wide = i + 1 < kc ? bo - 8 : -1; /* eight floats a panel row up to there (the next row
+                                                       of the panel overwrites the two extra) */
+            if (i + PACK_AHEAD < kc)
+              for (int64_t o = o1; o < oe; o += 16) __builtin_prefetch(row + PACK_AHEAD * bo + o, 0, 3);
+            for (int64_t o0 = o1; o0 < oe; o0 += MR, d += MR * kc) {
+              if (o0 <= wide) { memcpy(d, row + o0, sizeof(float) * 8); continue; }
+              if (o0 + MR <= oe) { memcpy(d, row + o0, sizeof(float) * MR); continue; }
+              for (int64_t j = 0; j < MR; ++j) d[j] = o0 + j < oe ? row[o0 + j] : 0.0f; /* no library call */
+            }
+          }
+          for (int64_t r0 = n0; r0 < ne; r0 += NR) {
+            int64_t nr = ne - r0 < NR ? ne - r0 : NR;
+            const float *xp = xpack + (r0 - n0) * kc;
+            for (int64_t o0 = o1; o0 < oe; o0 += MR) {
+              int64_t mr = oe - o0 < MR ? oe - o0 : MR;
+              const float *bp = NULL, *wp = wpack + (o0 - o1) * kc;
+              if (k0 == 0) {
+                for (int64_t j = 0; j < MR; ++j) bpack[j] = b && j < mr ? b[c * bo + o0 + j] : 0.0f;
+                bp = bpack;
+              }
+              if (pos) { /* batch first (one piece of the inner dimension): a tile in scratch, scattered */
+                float t[MR * NR];
+                const int64_t *pj = pos + c * bo + o0;
+                pfgdf_tile(xp, wp, bp, kc, relu && k0 + kc == in, mr, t, NR);
+                PFGDF_PREFETCH_NEXT;
+                for (int64_t r = 0; r < nr; ++r)
+                  for (int64_t j = 0; j < mr; ++j)
+                    if (pj[j] >= 0) out[(r0 + r) * m + pj[j]] = t[j * NR + r];
+                continue;
+              }
+              float *o = out + (c * bo + o0) * n + r0;
+              PFGDF_PREFETCH_NEXT;
+              if (nr == NR) {
+                pfgdf_tile(xp, wp, bp, kc, relu && k0 + kc == in, mr, o, n);
+              } else { /* the last columns: a whole tile in scratch, then the ones that exist */
+                float t[MR * NR] = {0};
+                for (int64_t j = 0; j < mr && !bp; ++j) memcpy(t + j * NR, o + j * n, sizeof(float) * (size_t)nr);
+                pfgdf_tile(xp, wp, bp, kc, relu && k0 + kc == in, mr, t, NR);
+                for (int64_t j = 0; j < mr; ++j) memcpy(o + j * n, t + j * NR, sizeof(float) * (size_t)nr);
+              }
+            }
+          }
+        }
+      }
+    }
+  }
   return 0;
-
-#define PFGDF_TILE_ARGS                                                                                      \
-  const float *restrict xp, const float *restrict wp, const float *restrict bp, int64_t kc, int relu,        \
-      int64_t mr, float *restrict out, int64_t ldo
-#define PFGDF_GEMM_ARGS                                                                                      \
-  const float *restrict src, int64_t rows, int64_t n, int64_t fs, const int64_t *restrict idx,               \
-      const float *restrict w, const float *restrict b, int relu, float *restrict out, int64_t blocks, int64_t in, \
-      int64_t bo, const int64_t *restrict pos, int64_t m, float *restrict wpack
-
-/* Compiled for AVX2 + FMA only: a portable build of the same C was exact but 20-30x slower for
- * batches on an x86-64 CPU without them, so pfgdf_plugin.native leaves the kernels off where
- * pfgdf_tuned() says no (the layers then run on PyTorch operations). */
-#ifdef PFGDF_FMA
-__attribute__((target("avx2,fma"))) static inline void pfgdf_tile(PFGDF_TILE_ARGS) { PFGDF_TILE_BODY }
-__attribute__((target("avx2,fma"))) static int pfgdf_block_gemm_fma(PFGDF_GEMM_ARGS) { PFGDF_GEMM_BODY }
-__attribute__((target("avx2,fma"))) static void pfgdf_gemv_fma(PFGDF_GEMV_ARGS) { PFGDF_GEMV_BODY }
-#endif
-
-/* Whether this CPU runs the products below (x86-64 with AVX2 and FMA); they return -3 elsewhere. */
-int pfgdf_tuned(void) {
-#ifdef PFGDF_FMA
-  return PFGDF_HAVE_FMA();
-#else
-  return 0;
-#endif
-}
-
-static int pfgdf_block_gemm_any(PFGDF_GEMM_ARGS) {
-#ifdef PFGDF_FMA
-  return pfgdf_block_gemm_fma(src, rows, n, fs, idx, w, b, relu, out, blocks, in, bo, pos, m, wpack);
-#else
-  (void)src, (void)rows, (void)n, (void)fs, (void)idx, (void)w, (void)b, (void)relu, (void)out;
-  (void)blocks, (void)in, (void)bo, (void)pos, (void)m, (void)wpack;
-  return -3;
-#endif
 }
 
 /* The product above. oidx NULL and m < 0: out is features-first [C*O, n]. Otherwise out is
@@ -332,8 +298,9 @@ static int pfgdf_block_gemm_any(PFGDF_GEMM_ARGS) {
  * features first (rs == 1, fs == n), or batch first (fs == 1, rows rs apart), which is transposed to
  * features-first first, eight by eight: the packing then copies rows of 16 floats instead of fetching
  * each element (the first of three Linear(1024) layers at batch 64: 244 us against 273; a
- * Linear(4096): 4.24-4.40 ms against 4.35-4.54; equal at batch 2 and 7). Returns 0; -1 if out of memory; -2 if oidx names a row twice or one outside
- * [0, C*O) (nothing written); -3 if the CPU lacks AVX2 + FMA. */
+ * Linear(4096): 4.24-4.40 ms against 4.35-4.54; equal at batch 2 and 7). Returns 0; -1 if out of
+ * memory; -2 if oidx names a row twice or one outside [0, C*O) (nothing written); -3 if the CPU lacks
+ * AVX2 + FMA. */
 int pfgdf_block_gemm(const float *src, int64_t rows, int64_t n, int64_t fs, int64_t rs, const int64_t *idx,
                      const float *w, const float *b, int relu, float *out, int64_t blocks, int64_t in, int64_t bo,
                      const int64_t *oidx, int64_t m) {
@@ -367,11 +334,11 @@ int pfgdf_block_gemm(const float *src, int64_t rows, int64_t n, int64_t fs, int6
     src = xt, fs = n;
   }
   if (m < 0) {
-    rc = pfgdf_block_gemm_any(src, rows, n, fs, idx, w, b, relu, out, blocks, in, bo, NULL, -1, wpack);
+    rc = pfgdf_block_gemm_fma(src, rows, n, fs, idx, w, b, relu, out, blocks, in, bo, NULL, -1, wpack);
   } else if (scatter) {
-    rc = pfgdf_block_gemm_any(src, rows, n, fs, idx, w, b, relu, out, blocks, in, bo, pos, m, wpack);
+    rc = pfgdf_block_gemm_fma(src, rows, n, fs, idx, w, b, relu, out, blocks, in, bo, pos, m, wpack);
   } else { /* features first, then one pass back */
-    rc = pfgdf_block_gemm_any(src, rows, n, fs, idx, w, b, relu, tmp, blocks, in, bo, NULL, -1, wpack);
+    rc = pfgdf_block_gemm_fma(src, rows, n, fs, idx, w, b, relu, tmp, blocks, in, bo, NULL, -1, wpack);
     if (!rc) pfgdf_gather_rows_t(tmp, n, oidx, m, out);
   }
 done:
@@ -384,8 +351,7 @@ done:
  * the CPU lacks AVX2 + FMA. */
 int pfgdf_block_gemv(const float *x, const int64_t *idx, int64_t nfeat, const float *w, const float *b, int relu,
                      float *y, int64_t blocks, int64_t block_in, int64_t block_out, const int64_t *oidx, int64_t m) {
-#ifdef PFGDF_FMA
-  if (!PFGDF_HAVE_FMA()) return -3;
+  if (!pfgdf_tuned()) return -3;
   int64_t raw = blocks * block_out;
   float *dst = oidx ? malloc(sizeof(float) * (size_t)(raw > 0 ? raw : 1)) : y;
   if (!dst) return -1;
@@ -396,9 +362,24 @@ int pfgdf_block_gemv(const float *x, const int64_t *idx, int64_t nfeat, const fl
     free(dst);
   }
   return 0;
+}
+
 #else
+/* Other compilers and CPUs: no kernels; pfgdf_plugin.native sees tuned() == 0 and never calls these. */
+int pfgdf_tuned(void) { return 0; }
+
+int pfgdf_block_gemm(const float *src, int64_t rows, int64_t n, int64_t fs, int64_t rs, const int64_t *idx,
+                     const float *w, const float *b, int relu, float *out, int64_t blocks, int64_t in, int64_t bo,
+                     const int64_t *oidx, int64_t m) {
+  (void)src, (void)rows, (void)n, (void)fs, (void)rs, (void)idx, (void)w, (void)b, (void)relu, (void)out;
+  (void)blocks, (void)in, (void)bo, (void)oidx, (void)m;
+  return -3;
+}
+
+int pfgdf_block_gemv(const float *x, const int64_t *idx, int64_t nfeat, const float *w, const float *b, int relu,
+                     float *y, int64_t blocks, int64_t block_in, int64_t block_out, const int64_t *oidx, int64_t m) {
   (void)x, (void)idx, (void)nfeat, (void)w, (void)b, (void)relu, (void)y, (void)blocks, (void)block_in;
   (void)block_out, (void)oidx, (void)m;
   return -3;
-#endif
 }
+#endif
