@@ -537,6 +537,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="time PyTorch under torch.no_grad() (default) or torch.inference_mode()")
     p.add_argument("--no-native", action="store_true",
                    help="converted layers on PyTorch operations only (not the C kernels of pfgdf_plugin.native)")
+    p.add_argument("--isa", choices=("avx2", "avx512"), default=None,
+                   help="cap the C kernels' batch products at these instructions (default: the widest the CPU has)")
     p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                    help="wall: time.perf_counter; cpu: the thread's CPU time (1 thread only)")
     p.add_argument("--targets", action="store_true", help="time the configurations of the speed goals (TARGETS)")
@@ -561,18 +563,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ValueError(f"--wide-width must be in (0, 4], got {a.wide_width}")
         if a.clock == "cpu" and not modes and any(t != 1 for t in grid.threads):
             raise ValueError(f"--clock cpu measures one thread; --threads must be 1, got {a.threads}")
+        if a.isa and not native.available():
+            raise ValueError("--isa: the C kernels are not available here")
     except ValueError as e:
         p.error(str(e))
     previous = native.set_enabled(not a.no_native)
+    previous_isa = native.set_isa(a.isa) if a.isa else None
     try:
         return _run(a, grid, engines, clock, modes)
     finally:
         native.set_enabled(previous)
+        if previous_isa:
+            native.set_isa(previous_isa)
 
 
 def _run(a: argparse.Namespace, grid: LayerGrid, engines: List[str], clock: Clock, modes: bool) -> int:
     meta = {"clock": a.clock, "warm": a.warm, "warmup": a.warmup, "repeats": a.repeats or 60, "threads": 1,
-            "handoff": not a.no_handoff, "native": native.enabled(), "grad_mode": a.grad_mode}
+            "handoff": not a.no_handoff, "native": native.enabled(), "isa": native.isa() if native.enabled() else "",
+            "grad_mode": a.grad_mode}
     if a.targets:
         rows = bench_targets(engines, a.warmup, a.repeats or 60, a.warm, clock, progress=print,
                              handoff=not a.no_handoff, grad_mode=a.grad_mode)

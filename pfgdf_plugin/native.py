@@ -27,7 +27,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["available", "block_gemm", "block_gemv", "enabled", "set_enabled"]
+__all__ = ["available", "block_gemm", "block_gemv", "enabled", "isa", "set_enabled", "set_isa"]
 
 
 def _load() -> Optional[ModuleType]:
@@ -35,7 +35,7 @@ def _load() -> Optional[ModuleType]:
         lib = importlib.import_module("pfgdf_plugin._blockdiag")
     except ImportError:
         return None
-    if not all(hasattr(lib, name) for name in ("tuned", "block_gemv", "block_gemm")):
+    if not all(hasattr(lib, name) for name in ("tuned", "isa", "set_isa", "block_gemv", "block_gemm")):
         return None  # a library built from other sources: not ours to call
     return lib if lib.tuned() else None  # the kernels need AVX2 + FMA (see blockdiag.c)
 
@@ -60,6 +60,27 @@ def set_enabled(on: bool) -> bool:
     global _ENABLED
     previous, _ENABLED = _ENABLED, bool(on) and _LIB is not None
     return previous
+
+
+_ISAS = {0: "", 1: "avx2", 2: "avx512"}
+
+
+def isa() -> str:
+    """The instructions the batch products run on: ``"avx512"`` (tiles of 16-float registers, where
+    the CPU has AVX-512), ``"avx2"``, or ``""`` without the library."""
+    return _ISAS[_LIB.isa()] if _LIB is not None else ""
+
+
+def set_isa(name: str) -> str:
+    """Cap the batch products at ``"avx2"`` or ``"avx512"`` (the widest the CPU has, the default);
+    returns the previous cap. For comparing both on one CPU (tests, ``bench_layers --isa``); set it
+    while no product runs."""
+    levels = {v: k for k, v in _ISAS.items() if v}
+    if name not in levels:
+        raise ValueError(f"pfgdf_plugin.native.set_isa: {name!r} is not one of {', '.join(levels)}")
+    if _LIB is None:
+        raise RuntimeError("pfgdf_plugin.native.set_isa: the C library is not available")
+    return _ISAS[_LIB.set_isa(levels[name])]
 
 
 def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:

@@ -6,6 +6,7 @@
  * inference in one call (gather, block product, bias, ReLU, scatter), which PyTorch would run as
  * several kernels: a matrix-vector product at batch 1, a blocked matrix product for batches. The
  * kernels are x86-64 AVX2 + FMA code (GCC or Clang) and run where the CPU has them (pfgdf_tuned());
+ * the batch products use AVX-512 tiles where the CPU has that too (pfgdf_isa());
  * a portable build of the same C was exact but 20-30x slower for batches, so elsewhere the library
  * only says no and pfgdf_plugin.native leaves it off (the layers then run on PyTorch operations).
  */
@@ -17,9 +18,27 @@
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
 #define PFGDF_AVX2 __attribute__((target("avx2,fma")))
+#define PFGDF_AVX512 __attribute__((target("avx512f,avx2,fma")))
 
 /* Whether this CPU runs the kernels (AVX2 and FMA); the products return -3 where it does not. */
 int pfgdf_tuned(void) { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+
+/* The widest instructions the batch products use: 2 AVX-512 where the CPU has it (tiles of 16-float
+ * registers, twice the multiplications a cycle), 1 AVX2 + FMA, 0 none; pfgdf_set_isa caps it (to
+ * compare both on one CPU). The batch-1 product reads its weights once and stays AVX2. */
+static int pfgdf_isa_cap = 2;
+
+int pfgdf_isa(void) {
+  if (!pfgdf_tuned()) return 0;
+  int have = __builtin_cpu_supports("avx512f") ? 2 : 1, cap = __atomic_load_n(&pfgdf_isa_cap, __ATOMIC_RELAXED);
+  return have < cap ? have : cap;
+}
+
+/* Caps pfgdf_isa at level (1 or 2); returns the previous cap, or -1 for another level. */
+int pfgdf_set_isa(int level) {
+  if (level != 1 && level != 2) return -1;
+  return __atomic_exchange_n(&pfgdf_isa_cap, level, __ATOMIC_RELAXED);
+}
 
 /* Scratch memory kept per thread between calls, up to SCRATCH_KEEP bytes: allocating and freeing
  * a few megabytes on every call let the C library return the pages and fault them in again on the
@@ -152,16 +171,20 @@ PFGDF_AVX2 static void pfgdf_transpose(const float *restrict src, int64_t n, int
  *   out[c*O + o][r] = act(b[c*O + o] + sum_i W[c][i][o] * x(idx[c*I + i], r)),  W stored [C, I, O],
  * out [C*O, n], act max(0, .) if relu else the identity, where input feature s of batch column r is
  * x(s, r) = src[s * fs + r], s < rows (features first, rows fs >= n apart); idx NULL: feature c*I + i.
- * Blocked as a GEMM is: the gathered inputs of up to 256 KiB of columns and panels of 6 outputs' weights (up to
- * 64 KiB of them: 10% faster than 128 KiB for a Linear(4096) at batch 64, 18% for 8 blocks of
- * 256 x 256 at batch 32) are packed in the order the tiles read them (the gather costs nothing more than
- * that copy, which the product needed anyway: rows a power of two apart share a handful of cache
+ * Blocked as a GEMM is: the gathered inputs of up to 256 KiB of columns and panels of 6 outputs' weights
+ * (up to 64 KiB of them: 10% faster than 128 KiB for a Linear(4096) at batch 64, 18% for 8 blocks of
+ * 256 x 256 at batch 32) are packed in the order the tiles read them (the gather costs nothing more
+ * than that copy, which the product needed anyway: rows a power of two apart share a handful of cache
  * sets), the inner dimension goes in pieces of KC so a tile's inputs and weights stay in the
  * first-level cache, and register tiles are 6 outputs x 16 columns (12 accumulators of 8 floats).
- * The packing loops request their rows ahead; the panels go in wpack (pfgdf_blocking floats). */
+ * With AVX-512 the tiles are 8 x 32 (16 accumulators of 16 floats), the pieces KC_WIDE (256 took
+ * 15-25% longer: the wider input panel and the weight rows no longer fit the first-level cache
+ * together), and the weights are read in place where the outputs come in whole tiles. The packing
+ * loops request their rows ahead; the panels go in wpack (pfgdf_blocking floats). */
 typedef float pfgdf_v8 __attribute__((vector_size(32)));
 typedef int32_t pfgdf_v8i __attribute__((vector_size(32)));
-enum { MR = 6, NR = 16, KC = 256, PACK_AHEAD = 24, SCATTER_MAX = 16384 };
+enum { MR = 6, NR = 16, KC = 256, MR_WIDE = 8, NR_WIDE = 32, KC_WIDE = 128, PACK_AHEAD = 24, SCATTER_MAX = 16384 };
+_Static_assert(MR <= 8 && MR_WIDE <= 8, "the weight panels are copied eight floats a row");
 /* Unaligned vector loads and stores, and max(0, .). */
 #define PFGDF_LOAD(v, p) memcpy(&(v), (p), sizeof(pfgdf_v8))
 #define PFGDF_STORE(p, v) memcpy((p), &(v), sizeof(pfgdf_v8))
@@ -196,17 +219,62 @@ PFGDF_AVX2 static inline void pfgdf_tile(const float *restrict xp, const float *
   }
 }
 
-/* The blocking of a product: outputs whose packed weights fill 64 KiB (the whole block up to half as
- * much again), columns whose packed inputs fill 256 KiB; returns the floats their panels take. */
-static int64_t pfgdf_blocking(int64_t n, int64_t in, int64_t bo, int64_t *chunk, int64_t *ncols) {
-  int64_t kc_max = in < KC ? in : KC;
-  *chunk = 16384 / kc_max / MR * MR;
-  if (*chunk < MR) *chunk = MR;
-  if (*chunk + *chunk / 2 >= bo) *chunk = (bo + MR - 1) / MR * MR;
-  *ncols = 65536 / kc_max / NR * NR;
-  if (*ncols < NR) *ncols = NR;
-  if (*ncols > n) *ncols = (n + NR - 1) / NR * NR;
-  return *chunk * kc_max + *ncols * kc_max + MR;
+/* The tile above with AVX-512: MR_WIDE outputs x NR_WIDE columns in 16 registers of 16 floats (per
+ * step of the inner dimension two loads of inputs and eight broadcast weights for 16 multiply-adds);
+ * xp is [kc][NR_WIDE], wp's rows are ws floats apart: the packed panel (ws == MR_WIDE) or the
+ * weights where they are (ws == O: a block's outputs come in whole tiles, and each step reads eight
+ * floats of a row; a Linear(4096) of 8 blocks at batch 64 in 2.3-2.5 ms instead of 2.7-2.9 with
+ * packed panels, whose strided stores cost more than the tiles' reads). */
+typedef float pfgdf_v16 __attribute__((vector_size(64)));
+typedef int32_t pfgdf_v16i __attribute__((vector_size(64)));
+#define PFGDF_RELU16(a) ((pfgdf_v16)((pfgdf_v16i)(a) & ((a) > (pfgdf_v16){0})))
+PFGDF_AVX512 static void pfgdf_tile_wide(const float *restrict xp, const float *restrict wp,
+                                         const float *restrict bp, int64_t kc, int relu, int64_t mr,
+                                         float *restrict out, int64_t ldo, int64_t ws) {
+  enum { NV = NR_WIDE / 16 };
+  pfgdf_v16 a[MR_WIDE][NV];
+  for (int j = 0; j < MR_WIDE; ++j)
+    for (int v = 0; v < NV; ++v) {
+      a[j][v] = (pfgdf_v16){0} + (bp ? bp[j] : 0.0f);
+      if (!bp && j < mr) memcpy(&a[j][v], out + j * ldo + 16 * v, sizeof a[j][v]);
+    }
+  for (int64_t i = 0; i < kc; ++i, xp += NR_WIDE, wp += ws) {
+    pfgdf_v16 x[NV];
+    for (int v = 0; v < NV; ++v) memcpy(&x[v], xp + 16 * v, sizeof x[v]);
+    for (int j = 0; j < MR_WIDE; ++j)
+      for (int v = 0; v < NV; ++v) a[j][v] += wp[j] * x[v];
+  }
+  for (int j = 0; j < MR_WIDE; ++j)
+    for (int v = 0; v < NV; ++v) {
+      if (relu) a[j][v] = PFGDF_RELU16(a[j][v]);
+      if (j < mr) memcpy(out + j * ldo + 16 * v, &a[j][v], sizeof a[j][v]);
+    }
+}
+
+/* One tile of either width. */
+static inline __attribute__((always_inline)) void pfgdf_tile_any(int wide, const float *restrict xp,
+                                                                 const float *restrict wp, const float *restrict bp,
+                                                                 int64_t kc, int relu, int64_t mr,
+                                                                 float *restrict out, int64_t ldo, int64_t ws) {
+  if (wide)
+    pfgdf_tile_wide(xp, wp, bp, kc, relu, mr, out, ldo, ws);
+  else
+    pfgdf_tile(xp, wp, bp, kc, relu, mr, out, ldo);
+}
+
+/* The blocking of a product with tiles of mr outputs x nr columns, the inner dimension in pieces of
+ * kc: outputs whose packed weights fill 64 KiB (the whole block up to half as much again), columns
+ * whose packed inputs fill 256 KiB; returns the floats their panels take. */
+static int64_t pfgdf_blocking(int64_t n, int64_t in, int64_t bo, int64_t mr, int64_t nr, int64_t kc, int64_t *chunk,
+                              int64_t *ncols) {
+  int64_t kc_max = in < kc ? in : kc;
+  *chunk = 16384 / kc_max / mr * mr;
+  if (*chunk < mr) *chunk = mr;
+  if (*chunk + *chunk / 2 >= bo) *chunk = (bo + mr - 1) / mr * mr;
+  *ncols = 65536 / kc_max / nr * nr;
+  if (*ncols < nr) *ncols = nr;
+  if (*ncols > n) *ncols = (n + nr - 1) / nr * nr;
+  return *chunk * kc_max + *ncols * kc_max + mr;
 }
 
 /* After each tile: the next pf_lines cache lines of the next block's weights, so they come in while
@@ -215,16 +283,20 @@ static int64_t pfgdf_blocking(int64_t n, int64_t in, int64_t bo, int64_t *chunk,
   for (int64_t l = 0; l < pf_lines && pf < pf_end; ++l, pf += 64) __builtin_prefetch(pf, 0, 2)
 
 /* The block product of a features-first input into features-first out, or (pos) into batch-first
- * out scattered by the tiles' stores; the panels in wpack. */
-PFGDF_AVX2 static int pfgdf_block_gemm_fma(const float *restrict src, int64_t rows, int64_t n, int64_t fs,
-                                           const int64_t *restrict idx, const float *restrict w,
-                                           const float *restrict b, int relu, float *restrict out, int64_t blocks,
-                                           int64_t in, int64_t bo, const int64_t *restrict pos, int64_t m,
-                                           float *restrict wpack) {
-  int64_t chunk, ncols, kc_max = in < KC ? in : KC;
-  pfgdf_blocking(n, in, bo, &chunk, &ncols);
+ * out scattered by the tiles' stores; the panels in wpack; wide: the AVX-512 tiles. Compiled once for
+ * each width (the two functions below), so that the tile and copy sizes are constants. */
+#define PFGDF_GEMM_ARGS                                                                                     \
+  const float *restrict src, int64_t rows, int64_t n, int64_t fs, const int64_t *restrict idx,              \
+      const float *restrict w, const float *restrict b, int relu, float *restrict out, int64_t blocks,      \
+      int64_t in, int64_t bo, const int64_t *restrict pos, int64_t m, float *restrict wpack
+static inline __attribute__((always_inline)) int pfgdf_block_gemm_fma(PFGDF_GEMM_ARGS, const int wide) {
+  const int64_t mr_t = wide ? MR_WIDE : MR, nr_t = wide ? NR_WIDE : NR, kc_t = wide ? KC_WIDE : KC;
+  int64_t chunk, ncols, kc_max = in < kc_t ? in : kc_t;
+  const int direct = wide && bo % MR_WIDE == 0; /* the tiles read the weights where they are */
+  const int64_t ws = direct ? bo : mr_t;
+  pfgdf_blocking(n, in, bo, mr_t, nr_t, kc_t, &chunk, &ncols);
   float *xpack = wpack + chunk * kc_max, *bpack = xpack + ncols * kc_max;
-  int64_t tiles = (n + NR - 1) / NR * ((bo + MR - 1) / MR) * ((in + KC - 1) / KC);
+  int64_t tiles = (n + nr_t - 1) / nr_t * ((bo + mr_t - 1) / mr_t) * ((in + kc_t - 1) / kc_t);
   int64_t pf_lines = (in * bo / 16 + tiles - 1) / tiles; /* of the next block's weights, after each tile */
   for (int64_t c = 0; c < blocks; ++c) {
     const float *wc = w + c * in * bo;
@@ -232,9 +304,9 @@ PFGDF_AVX2 static int pfgdf_block_gemm_fma(const float *restrict src, int64_t ro
     const int64_t *ic = idx ? idx + c * in : NULL;
     for (int64_t n0 = 0; n0 < n; n0 += ncols) {
       int64_t ne = n - n0 < ncols ? n : n0 + ncols;
-      for (int64_t k0 = 0; k0 < in; k0 += KC) {
-        int64_t kc = in - k0 < KC ? in - k0 : KC;
-        for (int64_t i = 0; i < kc; ++i) { /* tiles [kc][NR] of columns n0..; zeros past n or a bad index */
+      for (int64_t k0 = 0; k0 < in; k0 += kc_t) {
+        int64_t kc = in - k0 < kc_t ? in - k0 : kc_t;
+        for (int64_t i = 0; i < kc; ++i) { /* tiles [kc][nr_t] of columns n0..; zeros past n or a bad index */
           int64_t s = ic ? ic[k0 + i] : c * in + k0 + i;
           if (i + PACK_AHEAD < kc) {
             int64_t sa = ic ? ic[k0 + i + PACK_AHEAD] : s + PACK_AHEAD;
@@ -242,58 +314,58 @@ PFGDF_AVX2 static int pfgdf_block_gemm_fma(const float *restrict src, int64_t ro
               for (int64_t r = n0; r < ne; r += 16) __builtin_prefetch(src + sa * fs + r, 0, 3);
           }
           const float *row = (uint64_t)s < (uint64_t)rows ? src + s * fs : NULL;
-          for (int64_t r0 = n0; r0 < ne; r0 += NR) {
-            float *d = xpack + (r0 - n0) * kc + i * NR;
-            int64_t nr = ne - r0 < NR ? ne - r0 : NR;
-            if (row && nr == NR) { memcpy(d, row + r0, sizeof(float) * NR); continue; } /* inlined: a call
+          for (int64_t r0 = n0; r0 < ne; r0 += nr_t) {
+            float *d = xpack + (r0 - n0) * kc + i * nr_t;
+            int64_t nr = ne - r0 < nr_t ? ne - r0 : nr_t;
+            if (row && nr == nr_t) { memcpy(d, row + r0, sizeof(float) * nr_t); continue; } /* inlined: a call
                                                                     per row of 16 took 15% of a product */
-            for (int64_t k = 0; k < NR; ++k) d[k] = row && k < nr ? row[r0 + k] : 0.0f;
+            for (int64_t k = 0; k < nr_t; ++k) d[k] = row && k < nr ? row[r0 + k] : 0.0f;
           }
         }
         for (int64_t o1 = 0; o1 < bo; o1 += chunk) {
           int64_t oe = bo - o1 < chunk ? bo : o1 + chunk;
-          for (int64_t i = 0; i < kc; ++i) { /* panels [kc][MR] of outputs o1.., zeros past oe */
+          for (int64_t i = 0; i < kc && !direct; ++i) { /* panels [kc][mr_t] of outputs o1.., zeros past oe */
             const float *row = wc + (k0 + i) * bo;
-            float *d = wpack + i * MR;
-            int64_t wide = i + 1 < kc ? bo - 8 : -1; /* eight floats a panel row up to there (the next row
-                                                       of the panel overwrites the two extra) */
+            float *d = wpack + i * mr_t;
+            int64_t whole = i + 1 < kc ? bo - 8 : -1; /* eight floats a panel row up to there (the next
+                                                        row of a panel of six overwrites the extra two) */
             if (i + PACK_AHEAD < kc)
               for (int64_t o = o1; o < oe; o += 16) __builtin_prefetch(row + PACK_AHEAD * bo + o, 0, 3);
-            for (int64_t o0 = o1; o0 < oe; o0 += MR, d += MR * kc) {
-              if (o0 <= wide) { memcpy(d, row + o0, sizeof(float) * 8); continue; }
-              if (o0 + MR <= oe) { memcpy(d, row + o0, sizeof(float) * MR); continue; }
-              for (int64_t j = 0; j < MR; ++j) d[j] = o0 + j < oe ? row[o0 + j] : 0.0f; /* no library call */
+            for (int64_t o0 = o1; o0 < oe; o0 += mr_t, d += mr_t * kc) {
+              if (o0 <= whole) { memcpy(d, row + o0, sizeof(float) * 8); continue; }
+              if (o0 + mr_t <= oe) { memcpy(d, row + o0, sizeof(float) * mr_t); continue; }
+              for (int64_t j = 0; j < mr_t; ++j) d[j] = o0 + j < oe ? row[o0 + j] : 0.0f; /* no library call */
             }
           }
-          for (int64_t r0 = n0; r0 < ne; r0 += NR) {
-            int64_t nr = ne - r0 < NR ? ne - r0 : NR;
-            const float *xp = xpack + (r0 - n0) * kc;
-            for (int64_t o0 = o1; o0 < oe; o0 += MR) {
-              int64_t mr = oe - o0 < MR ? oe - o0 : MR;
-              const float *bp = NULL, *wp = wpack + (o0 - o1) * kc;
+          for (int64_t o0 = o1; o0 < oe; o0 += mr_t) {
+            int64_t mr = oe - o0 < mr_t ? oe - o0 : mr_t;
+            for (int64_t r0 = n0; r0 < ne; r0 += nr_t) {
+              int64_t nr = ne - r0 < nr_t ? ne - r0 : nr_t;
+              const float *xp = xpack + (r0 - n0) * kc;
+              const float *bp = NULL, *wp = direct ? wc + k0 * bo + o0 : wpack + (o0 - o1) * kc;
               if (k0 == 0) {
-                for (int64_t j = 0; j < MR; ++j) bpack[j] = b && j < mr ? b[c * bo + o0 + j] : 0.0f;
+                for (int64_t j = 0; j < mr_t; ++j) bpack[j] = b && j < mr ? b[c * bo + o0 + j] : 0.0f;
                 bp = bpack;
               }
               if (pos) { /* batch first (one piece of the inner dimension): a tile in scratch, scattered */
-                float t[MR * NR];
+                float t[MR_WIDE * NR_WIDE];
                 const int64_t *pj = pos + c * bo + o0;
-                pfgdf_tile(xp, wp, bp, kc, relu && k0 + kc == in, mr, t, NR);
+                pfgdf_tile_any(wide, xp, wp, bp, kc, relu && k0 + kc == in, mr, t, nr_t, ws);
                 PFGDF_PREFETCH_NEXT;
                 for (int64_t r = 0; r < nr; ++r)
                   for (int64_t j = 0; j < mr; ++j)
-                    if (pj[j] >= 0) out[(r0 + r) * m + pj[j]] = t[j * NR + r];
+                    if (pj[j] >= 0) out[(r0 + r) * m + pj[j]] = t[j * nr_t + r];
                 continue;
               }
               float *o = out + (c * bo + o0) * n + r0;
               PFGDF_PREFETCH_NEXT;
-              if (nr == NR) {
-                pfgdf_tile(xp, wp, bp, kc, relu && k0 + kc == in, mr, o, n);
+              if (nr == nr_t) {
+                pfgdf_tile_any(wide, xp, wp, bp, kc, relu && k0 + kc == in, mr, o, n, ws);
               } else { /* the last columns: a whole tile in scratch, then the ones that exist */
-                float t[MR * NR] = {0};
-                for (int64_t j = 0; j < mr && !bp; ++j) memcpy(t + j * NR, o + j * n, sizeof(float) * (size_t)nr);
-                pfgdf_tile(xp, wp, bp, kc, relu && k0 + kc == in, mr, t, NR);
-                for (int64_t j = 0; j < mr; ++j) memcpy(o + j * n, t + j * NR, sizeof(float) * (size_t)nr);
+                float t[MR_WIDE * NR_WIDE] = {0};
+                for (int64_t j = 0; j < mr && !bp; ++j) memcpy(t + j * nr_t, o + j * n, sizeof(float) * (size_t)nr);
+                pfgdf_tile_any(wide, xp, wp, bp, kc, relu && k0 + kc == in, mr, t, nr_t, ws);
+                for (int64_t j = 0; j < mr; ++j) memcpy(o + j * n, t + j * nr_t, sizeof(float) * (size_t)nr);
               }
             }
           }
@@ -302,6 +374,14 @@ PFGDF_AVX2 static int pfgdf_block_gemm_fma(const float *restrict src, int64_t ro
     }
   }
   return 0;
+}
+
+#define PFGDF_GEMM_PASS src, rows, n, fs, idx, w, b, relu, out, blocks, in, bo, pos, m, wpack
+PFGDF_AVX2 static int pfgdf_block_gemm_avx2(PFGDF_GEMM_ARGS) { return pfgdf_block_gemm_fma(PFGDF_GEMM_PASS, 0); }
+PFGDF_AVX512 static int pfgdf_block_gemm_avx512(PFGDF_GEMM_ARGS) { return pfgdf_block_gemm_fma(PFGDF_GEMM_PASS, 1); }
+
+static int pfgdf_block_gemm_isa(PFGDF_GEMM_ARGS, int wide) {
+  return wide ? pfgdf_block_gemm_avx512(PFGDF_GEMM_PASS) : pfgdf_block_gemm_avx2(PFGDF_GEMM_PASS);
 }
 
 /* The product above. oidx NULL and m < 0: out is features-first [C*O, n]. Otherwise out is
@@ -322,14 +402,15 @@ int pfgdf_block_gemm(const float *src, int64_t rows, int64_t n, int64_t fs, int6
                      const int64_t *oidx, int64_t m) {
   if (!pfgdf_tuned()) return -3;
   if (in < 1 || bo < 1) return 0; /* nothing to multiply (the caller never asks) */
-  int64_t raw = blocks * bo, chunk, ncols;
+  int wide = pfgdf_isa() == 2;
+  int64_t raw = blocks * bo, chunk, ncols, mr = wide ? MR_WIDE : MR, nr = wide ? NR_WIDE : NR, kc = wide ? KC_WIDE : KC;
   if (m >= 0 && !oidx && m != raw) return -2;
   int transpose = fs == 1; /* batch first: transposed once, so the packing copies rows */
-  int scatter = m >= 0 && in <= KC && n * m <= SCATTER_MAX; /* batch first by the tiles' stores */
+  int scatter = m >= 0 && in <= kc && n * m <= SCATTER_MAX; /* batch first by the tiles' stores */
   size_t at[4], bytes = 0; /* offsets of pos, xt, tmp and the panels in the scratch, 64-byte aligned */
   size_t need[4] = {m >= 0 ? sizeof(int64_t) * (size_t)raw : 0, transpose ? sizeof(float) * (size_t)(rows * n) : 0,
                     m >= 0 && !scatter ? sizeof(float) * (size_t)(raw * n) : 0,
-                    sizeof(float) * (size_t)pfgdf_blocking(n, in, bo, &chunk, &ncols)};
+                    sizeof(float) * (size_t)pfgdf_blocking(n, in, bo, mr, nr, kc, &chunk, &ncols)};
   for (int k = 0; k < 4; ++k) at[k] = bytes, bytes += (need[k] + 63) / 64 * 64;
   void *owned, *base = pfgdf_scratch(bytes, &owned);
   if (!base) return -1;
@@ -350,11 +431,11 @@ int pfgdf_block_gemm(const float *src, int64_t rows, int64_t n, int64_t fs, int6
     src = xt, fs = n;
   }
   if (m < 0) {
-    rc = pfgdf_block_gemm_fma(src, rows, n, fs, idx, w, b, relu, out, blocks, in, bo, NULL, -1, wpack);
+    rc = pfgdf_block_gemm_isa(src, rows, n, fs, idx, w, b, relu, out, blocks, in, bo, NULL, -1, wpack, wide);
   } else if (scatter) {
-    rc = pfgdf_block_gemm_fma(src, rows, n, fs, idx, w, b, relu, out, blocks, in, bo, pos, m, wpack);
+    rc = pfgdf_block_gemm_isa(src, rows, n, fs, idx, w, b, relu, out, blocks, in, bo, pos, m, wpack, wide);
   } else { /* features first, then one pass back */
-    rc = pfgdf_block_gemm_fma(src, rows, n, fs, idx, w, b, relu, tmp, blocks, in, bo, NULL, -1, wpack);
+    rc = pfgdf_block_gemm_isa(src, rows, n, fs, idx, w, b, relu, tmp, blocks, in, bo, NULL, -1, wpack, wide);
     if (!rc) pfgdf_gather_rows_t(tmp, n, oidx, m, out);
   }
 done:
@@ -383,6 +464,10 @@ int pfgdf_block_gemv(const float *x, const int64_t *idx, int64_t nfeat, const fl
 #else
 /* Other compilers and CPUs: no kernels; pfgdf_plugin.native sees tuned() == 0 and never calls these. */
 int pfgdf_tuned(void) { return 0; }
+
+int pfgdf_isa(void) { return 0; }
+
+int pfgdf_set_isa(int level) { return level == 1 || level == 2 ? 2 : -1; }
 
 int pfgdf_block_gemm(const float *src, int64_t rows, int64_t n, int64_t fs, int64_t rs, const int64_t *idx,
                      const float *w, const float *b, int relu, float *out, int64_t blocks, int64_t in, int64_t bo,

@@ -12,6 +12,8 @@
 int pfgdf_block_gemv(const float *x, const int64_t *idx, int64_t nfeat, const float *w, const float *b, int relu,
                      float *y, int64_t blocks, int64_t block_in, int64_t block_out, const int64_t *oidx, int64_t m);
 int pfgdf_tuned(void);
+int pfgdf_isa(void);
+int pfgdf_set_isa(int level);
 int pfgdf_block_gemm(const float *src, int64_t rows, int64_t n, int64_t fs, int64_t rs, const int64_t *idx,
                      const float *w, const float *b, int relu, float *out, int64_t blocks, int64_t in, int64_t bo,
                      const int64_t *oidx, int64_t m);
@@ -61,8 +63,27 @@ static PyObject *pfgdf_py_tuned(PyObject *self, PyObject *unused) {
   return PyBool_FromLong(pfgdf_tuned());
 }
 
+static PyObject *pfgdf_py_isa(PyObject *self, PyObject *unused) {
+  (void)self, (void)unused;
+  return PyLong_FromLong(pfgdf_isa());
+}
+
+static PyObject *pfgdf_py_set_isa(PyObject *self, PyObject *arg) {
+  (void)self;
+  long level = PyLong_AsLong(arg);
+  if (level == -1 && PyErr_Occurred()) return NULL;
+  int previous = level == 1 || level == 2 ? pfgdf_set_isa((int)level) : -1;
+  if (previous < 0) {
+    PyErr_Format(PyExc_ValueError, "set_isa: level must be 1 (AVX2) or 2 (AVX-512), got %ld", level);
+    return NULL;
+  }
+  return PyLong_FromLong(previous);
+}
+
 static PyMethodDef pfgdf_methods[] = {
     {"tuned", pfgdf_py_tuned, METH_NOARGS, "tuned() -> bool: whether this CPU runs the kernels (AVX2 + FMA)"},
+    {"isa", pfgdf_py_isa, METH_NOARGS, "isa() -> int: the batch products' instructions (2 AVX-512, 1 AVX2, 0 none)"},
+    {"set_isa", pfgdf_py_set_isa, METH_O, "set_isa(level) -> int: cap isa() at 1 or 2; returns the previous cap"},
     {"block_gemv", (PyCFunction)(void (*)(void))pfgdf_py_gemv, METH_FASTCALL,
      "block_gemv(x, idx, nfeat, w, b, relu, y, blocks, block_in, block_out, oidx, m) -> int"},
     {"block_gemm", (PyCFunction)(void (*)(void))pfgdf_py_gemm, METH_FASTCALL,

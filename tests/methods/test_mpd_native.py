@@ -36,6 +36,19 @@ def test_the_install_builds_the_c_kernels():
     assert native.enabled()
 
 
+def test_the_batch_products_can_be_capped_at_avx2():
+    previous = native.set_isa("avx2")
+    try:
+        assert native.isa() == "avx2"
+        with pytest.raises(ValueError, match="'sse' is not one of avx2, avx512"):
+            native.set_isa("sse")
+        with pytest.raises(ValueError, match="level must be 1 .AVX2. or 2 .AVX-512., got 3"):
+            native._LIB.set_isa(3)
+        assert native.isa() == "avx2"  # a refused call changed nothing
+    finally:
+        native.set_isa(previous)
+
+
 def test_the_entry_points_refuse_a_call_they_would_misread():
     lib = native._LIB
     with pytest.raises(TypeError, match="block_gemv takes 12 arguments, got 2"):
@@ -96,11 +109,23 @@ def _block_product(x: torch.Tensor, index, w: torch.Tensor, bias) -> torch.Tenso
     return y.reshape(c * o, -1)
 
 
+@pytest.fixture(params=["avx2", "avx512"])
+def isa(request):
+    """Each width of the batch products this CPU runs (AVX-512 skipped where it has none)."""
+    if request.param == "avx512" and native.isa() != "avx512":
+        pytest.skip("this CPU has no AVX-512")
+    previous = native.set_isa(request.param)
+    assert native.isa() == request.param
+    yield request.param
+    native.set_isa(previous)
+
+
 @pytest.mark.parametrize("c,i,o,n", [(3, 7, 5, 37),        # a 5-column tail after two whole tiles
-                                     (2, 300, 200, 300),   # inner dimension in two pieces, two output chunks,
-                                     (1, 1, 1, 1),         # two column chunks; and the smallest layer
-                                     (4, 16, 12, 16)])
-def test_the_block_product_matches_pytorch_in_both_layouts(c, i, o, n):
+                                     (2, 300, 200, 300),   # inner dimension in pieces, two output chunks,
+                                     (1, 1, 1, 1),         # two column chunks (AVX-512: weights read in
+                                     (4, 16, 12, 16),      # place); the smallest layer
+                                     (2, 130, 24, 40)])    # AVX-512 in place, AVX2 panels of six
+def test_the_block_product_matches_pytorch_in_both_layouts(c, i, o, n, isa):
     torch.manual_seed(c * 1000 + n)
     w, bias = torch.randn(c, i, o), torch.randn(c, o)
     features = c * i + 3
