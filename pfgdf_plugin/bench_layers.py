@@ -30,8 +30,10 @@ runs every model once, untimed, before each timed call, so neither model times t
 the other one caused (the steady state of a model served alone); without it the rounds simply
 alternate. ``--grad-mode inference`` times the PyTorch calls under ``torch.inference_mode()`` (the
 mode PyTorch recommends for serving) instead of ``torch.no_grad()`` (the default, as the figures in
-docs/mpd.md). ``--no-handoff`` converts without the feature-major hand-off between ``bmm`` layers
-(every boundary gathers columns, as before it), to compare the two forwards; ``--no-native``
+docs/mpd.md). ``--no-prepack`` leaves the converted ``bmm`` layers copying their weights into panels
+on every batch instead of once (:func:`~pfgdf_plugin.methods.mpd.prepack`). ``--no-handoff``
+converts without the feature-major hand-off between ``bmm`` layers (every boundary gathers
+columns, as before it), to compare the two forwards; ``--no-native``
 runs the converted layers on PyTorch operations only (without the C kernels of
 :mod:`pfgdf_plugin.native`). The meta of every output records these settings.
 """
@@ -89,6 +91,8 @@ class LayerGrid:
         grad_mode: ``no_grad`` or ``inference`` (:data:`GRAD_MODES`): the mode of the PyTorch calls.
         handoff: let folded ``bmm`` layers hand batches over feature-major (``False``: every
             boundary gathers columns, the forward before the hand-off, for comparison).
+        prepacked: freeze the converted ``bmm`` layers for inference (:func:`~pfgdf_plugin.methods.mpd.prepack`;
+            ``False``: their batch products copy the weights into panels on every call).
     """
 
     kinds: Sequence[str] = ("linear", "conv2d")
@@ -105,6 +109,7 @@ class LayerGrid:
     repeats: int = 30
     warm: bool = False
     handoff: bool = True
+    prepacked: bool = True
     grad_mode: str = "no_grad"
 
     def __post_init__(self) -> None:
@@ -134,11 +139,13 @@ def _stack(kind: str, n: int, depth: int) -> nn.Sequential:
     return nn.Sequential(*layers).eval()
 
 
-def build_pair(kind: str, n: int, blocks: int, depth: int, kernel: str, seed: int = 0, handoff: bool = True):
+def build_pair(kind: str, n: int, blocks: int, depth: int, kernel: str, seed: int = 0, handoff: bool = True,
+               prepacked: bool = True):
     """``(dense, converted)``: a stack of ``depth`` ``n x n`` layers and its MPD-converted copy.
 
     The converted copy is masked with random ``blocks``-block plans and converted with
-    ``kernel`` (``bmm`` on a convolution means ``grouped``), permutations folded; ``handoff=False``
+    ``kernel`` (``bmm`` on a convolution means ``grouped``), permutations folded, ``bmm`` layers
+    prepacked unless ``prepacked=False``; ``handoff=False``
     turns the feature-major hand-off between ``bmm`` layers off.
 
     Example:
@@ -159,15 +166,17 @@ def build_pair(kind: str, n: int, blocks: int, depth: int, kernel: str, seed: in
     if kind == "conv2d" and kernel == "bmm":
         kernel = "grouped"
     mpd.convert_model(masked, plans, links, kernel=kernel)
-    _set_handoff(masked, handoff)
+    _set_layout(masked, handoff, prepacked)
     return dense, masked.eval()
 
 
-def _set_handoff(model: nn.Module, handoff: bool) -> None:
+def _set_layout(model: nn.Module, handoff: bool, prepacked: bool) -> None:
     if not handoff:
         for m in model.modules():
             if hasattr(m, "handoff"):
                 m.handoff = False
+    if prepacked:
+        mpd.prepack(model)
 
 
 def _interleaved(runs: Dict[str, Callable[[], Any]], warmup: int, repeats: int, clock: Clock,
@@ -257,7 +266,7 @@ def bench_layers(grid: Optional[LayerGrid] = None, clock: Optional[Clock] = None
     with tempfile.TemporaryDirectory() as folder:
         for case in _cases(grid):
             dense, converted = build_pair(case["kind"], case["size"], case["blocks"], case["depth"], case["kernel"],
-                                          handoff=grid.handoff)
+                                          handoff=grid.handoff, prepacked=grid.prepacked)
             for batch in grid.batches:
                 shape = (batch, case["size"]) + ((grid.spatial, grid.spatial) if case["kind"] == "conv2d" else ())
                 x = torch.randn(shape)
@@ -281,7 +290,7 @@ def _row(case: Dict[str, Any], batch: int, threads: int, engine: str, dense_s: f
 def bench_targets(engines: Sequence[str] = ("pytorch", "onnxruntime"), warmup: int = 5, repeats: int = 60,
                   warm: bool = False, clock: Optional[Clock] = None, targets: Sequence[Dict[str, Any]] = TARGETS,
                   progress: Optional[Callable[[str], None]] = None, handoff: bool = True,
-                  grad_mode: str = "no_grad") -> List[Dict[str, Any]]:
+                  grad_mode: str = "no_grad", prepacked: bool = True) -> List[Dict[str, Any]]:
     """Time the configurations of :data:`TARGETS` (1 thread): one row per target and engine, with
     ``target`` (the speed-up asked for) and ``met`` (``speedup >= target``; the goals are stated for
     PyTorch, the ONNX Runtime rows are for comparison).
@@ -298,7 +307,7 @@ def bench_targets(engines: Sequence[str] = ("pytorch", "onnxruntime"), warmup: i
         grid = LayerGrid(kinds=(t["kind"],), sizes=(t["size"],), conv_sizes=(t["size"],), blocks=(t["blocks"],),
                          depths=(t["depth"],), kernels=(t["kernel"],), batches=(t["batch"],), threads=(1,),
                          engines=tuple(engines), warmup=warmup, repeats=repeats, warm=warm, handoff=handoff,
-                         grad_mode=grad_mode)
+                         prepacked=prepacked, grad_mode=grad_mode)
         for row in bench_layers(grid, clock):
             row.update(target=float(t["target"]), met=bool(row["speedup"] >= t["target"]))
             rows.append(row)
@@ -307,7 +316,8 @@ def bench_targets(engines: Sequence[str] = ("pytorch", "onnxruntime"), warmup: i
     return rows
 
 
-def wide_mlp_pair(kernel: str = "bmm", blocks: int = 8, width: float = 1.0, seed: int = 0, handoff: bool = True):
+def wide_mlp_pair(kernel: str = "bmm", blocks: int = 8, width: float = 1.0, seed: int = 0, handoff: bool = True,
+                  prepacked: bool = True):
     """``(dense, converted)``: the wide MLP, and a copy with ``fc1``/``fc2`` masked by random
     ``blocks``-block plans and converted with ``kernel`` (``fc1 -> fc2 -> fc3`` folded; the
     classifier ``fc3`` stays dense and absorbs ``fc2``'s output permutation).
@@ -328,7 +338,7 @@ def wide_mlp_pair(kernel: str = "bmm", blocks: int = 8, width: float = 1.0, seed
         for name, plan in plans.items():
             masked.get_submodule(name).weight.mul_(plan.mask())
     mpd.convert_model(masked, plans, [mpd.FoldLink("fc1", "fc2"), mpd.FoldLink("fc2", "fc3")], kernel=kernel)
-    _set_handoff(masked, handoff)
+    _set_layout(masked, handoff, prepacked)
     return dense, masked.eval()
 
 
@@ -347,7 +357,7 @@ def bench_wide_mlp(kernels: Sequence[str] = ("bmm",), batches: Sequence[int] = (
                    engines: Sequence[str] = ("pytorch", "onnxruntime"), warmup: int = 5, repeats: int = 60,
                    warm: bool = False, clock: Optional[Clock] = None, width: float = 1.0,
                    progress: Optional[Callable[[str], None]] = None, handoff: bool = True,
-                   grad_mode: str = "no_grad") -> List[Dict[str, Any]]:
+                   grad_mode: str = "no_grad", prepacked: bool = True) -> List[Dict[str, Any]]:
     """The wide MLP, dense against ``fc1``/``fc2`` in ``blocks`` blocks, on 1 thread.
 
     For each kernel and batch, the dense and the converted model on every engine are timed in the
@@ -369,7 +379,7 @@ def bench_wide_mlp(kernels: Sequence[str] = ("bmm",), batches: Sequence[int] = (
     try:
         with tempfile.TemporaryDirectory() as folder, torch.no_grad():
             for kernel in kernels:
-                dense, converted = wide_mlp_pair(kernel, blocks, width, handoff=handoff)
+                dense, converted = wide_mlp_pair(kernel, blocks, width, handoff=handoff, prepacked=prepacked)
                 ideal = round(_weights(dense) / _weights(converted), 2)
                 case = {"kind": "wide_mlp", "size": dense.fc1.out_features, "blocks": blocks, "depth": 3,
                         "kernel": kernel}
@@ -531,6 +541,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--repeats", type=int, default=None,
                    help=f"timed rounds ({d.repeats} for the grid, 60 for --targets and --wide-mlp)")
     p.add_argument("--warm", action="store_true", help="an untimed call of the same model before each timed call")
+    p.add_argument("--no-prepack", action="store_true",
+                   help="converted bmm layers copy their weights into panels on every batch (not prepacked)")
     p.add_argument("--no-handoff", action="store_true",
                    help="no feature-major hand-off between bmm layers (column gathers at every boundary)")
     p.add_argument("--grad-mode", choices=sorted(GRAD_MODES), default="no_grad",
@@ -555,7 +567,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          blocks=_ints(a.blocks), depths=_ints(a.depths), kernels=a.kernels.split(","),
                          batches=_ints(a.batches), threads=_ints(a.threads), engines=engines,
                          spatial=a.spatial, warmup=a.warmup, repeats=a.repeats or d.repeats, warm=a.warm,
-                         handoff=not a.no_handoff, grad_mode=a.grad_mode)
+                         handoff=not a.no_handoff, prepacked=not a.no_prepack, grad_mode=a.grad_mode)
         bad = [k for k in a.wide_kernels.split(",") if k not in ("bmm", "grouped", "dense", "block", "auto")]
         if bad:
             raise ValueError(f"--wide-kernels: unknown {bad} (bmm, grouped, dense, block, auto)")
@@ -579,11 +591,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _run(a: argparse.Namespace, grid: LayerGrid, engines: List[str], clock: Clock, modes: bool) -> int:
     meta = {"clock": a.clock, "warm": a.warm, "warmup": a.warmup, "repeats": a.repeats or 60, "threads": 1,
-            "handoff": not a.no_handoff, "native": native.enabled(), "isa": native.isa() if native.enabled() else "",
-            "grad_mode": a.grad_mode}
+            "handoff": not a.no_handoff, "prepacked": not a.no_prepack, "native": native.enabled(),
+            "isa": native.isa() if native.enabled() else "", "grad_mode": a.grad_mode}
     if a.targets:
         rows = bench_targets(engines, a.warmup, a.repeats or 60, a.warm, clock, progress=print,
-                             handoff=not a.no_handoff, grad_mode=a.grad_mode)
+                             handoff=not a.no_handoff, grad_mode=a.grad_mode, prepacked=not a.no_prepack)
         paths = write_mode(rows, a.out, "targets", dict(meta, targets=list(TARGETS)),
                            columns=_COLUMNS + ("target", "met"))
         print(f"wrote {paths['md']}, {paths['json']}")
@@ -591,6 +603,7 @@ def _run(a: argparse.Namespace, grid: LayerGrid, engines: List[str], clock: Cloc
         rows = bench_wide_mlp(a.wide_kernels.split(","), _ints(a.wide_batches), engines=engines,
                               warmup=a.warmup, repeats=a.repeats or 60, warm=a.warm, clock=clock,
                               width=a.wide_width, progress=print, handoff=not a.no_handoff,
+                              prepacked=not a.no_prepack,
                               grad_mode=a.grad_mode)
         paths = write_mode(rows, a.out, "wide_mlp", meta)
         print(engine_table(rows))

@@ -237,6 +237,9 @@ class BlockDiagonalLinear(nn.Module):
         self.padded_in = False
         self.handoff = False
         self.activation: Optional[str] = None
+        self.prepacked = False
+        self.register_buffer("packed_weight", None, persistent=False)
+        self._pack_key: Optional[Tuple[int, int, int]] = None
         self.set_gather(in_index if self.gather else None, self.in_features)
 
     def block_weight(self) -> torch.Tensor:
@@ -310,11 +313,12 @@ class BlockDiagonalLinear(nn.Module):
             if n == 1:
                 return _native.block_gemv(x.contiguous(), index, self.in_features, w, bias, out_index, relu)
             x = x if features_first or x.stride(1) == 1 else x.contiguous()  # the kernel packs the gather
+            packed = self._packed(w) if self.prepacked else None
             if self.handoff:  # features first, as the next layer reads it
-                y = _native.block_gemm(x, index, self.in_features, w, bias, relu=relu)
+                y = _native.block_gemm(x, index, self.in_features, w, bias, relu=relu, packed=packed)
                 return (y if out_index is None else y.index_select(0, out_index)).t()
             return _native.block_gemm(x, index, self.in_features, w, bias, relu=relu, batch_first=True,
-                                      out_index=out_index)
+                                      out_index=out_index, packed=packed)
         if features_first:
             x = self._gather_rows(x.t()).t()
         elif index is not None:
@@ -329,6 +333,26 @@ class BlockDiagonalLinear(nn.Module):
             y = self._bmm(x, w, bias)
         y = y if out_index is None else y.index_select(1, out_index)
         return y if self.activation is None else torch.relu(y)
+
+    def prepack(self, on: bool = True) -> None:
+        """Let the C kernels' batch products read a copy of the weights laid out as their tiles use it
+        (:func:`pfgdf_plugin.native.pack`), made at the first batch and kept in the non-persistent
+        buffer ``packed_weight``, instead of copying the weights into panels on every call. For
+        inference: the copy is made again when the weight is changed in place through the parameter
+        (its version counter moves), replaced, or :func:`~pfgdf_plugin.native.set_isa` changes, but
+        not after an edit through ``weight.data``, which PyTorch does not count: call ``prepack()``
+        again after one. ``prepack(False)`` drops the copy."""
+        self.prepacked = bool(on)
+        self.packed_weight, self._pack_key = None, None
+
+    def _packed(self, w: torch.Tensor) -> Tuple[torch.Tensor, int]:
+        """The packed weights for this call, packed again when the key says they are stale."""
+        key = (w._version, w.data_ptr(), _native._LIB.isa())
+        packed = self._buffers.get("packed_weight")
+        if packed is None or self._pack_key != key:
+            packed, _ = _native.pack(w)
+            self.packed_weight, self._pack_key = packed, key
+        return packed, key[2]
 
     def _gather_rows(self, xt: torch.Tensor) -> torch.Tensor:
         """``[features, N]`` (features first) -> ``[c * I, N]`` in block layout."""
@@ -400,6 +424,7 @@ class BlockDiagonalLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, blocks={self.blocks}, "
                 f"block={self.block_out}x{self.block_in}, bias={self.bias is not None}, kernel={self.kernel}, "
                 f"gather={self.gather}, scatter={self.scatter}" + (", handoff=True" if self.handoff else "")
+                + (", prepacked=True" if self.prepacked else "")
                 + (f", activation={self.activation}" if self.activation else ""))
 
     def describe(self) -> Dict[str, Any]:

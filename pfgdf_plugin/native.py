@@ -23,11 +23,11 @@ from __future__ import annotations
 import importlib
 import os
 from types import ModuleType
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["available", "block_gemm", "block_gemv", "enabled", "isa", "set_enabled", "set_isa"]
+__all__ = ["available", "block_gemm", "block_gemv", "enabled", "isa", "pack", "set_enabled", "set_isa"]
 
 
 def _load() -> Optional[ModuleType]:
@@ -35,7 +35,8 @@ def _load() -> Optional[ModuleType]:
         lib = importlib.import_module("pfgdf_plugin._blockdiag")
     except ImportError:
         return None
-    if not all(hasattr(lib, name) for name in ("tuned", "isa", "set_isa", "block_gemv", "block_gemm")):
+    if not all(hasattr(lib, name) for name in ("tuned", "isa", "set_isa", "block_gemv", "block_gemm", "pack_weights",
+                                               "packed_floats")):
         return None  # a library built from other sources: not ours to call
     return lib if lib.tuned() else None  # the kernels need AVX2 + FMA (see blockdiag.c)
 
@@ -117,16 +118,33 @@ def block_gemv(x: torch.Tensor, index: Optional[torch.Tensor], in_features: int,
     return y
 
 
+def pack(weight: torch.Tensor) -> Tuple[torch.Tensor, int]:
+    """``weight`` ``[c, I, O]`` laid out as the batch products read it on this CPU, for
+    :func:`block_gemm`'s ``packed``: ``(floats, level)``, level 2 for AVX-512 tiles, 1 for AVX2. A
+    product given it skips copying its weights into panels on every call (15-25% of a product at
+    batch 64); the copy is only valid while ``weight`` keeps its values and :func:`isa` its setting."""
+    c, i, o = weight.shape
+    _check(weight, torch.float32, c * i * o, "weight")
+    level = _LIB.isa()
+    out = torch.empty(_LIB.packed_floats(c, i, o, level))
+    got = _LIB.pack_weights(weight.data_ptr(), c, i, o, out.data_ptr(), out.numel())
+    if got != level:
+        raise RuntimeError(f"pfgdf_plugin.native.pack: the library packed for level {got}, not {level}")
+    return out, level
+
+
 def block_gemm(x: torch.Tensor, index: Optional[torch.Tensor], in_features: int, weight: torch.Tensor,
                bias: Optional[torch.Tensor], relu: bool = False, batch_first: bool = False,
-               out_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+               out_index: Optional[torch.Tensor] = None,
+               packed: Optional[Tuple[torch.Tensor, int]] = None) -> torch.Tensor:
     """Features-first ``[c * O, N]``: columns ``index`` of ``x`` ``[N, in_features]`` (``None``: all,
     ``in_features = c * I``) as ``[c, I, N]``, multiplied by ``weight`` ``[c, I, O]`` transposed, plus
     ``bias`` ``[c, O]``, through ``max(0, .)`` if ``relu``. ``x`` is batch-first (unit column stride,
     rows may be strided) or the transposed view of a contiguous ``[in_features, N]``; index entries
     outside ``[0, in_features)`` read zeros. ``batch_first``: the result as a contiguous ``[N, M]``
     instead, column ``k`` its row ``out_index[k]`` (``None``: all ``c * O`` rows in order), scattered
-    by the kernel's stores."""
+    by the kernel's stores. ``packed``: :func:`pack` of ``weight`` (made under the current
+    :func:`isa`), which the product reads instead of ``weight``'s values."""
     c, i, o = weight.shape
     n = x.shape[0]
     if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != in_features or not x.is_cpu:
@@ -151,11 +169,18 @@ def block_gemm(x: torch.Tensor, index: Optional[torch.Tensor], in_features: int,
         m = c * o if out_index is None else out_index.numel()
         if out_index is not None:
             _check(out_index, torch.int64, m, "out_index")
+    pk, pk_level = packed if packed is not None else (None, 0)
+    if pk is not None:
+        _check(pk, torch.float32, pk.numel(), "packed")
     out = torch.empty((n, m) if batch_first else (c * o, n))
     rc = _LIB.block_gemm(x.data_ptr(), in_features, n, fs, rs, _ptr(index), weight.data_ptr(), _ptr(bias),
-                         int(relu), out.data_ptr(), c, i, o, _ptr(out_index), m) if n else 0
+                         int(relu), out.data_ptr(), c, i, o, _ptr(out_index), m, _ptr(pk),
+                         0 if pk is None else pk.numel(), pk_level) if n else 0
     if rc == -2:
         raise ValueError(f"pfgdf_plugin.native: out_index must name each of the {c * o} rows at most once")
+    if rc == -4:
+        raise ValueError(f"pfgdf_plugin.native: packed ({pk.numel()} floats for level {pk_level}) is not the layout "
+                         f"of a [{c}, {i}, {o}] weight under isa {isa()!r}: pack it again")
     if rc:
         raise MemoryError("pfgdf_plugin.native.block_gemm: out of memory for the packed tiles")
     return out

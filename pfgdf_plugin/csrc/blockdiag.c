@@ -183,7 +183,8 @@ PFGDF_AVX2 static void pfgdf_transpose(const float *restrict src, int64_t n, int
  * loops request their rows ahead; the panels go in wpack (pfgdf_blocking floats). */
 typedef float pfgdf_v8 __attribute__((vector_size(32)));
 typedef int32_t pfgdf_v8i __attribute__((vector_size(32)));
-enum { MR = 6, NR = 16, KC = 256, MR_WIDE = 8, NR_WIDE = 32, KC_WIDE = 128, PACK_AHEAD = 24, SCATTER_MAX = 16384 };
+enum { MR = 6, NR = 16, KC = 256, MR_WIDE = 8, NR_WIDE = 32, KC_WIDE = 128, PANEL_PAD = 16, PACK_AHEAD = 24,
+       SCATTER_MAX = 16384 };
 _Static_assert(MR <= 8 && MR_WIDE <= 8, "the weight panels are copied eight floats a row");
 /* Unaligned vector loads and stores, and max(0, .). */
 #define PFGDF_LOAD(v, p) memcpy(&(v), (p), sizeof(pfgdf_v8))
@@ -206,6 +207,7 @@ PFGDF_AVX2 static inline void pfgdf_tile(const float *restrict xp, const float *
     pfgdf_v8 x0, x1;
     PFGDF_LOAD(x0, xp);
     PFGDF_LOAD(x1, xp + 8);
+    __builtin_prefetch(wp + 2048, 0, 3);
     for (int j = 0; j < MR; ++j) { a0[j] += wp[j] * x0; a1[j] += wp[j] * x1; }
   }
   if (relu)
@@ -221,16 +223,13 @@ PFGDF_AVX2 static inline void pfgdf_tile(const float *restrict xp, const float *
 
 /* The tile above with AVX-512: MR_WIDE outputs x NR_WIDE columns in 16 registers of 16 floats (per
  * step of the inner dimension two loads of inputs and eight broadcast weights for 16 multiply-adds);
- * xp is [kc][NR_WIDE], wp's rows are ws floats apart: the packed panel (ws == MR_WIDE) or the
- * weights where they are (ws == O: a block's outputs come in whole tiles, and each step reads eight
- * floats of a row; a Linear(4096) of 8 blocks at batch 64 in 2.3-2.5 ms instead of 2.7-2.9 with
- * packed panels, whose strided stores cost more than the tiles' reads). */
+ * xp is [kc][NR_WIDE], wp [kc][MR_WIDE]. */
 typedef float pfgdf_v16 __attribute__((vector_size(64)));
 typedef int32_t pfgdf_v16i __attribute__((vector_size(64)));
 #define PFGDF_RELU16(a) ((pfgdf_v16)((pfgdf_v16i)(a) & ((a) > (pfgdf_v16){0})))
 PFGDF_AVX512 static void pfgdf_tile_wide(const float *restrict xp, const float *restrict wp,
                                          const float *restrict bp, int64_t kc, int relu, int64_t mr,
-                                         float *restrict out, int64_t ldo, int64_t ws) {
+                                         float *restrict out, int64_t ldo) {
   enum { NV = NR_WIDE / 16 };
   pfgdf_v16 a[MR_WIDE][NV];
   for (int j = 0; j < MR_WIDE; ++j)
@@ -238,9 +237,10 @@ PFGDF_AVX512 static void pfgdf_tile_wide(const float *restrict xp, const float *
       a[j][v] = (pfgdf_v16){0} + (bp ? bp[j] : 0.0f);
       if (!bp && j < mr) memcpy(&a[j][v], out + j * ldo + 16 * v, sizeof a[j][v]);
     }
-  for (int64_t i = 0; i < kc; ++i, xp += NR_WIDE, wp += ws) {
+  for (int64_t i = 0; i < kc; ++i, xp += NR_WIDE, wp += MR_WIDE) {
     pfgdf_v16 x[NV];
     for (int v = 0; v < NV; ++v) memcpy(&x[v], xp + 16 * v, sizeof x[v]);
+    __builtin_prefetch(wp + 2048, 0, 3);
     for (int j = 0; j < MR_WIDE; ++j)
       for (int v = 0; v < NV; ++v) a[j][v] += wp[j] * x[v];
   }
@@ -255,9 +255,9 @@ PFGDF_AVX512 static void pfgdf_tile_wide(const float *restrict xp, const float *
 static inline __attribute__((always_inline)) void pfgdf_tile_any(int wide, const float *restrict xp,
                                                                  const float *restrict wp, const float *restrict bp,
                                                                  int64_t kc, int relu, int64_t mr,
-                                                                 float *restrict out, int64_t ldo, int64_t ws) {
+                                                                 float *restrict out, int64_t ldo) {
   if (wide)
-    pfgdf_tile_wide(xp, wp, bp, kc, relu, mr, out, ldo, ws);
+    pfgdf_tile_wide(xp, wp, bp, kc, relu, mr, out, ldo);
   else
     pfgdf_tile(xp, wp, bp, kc, relu, mr, out, ldo);
 }
@@ -274,7 +274,7 @@ static int64_t pfgdf_blocking(int64_t n, int64_t in, int64_t bo, int64_t mr, int
   *ncols = 65536 / kc_max / nr * nr;
   if (*ncols < nr) *ncols = nr;
   if (*ncols > n) *ncols = (n + nr - 1) / nr * nr;
-  return *chunk * kc_max + *ncols * kc_max + mr;
+  return *chunk * kc_max + *chunk / mr * PANEL_PAD + *ncols * kc_max + mr;
 }
 
 /* After each tile: the next pf_lines cache lines of the next block's weights, so they come in while
@@ -288,19 +288,20 @@ static int64_t pfgdf_blocking(int64_t n, int64_t in, int64_t bo, int64_t mr, int
 #define PFGDF_GEMM_ARGS                                                                                     \
   const float *restrict src, int64_t rows, int64_t n, int64_t fs, const int64_t *restrict idx,              \
       const float *restrict w, const float *restrict b, int relu, float *restrict out, int64_t blocks,      \
-      int64_t in, int64_t bo, const int64_t *restrict pos, int64_t m, float *restrict wpack
+      int64_t in, int64_t bo, const int64_t *restrict pos, int64_t m, float *restrict wpack,                \
+      const float *restrict packed
 static inline __attribute__((always_inline)) int pfgdf_block_gemm_fma(PFGDF_GEMM_ARGS, const int wide) {
   const int64_t mr_t = wide ? MR_WIDE : MR, nr_t = wide ? NR_WIDE : NR, kc_t = wide ? KC_WIDE : KC;
   int64_t chunk, ncols, kc_max = in < kc_t ? in : kc_t;
-  const int direct = wide && bo % MR_WIDE == 0; /* the tiles read the weights where they are */
-  const int64_t ws = direct ? bo : mr_t;
   pfgdf_blocking(n, in, bo, mr_t, nr_t, kc_t, &chunk, &ncols);
-  float *xpack = wpack + chunk * kc_max, *bpack = xpack + ncols * kc_max;
+  float *xpack = wpack + chunk * kc_max + chunk / mr_t * PANEL_PAD, *bpack = xpack + ncols * kc_max;
   int64_t tiles = (n + nr_t - 1) / nr_t * ((bo + mr_t - 1) / mr_t) * ((in + kc_t - 1) / kc_t);
   int64_t pf_lines = (in * bo / 16 + tiles - 1) / tiles; /* of the next block's weights, after each tile */
+  const int64_t bop = (bo + mr_t - 1) / mr_t * mr_t; /* outputs of a block in whole panels */
   for (int64_t c = 0; c < blocks; ++c) {
     const float *wc = w + c * in * bo;
-    const char *pf = (const char *)(wc + in * bo), *pf_end = c + 1 < blocks ? pf + sizeof(float) * in * bo : pf;
+    const float *next = packed ? packed + (c + 1) * in * bop : wc + in * bo; /* the weights the next block reads */
+    const char *pf = (const char *)next, *pf_end = c + 1 < blocks && !packed ? pf + sizeof(float) * in * (packed ? bop : bo) : pf;
     const int64_t *ic = idx ? idx + c * in : NULL;
     for (int64_t n0 = 0; n0 < n; n0 += ncols) {
       int64_t ne = n - n0 < ncols ? n : n0 + ncols;
@@ -324,14 +325,16 @@ static inline __attribute__((always_inline)) int pfgdf_block_gemm_fma(PFGDF_GEMM
         }
         for (int64_t o1 = 0; o1 < bo; o1 += chunk) {
           int64_t oe = bo - o1 < chunk ? bo : o1 + chunk;
-          for (int64_t i = 0; i < kc && !direct; ++i) { /* panels [kc][mr_t] of outputs o1.., zeros past oe */
+          int64_t ps = kc * mr_t + PANEL_PAD; /* floats from one panel to the next */
+          const float *wpk = packed ? packed + c * in * bop + k0 * bop : NULL; /* see pfgdf_pack_weights */
+          for (int64_t i = 0; i < kc && !wpk; ++i) { /* panels [kc][mr_t] of outputs o1.., zeros past oe */
             const float *row = wc + (k0 + i) * bo;
             float *d = wpack + i * mr_t;
             int64_t whole = i + 1 < kc ? bo - 8 : -1; /* eight floats a panel row up to there (the next
                                                         row of a panel of six overwrites the extra two) */
             if (i + PACK_AHEAD < kc)
               for (int64_t o = o1; o < oe; o += 16) __builtin_prefetch(row + PACK_AHEAD * bo + o, 0, 3);
-            for (int64_t o0 = o1; o0 < oe; o0 += mr_t, d += mr_t * kc) {
+            for (int64_t o0 = o1; o0 < oe; o0 += mr_t, d += ps) {
               if (o0 <= whole) { memcpy(d, row + o0, sizeof(float) * 8); continue; }
               if (o0 + mr_t <= oe) { memcpy(d, row + o0, sizeof(float) * mr_t); continue; }
               for (int64_t j = 0; j < mr_t; ++j) d[j] = o0 + j < oe ? row[o0 + j] : 0.0f; /* no library call */
@@ -342,7 +345,7 @@ static inline __attribute__((always_inline)) int pfgdf_block_gemm_fma(PFGDF_GEMM
             for (int64_t r0 = n0; r0 < ne; r0 += nr_t) {
               int64_t nr = ne - r0 < nr_t ? ne - r0 : nr_t;
               const float *xp = xpack + (r0 - n0) * kc;
-              const float *bp = NULL, *wp = direct ? wc + k0 * bo + o0 : wpack + (o0 - o1) * kc;
+              const float *bp = NULL, *wp = wpk ? wpk + o0 * kc : wpack + (o0 - o1) / mr_t * ps;
               if (k0 == 0) {
                 for (int64_t j = 0; j < mr_t; ++j) bpack[j] = b && j < mr ? b[c * bo + o0 + j] : 0.0f;
                 bp = bpack;
@@ -350,7 +353,7 @@ static inline __attribute__((always_inline)) int pfgdf_block_gemm_fma(PFGDF_GEMM
               if (pos) { /* batch first (one piece of the inner dimension): a tile in scratch, scattered */
                 float t[MR_WIDE * NR_WIDE];
                 const int64_t *pj = pos + c * bo + o0;
-                pfgdf_tile_any(wide, xp, wp, bp, kc, relu && k0 + kc == in, mr, t, nr_t, ws);
+                pfgdf_tile_any(wide, xp, wp, bp, kc, relu && k0 + kc == in, mr, t, nr_t);
                 PFGDF_PREFETCH_NEXT;
                 for (int64_t r = 0; r < nr; ++r)
                   for (int64_t j = 0; j < mr; ++j)
@@ -360,11 +363,11 @@ static inline __attribute__((always_inline)) int pfgdf_block_gemm_fma(PFGDF_GEMM
               float *o = out + (c * bo + o0) * n + r0;
               PFGDF_PREFETCH_NEXT;
               if (nr == nr_t) {
-                pfgdf_tile_any(wide, xp, wp, bp, kc, relu && k0 + kc == in, mr, o, n, ws);
+                pfgdf_tile_any(wide, xp, wp, bp, kc, relu && k0 + kc == in, mr, o, n);
               } else { /* the last columns: a whole tile in scratch, then the ones that exist */
                 float t[MR_WIDE * NR_WIDE] = {0};
                 for (int64_t j = 0; j < mr && !bp; ++j) memcpy(t + j * nr_t, o + j * n, sizeof(float) * (size_t)nr);
-                pfgdf_tile_any(wide, xp, wp, bp, kc, relu && k0 + kc == in, mr, t, nr_t, ws);
+                pfgdf_tile_any(wide, xp, wp, bp, kc, relu && k0 + kc == in, mr, t, nr_t);
                 for (int64_t j = 0; j < mr; ++j) memcpy(o + j * n, t + j * nr_t, sizeof(float) * (size_t)nr);
               }
             }
@@ -376,12 +379,38 @@ static inline __attribute__((always_inline)) int pfgdf_block_gemm_fma(PFGDF_GEMM
   return 0;
 }
 
-#define PFGDF_GEMM_PASS src, rows, n, fs, idx, w, b, relu, out, blocks, in, bo, pos, m, wpack
+#define PFGDF_GEMM_PASS src, rows, n, fs, idx, w, b, relu, out, blocks, in, bo, pos, m, wpack, packed
 PFGDF_AVX2 static int pfgdf_block_gemm_avx2(PFGDF_GEMM_ARGS) { return pfgdf_block_gemm_fma(PFGDF_GEMM_PASS, 0); }
 PFGDF_AVX512 static int pfgdf_block_gemm_avx512(PFGDF_GEMM_ARGS) { return pfgdf_block_gemm_fma(PFGDF_GEMM_PASS, 1); }
 
 static int pfgdf_block_gemm_isa(PFGDF_GEMM_ARGS, int wide) {
   return wide ? pfgdf_block_gemm_avx512(PFGDF_GEMM_PASS) : pfgdf_block_gemm_avx2(PFGDF_GEMM_PASS);
+}
+
+/* Floats of a product's weights laid out for instructions level (1 AVX2, 2 AVX-512) by
+ * pfgdf_pack_weights; 0 for another level. */
+int64_t pfgdf_packed_floats(int64_t blocks, int64_t in, int64_t bo, int level) {
+  if (level != 1 && level != 2) return 0;
+  int64_t mr = level == 2 ? MR_WIDE : MR;
+  return blocks * in * ((bo + mr - 1) / mr * mr);
+}
+
+/* The weights W [C, I, O] as the tiles read them, so that a product need not copy them on every call
+ * (at batch 64 the copy took 15-25% of a product, for weights that do not change between calls): per
+ * block, per piece of the inner dimension (KC or KC_WIDE rows), panels [kc][mr] of mr outputs (zeros
+ * past O). dst holds floats floats (pfgdf_packed_floats of the level in use). Returns that level, -2 if
+ * floats is not that size, -3 if the CPU lacks AVX2 + FMA. */
+int pfgdf_pack_weights(const float *w, int64_t blocks, int64_t in, int64_t bo, float *dst, int64_t floats) {
+  int level = pfgdf_isa();
+  if (!level) return -3;
+  if (floats != pfgdf_packed_floats(blocks, in, bo, level)) return -2;
+  int64_t mr = level == 2 ? MR_WIDE : MR, kc_t = level == 2 ? KC_WIDE : KC;
+  for (int64_t c = 0; c < blocks; ++c)
+    for (int64_t k0 = 0; k0 < in; k0 += kc_t)
+      for (int64_t o0 = 0; o0 < bo; o0 += mr)
+        for (int64_t i = k0; i < in && i < k0 + kc_t; ++i)
+          for (int64_t j = 0; j < mr; ++j) *dst++ = o0 + j < bo ? w[(c * in + i) * bo + o0 + j] : 0.0f;
+  return level;
 }
 
 /* The product above. oidx NULL and m < 0: out is features-first [C*O, n]. Otherwise out is
@@ -396,13 +425,15 @@ static int pfgdf_block_gemm_isa(PFGDF_GEMM_ARGS, int wide) {
  * each element (the first of three Linear(1024) layers at batch 64: 244 us against 273; a
  * Linear(4096): 4.24-4.40 ms against 4.35-4.54; equal at batch 2 and 7). Returns 0; -1 if out of
  * memory; -2 if oidx names a row twice or one outside [0, C*O) (nothing written); -3 if the CPU lacks
- * AVX2 + FMA. */
+ * AVX2 + FMA; -4 if packed (the weights as pfgdf_pack_weights lays them out, packed_floats of them, for
+ * instructions packed_isa; NULL: packed on the way, a piece at a time) is not the layout of this call. */
 int pfgdf_block_gemm(const float *src, int64_t rows, int64_t n, int64_t fs, int64_t rs, const int64_t *idx,
                      const float *w, const float *b, int relu, float *out, int64_t blocks, int64_t in, int64_t bo,
-                     const int64_t *oidx, int64_t m) {
+                     const int64_t *oidx, int64_t m, const float *packed, int64_t packed_floats, int packed_isa) {
   if (!pfgdf_tuned()) return -3;
+  int level = pfgdf_isa(), wide = level == 2;
+  if (packed && (packed_isa != level || packed_floats != pfgdf_packed_floats(blocks, in, bo, level))) return -4;
   if (in < 1 || bo < 1) return 0; /* nothing to multiply (the caller never asks) */
-  int wide = pfgdf_isa() == 2;
   int64_t raw = blocks * bo, chunk, ncols, mr = wide ? MR_WIDE : MR, nr = wide ? NR_WIDE : NR, kc = wide ? KC_WIDE : KC;
   if (m >= 0 && !oidx && m != raw) return -2;
   int transpose = fs == 1; /* batch first: transposed once, so the packing copies rows */
@@ -431,11 +462,11 @@ int pfgdf_block_gemm(const float *src, int64_t rows, int64_t n, int64_t fs, int6
     src = xt, fs = n;
   }
   if (m < 0) {
-    rc = pfgdf_block_gemm_isa(src, rows, n, fs, idx, w, b, relu, out, blocks, in, bo, NULL, -1, wpack, wide);
+    rc = pfgdf_block_gemm_isa(src, rows, n, fs, idx, w, b, relu, out, blocks, in, bo, NULL, -1, wpack, packed, wide);
   } else if (scatter) {
-    rc = pfgdf_block_gemm_isa(src, rows, n, fs, idx, w, b, relu, out, blocks, in, bo, pos, m, wpack, wide);
+    rc = pfgdf_block_gemm_isa(src, rows, n, fs, idx, w, b, relu, out, blocks, in, bo, pos, m, wpack, packed, wide);
   } else { /* features first, then one pass back */
-    rc = pfgdf_block_gemm_isa(src, rows, n, fs, idx, w, b, relu, tmp, blocks, in, bo, NULL, -1, wpack, wide);
+    rc = pfgdf_block_gemm_isa(src, rows, n, fs, idx, w, b, relu, tmp, blocks, in, bo, NULL, -1, wpack, packed, wide);
     if (!rc) pfgdf_gather_rows_t(tmp, n, oidx, m, out);
   }
 done:
@@ -469,9 +500,20 @@ int pfgdf_isa(void) { return 0; }
 
 int pfgdf_set_isa(int level) { return level == 1 || level == 2 ? 2 : -1; }
 
+int64_t pfgdf_packed_floats(int64_t blocks, int64_t in, int64_t bo, int level) {
+  (void)blocks, (void)in, (void)bo, (void)level;
+  return 0;
+}
+
+int pfgdf_pack_weights(const float *w, int64_t blocks, int64_t in, int64_t bo, float *dst, int64_t floats) {
+  (void)w, (void)blocks, (void)in, (void)bo, (void)dst, (void)floats;
+  return -3;
+}
+
 int pfgdf_block_gemm(const float *src, int64_t rows, int64_t n, int64_t fs, int64_t rs, const int64_t *idx,
                      const float *w, const float *b, int relu, float *out, int64_t blocks, int64_t in, int64_t bo,
-                     const int64_t *oidx, int64_t m) {
+                     const int64_t *oidx, int64_t m, const float *packed, int64_t packed_floats, int packed_isa) {
+  (void)packed, (void)packed_floats, (void)packed_isa;
   (void)src, (void)rows, (void)n, (void)fs, (void)rs, (void)idx, (void)w, (void)b, (void)relu, (void)out;
   (void)blocks, (void)in, (void)bo, (void)oidx, (void)m;
   return -3;

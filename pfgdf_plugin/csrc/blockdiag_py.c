@@ -16,7 +16,9 @@ int pfgdf_isa(void);
 int pfgdf_set_isa(int level);
 int pfgdf_block_gemm(const float *src, int64_t rows, int64_t n, int64_t fs, int64_t rs, const int64_t *idx,
                      const float *w, const float *b, int relu, float *out, int64_t blocks, int64_t in, int64_t bo,
-                     const int64_t *oidx, int64_t m);
+                     const int64_t *oidx, int64_t m, const float *packed, int64_t packed_floats, int packed_isa);
+int64_t pfgdf_packed_floats(int64_t blocks, int64_t in, int64_t bo, int level);
+int pfgdf_pack_weights(const float *w, int64_t blocks, int64_t in, int64_t bo, float *dst, int64_t floats);
 
 /* args as int64 (None: 0), exactly count of them; 0 on success, -1 with a Python error set. */
 static int pfgdf_ints(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t count, const char *name, int64_t *v) {
@@ -48,12 +50,30 @@ static PyObject *pfgdf_py_gemv(PyObject *self, PyObject *const *args, Py_ssize_t
 
 static PyObject *pfgdf_py_gemm(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
   (void)self;
-  int64_t v[15];
-  if (pfgdf_ints(args, nargs, 15, "block_gemm", v)) return NULL;
+  int64_t v[18];
+  if (pfgdf_ints(args, nargs, 18, "block_gemm", v)) return NULL;
   int rc;
   Py_BEGIN_ALLOW_THREADS
   rc = pfgdf_block_gemm(PFGDF_F(0), v[1], v[2], v[3], v[4], PFGDF_L(5), PFGDF_F(6), PFGDF_F(7), (int)v[8], PFGDF_F(9),
-                        v[10], v[11], v[12], PFGDF_L(13), v[14]);
+                        v[10], v[11], v[12], PFGDF_L(13), v[14], PFGDF_F(15), v[16], (int)v[17]);
+  Py_END_ALLOW_THREADS
+  return PyLong_FromLong(rc);
+}
+
+static PyObject *pfgdf_py_packed_floats(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+  (void)self;
+  int64_t v[4];
+  if (pfgdf_ints(args, nargs, 4, "packed_floats", v)) return NULL;
+  return PyLong_FromLongLong(pfgdf_packed_floats(v[0], v[1], v[2], (int)v[3]));
+}
+
+static PyObject *pfgdf_py_pack(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+  (void)self;
+  int64_t v[6];
+  if (pfgdf_ints(args, nargs, 6, "pack_weights", v)) return NULL;
+  int rc;
+  Py_BEGIN_ALLOW_THREADS
+  rc = pfgdf_pack_weights(PFGDF_F(0), v[1], v[2], v[3], PFGDF_F(4), v[5]);
   Py_END_ALLOW_THREADS
   return PyLong_FromLong(rc);
 }
@@ -87,7 +107,12 @@ static PyMethodDef pfgdf_methods[] = {
     {"block_gemv", (PyCFunction)(void (*)(void))pfgdf_py_gemv, METH_FASTCALL,
      "block_gemv(x, idx, nfeat, w, b, relu, y, blocks, block_in, block_out, oidx, m) -> int"},
     {"block_gemm", (PyCFunction)(void (*)(void))pfgdf_py_gemm, METH_FASTCALL,
-     "block_gemm(src, rows, n, fs, rs, idx, w, b, relu, out, blocks, in, bo, oidx, m) -> int"},
+     "block_gemm(src, rows, n, fs, rs, idx, w, b, relu, out, blocks, in, bo, oidx, m, packed, packed_floats, "
+     "packed_isa) -> int"},
+    {"packed_floats", (PyCFunction)(void (*)(void))pfgdf_py_packed_floats, METH_FASTCALL,
+     "packed_floats(blocks, in, bo, level) -> int: floats of the weights packed for instructions level"},
+    {"pack_weights", (PyCFunction)(void (*)(void))pfgdf_py_pack, METH_FASTCALL,
+     "pack_weights(w, blocks, in, bo, dst, floats) -> int: the level packed for, or < 0"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef pfgdf_module = {PyModuleDef_HEAD_INIT, "_blockdiag",

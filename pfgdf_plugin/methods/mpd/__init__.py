@@ -59,7 +59,7 @@ Modules: :mod:`~pfgdf_plugin.methods.mpd.checks` (:class:`MPDParams`, value and 
 masks), :mod:`~pfgdf_plugin.methods.mpd.magnitude` (the ``"magnitude"`` permutation),
 :mod:`~pfgdf_plugin.methods.mpd.plan` (:func:`make_plan`, :func:`choose_blocks`,
 :func:`choose_layers`, :func:`plan_summary`), :mod:`~pfgdf_plugin.methods.mpd.convert`
-(conversion, :func:`summarize`, :func:`describe_model` / :func:`restore_model`),
+(conversion, :func:`summarize`, :func:`describe_model` / :func:`restore_model`, :func:`prepack`),
 :mod:`~pfgdf_plugin.methods.mpd.fold` (:class:`FoldLink`, :func:`fold`, :func:`fuse_activations`),
 :mod:`~pfgdf_plugin.methods.mpd.kernels` (:func:`choose_kernel`, :func:`check_kernel`),
 :mod:`~pfgdf_plugin.methods.mpd.init` (:func:`block_init_`: each block initialised for its own fan-in,
@@ -72,7 +72,7 @@ from .checks import (LAYERS, PERMUTATIONS, STARTS, MPDParams, both_sizes, check_
                      check_layer, check_permutation, check_round_to, check_start, layer_shape, max_blocks,
                      pruner_params, unsupported)
 from .convert import (DESCRIPTION_FORMAT, check_block_diagonal, convert_layer, convert_model, describe_model,
-                      restore_model, summarize)
+                      prepack, restore_model, summarize)
 from .fold import FoldLink, drop_identities, fold, fuse_activations
 from .init import block_init_
 from .kernels import KERNELS, LAYER_KERNELS, check_kernel, choose_kernel, median_time
@@ -85,5 +85,5 @@ __all__ = ["DESCRIPTION_FORMAT", "KERNELS", "LAYERS", "LAYER_KERNELS", "PERMUTAT
            "check_permutation", "check_round_to", "check_start", "choose_blocks", "choose_kernel", "choose_layers",
            "convert_layer", "convert_model", "describe_model", "drop_identities", "fold", "fuse_activations",
            "iter_layers", "kept_share", "layer_generator", "layer_shape", "magnitude_labels", "make_plan",
-           "max_blocks", "median_time", "plan_from_mask", "plan_summary", "pruner_params", "random_labels",
+           "max_blocks", "median_time", "plan_from_mask", "plan_summary", "prepack", "pruner_params", "random_labels",
            "restore_model", "summarize", "unsupported"]

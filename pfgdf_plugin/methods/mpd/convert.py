@@ -4,7 +4,7 @@ describe/restore. Folding is in :mod:`~pfgdf_plugin.methods.mpd.fold`, the kerne
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -261,6 +261,26 @@ def convert_model(model: nn.Module, plans: Mapping[str, BlockPlan], links: Itera
     report["fused"] = [] if legacy else fuse_activations(model, list(todo))
     report["kernels"] = choices
     return report
+
+
+def prepack(model: nn.Module, on: bool = True) -> List[str]:
+    """Freeze the converted ``bmm`` layers of ``model`` for inference: their C batch products read
+    weights laid out for their tiles once instead of on every call
+    (:meth:`~pfgdf_plugin.modules.BlockDiagonalLinear.prepack`; the same values). Returns the
+    names of the layers switched; ``on=False`` switches them back and drops the copies.
+
+    Example:
+        >>> from pfgdf_plugin.modules import BlockDiagonalLinear
+        >>> net = nn.Sequential(BlockDiagonalLinear(8, [4, 4], [4, 4]), nn.ReLU())
+        >>> prepack(net), net[0].prepacked
+        (['0'], True)
+    """
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, BlockDiagonalLinear) and module.kernel == "bmm":
+            module.prepack(on)
+            names.append(name)
+    return names
 
 
 def summarize(model: nn.Module) -> Dict[str, Any]:
