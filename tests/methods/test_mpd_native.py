@@ -54,8 +54,8 @@ def test_the_entry_points_refuse_a_call_they_would_misread():
     with pytest.raises(TypeError, match="block_gemv takes 12 arguments, got 2"):
         lib.block_gemv(0, 0)
     with pytest.raises(TypeError):  # an address must be an int (or None)
-        lib.block_gemm("x", *([0] * 14))
-    assert lib.block_gemm(*([0] * 15)) == 0  # nothing to multiply: nothing read or written
+        lib.block_gemm("x", *([0] * 17))
+    assert lib.block_gemm(*([0] * 18)) == 0  # nothing to multiply: nothing read or written
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -134,15 +134,71 @@ def test_the_block_product_matches_pytorch_in_both_layouts(c, i, o, n, isa):
     index[0] = features  # a padded slot reads zero
     expect = _block_product(x, index, w, bias).float()
     out_index = torch.randperm(c * o)[: max(1, c * o - 2)]  # a scatter that drops two rows
+    packed = native.pack(w)
     for layout in (x, x.t().contiguous().t(), torch.randn(n, 2 * features)[:, :features].copy_(x)):
-        got = native.block_gemm(layout, index, features, w, bias)
-        assert got.shape == (c * o, n) and _rel(got, expect) <= 1e-5, layout.stride()
-        got = native.block_gemm(layout, index, features, w, bias, batch_first=True, out_index=out_index)
-        assert got.shape == (n, out_index.numel()) and _rel(got, expect[out_index].t()) <= 1e-5
+        for pk in (None, packed):  # weights copied into panels on the way, or prepacked
+            got = native.block_gemm(layout, index, features, w, bias, packed=pk)
+            assert got.shape == (c * o, n) and _rel(got, expect) <= 1e-5, layout.stride()
+            got = native.block_gemm(layout, index, features, w, bias, batch_first=True, out_index=out_index,
+                                    packed=pk)
+            assert got.shape == (n, out_index.numel()) and _rel(got, expect[out_index].t()) <= 1e-5
     xi = torch.randn(n, c * i)
     expect = _block_product(xi, None, w, None).float()
     assert _rel(native.block_gemm(xi, None, c * i, w, None), expect) <= 1e-5
     assert _rel(native.block_gemm(xi, None, c * i, w, None, batch_first=True), expect.t()) <= 1e-5
+
+
+def test_a_packing_of_another_layout_is_refused():
+    w, x = torch.randn(2, 24, 40), torch.randn(5, 48)
+    packed, level = native.pack(w)
+    with pytest.raises(ValueError, match="is not the layout of a .2, 24, 40. weight.*pack it again"):
+        native.block_gemm(x, None, 48, w, None, packed=(packed, 3 - level))  # the other width's
+    with pytest.raises(ValueError, match="is not the layout of a .2, 24, 41. weight"):
+        native.block_gemm(torch.randn(5, 48), None, 48, torch.randn(2, 24, 41), None, packed=(packed, level))
+
+
+def _prepacked_pair(seed: int = 0):
+    _, plain = build_pair("linear", 64, 4, 3, "bmm", seed=seed, prepacked=False)
+    packed = copy.deepcopy(plain)
+    assert mpd.prepack(packed) == ["0", "2", "4"] and packed[0].prepacked and not plain[0].prepacked
+    return plain, packed
+
+
+def test_prepacked_layers_give_the_same_values_and_keep_the_copy_out_of_the_state_dict(isa):
+    plain, packed = _prepacked_pair()
+    x = torch.randn(40, 64)
+    with torch.no_grad():
+        for batch in (x[:1], x[:5], x):
+            assert _rel(packed(batch), plain(batch)) <= 1e-6
+    assert packed[0].packed_weight is not None  # made at the first batch
+    assert not any("packed" in k for k in packed.state_dict())
+    assert packed.state_dict().keys() == plain.state_dict().keys()
+    mpd.prepack(packed, on=False)
+    assert not packed[0].prepacked and packed[0].packed_weight is None
+
+
+def test_a_prepacked_layer_follows_its_weights_and_the_isa():
+    plain, packed = _prepacked_pair(seed=1)
+    x = torch.randn(9, 64)
+    with torch.no_grad():
+        packed(x)
+        for model in (plain, packed):  # through the parameter: the version counter moves
+            model[2].weight.mul_(2.0)
+        assert _rel(packed(x), plain(x)) <= 1e-6
+        for model in (plain, packed):  # a new parameter: new storage
+            model[4].weight = nn.Parameter(model[4].weight.detach() * 0.5)
+        assert _rel(packed(x), plain(x)) <= 1e-6
+        for model in (plain, packed):  # .data is not counted: prepack() again, as documented
+            model[0].weight.data.mul_(-1.0)
+        packed[0].prepack()
+        assert _rel(packed(x), plain(x)) <= 1e-6
+        if native.isa() == "avx512":  # the other width's layout is made when the setting changes
+            previous = native.set_isa("avx2")
+            try:
+                assert _rel(packed(x), plain(x)) <= 1e-6
+            finally:
+                native.set_isa(previous)
+            assert _rel(packed(x), plain(x)) <= 1e-6
 
 
 def test_threads_calling_at_once_get_their_own_scratch():
