@@ -9,7 +9,10 @@ where the gather would fetch them (batch-first or features-first), adds the bias
 features-first ``[features, N]`` result that the next layer reads as it is (the hand-off) or the
 scattered batch-first output. It is built at install time (``setup.py``: plain C kernels behind a
 small CPython module whose calls cost a fraction of a microsecond; optional). The kernels are
-written for x86-64 CPUs with AVX2 and FMA (chosen at run time). Without the library, on other
+written for x86-64 CPUs with AVX2 and FMA, the batch products also with AVX-512 (chosen at run
+time: :func:`isa`, capped by :func:`set_isa`); :func:`pack` lays a weight out as the batch products
+read it, so that a layer done training need not copy it on every call
+(:meth:`~pfgdf_plugin.modules.BlockDiagonalLinear.prepack`). Without the library, on other
 CPUs, with ``PFGDF_NATIVE=0`` in the environment, or after
 :func:`set_enabled(False) <set_enabled>`, the layers run on PyTorch operations only (the same
 values up to float rounding).
@@ -123,6 +126,8 @@ def pack(weight: torch.Tensor) -> Tuple[torch.Tensor, int]:
     :func:`block_gemm`'s ``packed``: ``(floats, level)``, level 2 for AVX-512 tiles, 1 for AVX2. A
     product given it skips copying its weights into panels on every call (15-25% of a product at
     batch 64); the copy is only valid while ``weight`` keeps its values and :func:`isa` its setting."""
+    if _LIB is None:
+        raise RuntimeError("pfgdf_plugin.native.pack: the C library is not available")
     c, i, o = weight.shape
     _check(weight, torch.float32, c * i * o, "weight")
     level = _LIB.isa()
