@@ -177,6 +177,20 @@ def test_prepacked_layers_give_the_same_values_and_keep_the_copy_out_of_the_stat
     assert not packed[0].prepacked and packed[0].packed_weight is None
 
 
+def test_a_prepacked_model_saves_and_loads_without_its_copy(tmp_path):
+    from pfgdf_plugin import persist
+    from pfgdf_plugin.bench_layers import _stack
+
+    plain, packed = _prepacked_pair(seed=2)
+    x = torch.randn(9, 64)
+    with torch.no_grad():
+        ref = packed(x)  # the copy now exists
+        persist.save_pruned(packed, str(tmp_path / "m.pt"))
+        loaded, _ = persist.load_pruned(str(tmp_path / "m.pt"), _stack("linear", 64, 3))
+        assert not loaded[0].prepacked and loaded[0].packed_weight is None  # prepack it again after loading
+        assert _rel(loaded(x), ref) <= 1e-6 and _rel(plain(x), ref) <= 1e-6
+
+
 def test_a_prepacked_layer_follows_its_weights_and_the_isa():
     plain, packed = _prepacked_pair(seed=1)
     x = torch.randn(9, 64)
