@@ -189,6 +189,12 @@ typedef int32_t pfgdf_v8i __attribute__((vector_size(32)));
 enum { MR = 6, NR = 16, KC = 256, MR_WIDE = 8, NR_WIDE = 32, KC_WIDE = 128, PANEL_PAD = 16, PANEL_AHEAD = 2048,
        PACK_AHEAD = 24, SCATTER_MAX = 16384 };
 _Static_assert(MR <= 8 && MR_WIDE <= 8, "the weight panels are copied eight floats a row");
+/* The tile shape and inner pieces of a width (wide: AVX-512), for the product, its scratch and the
+ * prepacked layout alike (constants where the width is). */
+typedef struct { int64_t mr, nr, kc; } pfgdf_tiling;
+static inline pfgdf_tiling pfgdf_tiling_of(int wide) {
+  return wide ? (pfgdf_tiling){MR_WIDE, NR_WIDE, KC_WIDE} : (pfgdf_tiling){MR, NR, KC};
+}
 /* Unaligned vector loads and stores, and max(0, .). */
 #define PFGDF_LOAD(v, p) memcpy(&(v), (p), sizeof(pfgdf_v8))
 #define PFGDF_STORE(p, v) memcpy((p), &(v), sizeof(pfgdf_v8))
@@ -295,7 +301,8 @@ static int64_t pfgdf_blocking(int64_t n, int64_t in, int64_t bo, int64_t mr, int
       int64_t in, int64_t bo, const int64_t *restrict pos, int64_t m, float *restrict wpack,                \
       const float *restrict packed
 static inline __attribute__((always_inline)) int pfgdf_block_gemm_fma(PFGDF_GEMM_ARGS, const int wide) {
-  const int64_t mr_t = wide ? MR_WIDE : MR, nr_t = wide ? NR_WIDE : NR, kc_t = wide ? KC_WIDE : KC;
+  const pfgdf_tiling tiling = pfgdf_tiling_of(wide);
+  const int64_t mr_t = tiling.mr, nr_t = tiling.nr, kc_t = tiling.kc;
   int64_t chunk, ncols, kc_max = in < kc_t ? in : kc_t;
   pfgdf_blocking(n, in, bo, mr_t, nr_t, kc_t, &chunk, &ncols);
   float *xpack = wpack + chunk * kc_max + chunk / mr_t * PANEL_PAD, *bpack = xpack + ncols * kc_max;
@@ -395,7 +402,7 @@ static int pfgdf_block_gemm_isa(PFGDF_GEMM_ARGS, int wide) {
  * pfgdf_pack_weights; 0 for another level. */
 int64_t pfgdf_packed_floats(int64_t blocks, int64_t in, int64_t bo, int level) {
   if (level != 1 && level != 2) return 0;
-  int64_t mr = level == 2 ? MR_WIDE : MR;
+  int64_t mr = pfgdf_tiling_of(level == 2).mr;
   return blocks * in * ((bo + mr - 1) / mr * mr);
 }
 
@@ -408,12 +415,12 @@ int pfgdf_pack_weights(const float *w, int64_t blocks, int64_t in, int64_t bo, f
   int level = pfgdf_isa();
   if (!level) return -3;
   if (floats != pfgdf_packed_floats(blocks, in, bo, level)) return -2;
-  int64_t mr = level == 2 ? MR_WIDE : MR, kc_t = level == 2 ? KC_WIDE : KC;
+  pfgdf_tiling tiling = pfgdf_tiling_of(level == 2);
   for (int64_t c = 0; c < blocks; ++c)
-    for (int64_t k0 = 0; k0 < in; k0 += kc_t)
-      for (int64_t o0 = 0; o0 < bo; o0 += mr)
-        for (int64_t i = k0; i < in && i < k0 + kc_t; ++i)
-          for (int64_t j = 0; j < mr; ++j) *dst++ = o0 + j < bo ? w[(c * in + i) * bo + o0 + j] : 0.0f;
+    for (int64_t k0 = 0; k0 < in; k0 += tiling.kc)
+      for (int64_t o0 = 0; o0 < bo; o0 += tiling.mr)
+        for (int64_t i = k0; i < in && i < k0 + tiling.kc; ++i)
+          for (int64_t j = 0; j < tiling.mr; ++j) *dst++ = o0 + j < bo ? w[(c * in + i) * bo + o0 + j] : 0.0f;
   return level;
 }
 
@@ -438,15 +445,15 @@ int pfgdf_block_gemm(const float *src, int64_t rows, int64_t n, int64_t fs, int6
   int level = pfgdf_isa(), wide = level == 2;
   if (packed && (packed_isa != level || packed_floats != pfgdf_packed_floats(blocks, in, bo, level))) return -4;
   if (in < 1 || bo < 1) return 0; /* nothing to multiply (the caller never asks) */
-  int64_t raw = blocks * bo, chunk, ncols, mr = wide ? MR_WIDE : MR, nr = wide ? NR_WIDE : NR;
-  int64_t kc = wide ? KC_WIDE : KC;
+  int64_t raw = blocks * bo, chunk, ncols;
+  pfgdf_tiling tiling = pfgdf_tiling_of(wide);
   if (m >= 0 && !oidx && m != raw) return -2;
   int transpose = fs == 1; /* batch first: transposed once, so the packing copies rows */
-  int scatter = m >= 0 && in <= kc && n * m <= SCATTER_MAX; /* batch first by the tiles' stores */
+  int scatter = m >= 0 && in <= tiling.kc && n * m <= SCATTER_MAX; /* batch first by the tiles' stores */
   size_t at[4], bytes = 0; /* offsets of pos, xt, tmp and the panels in the scratch, 64-byte aligned */
   size_t need[4] = {m >= 0 ? sizeof(int64_t) * (size_t)raw : 0, transpose ? sizeof(float) * (size_t)(rows * n) : 0,
                     m >= 0 && !scatter ? sizeof(float) * (size_t)(raw * n) : 0,
-                    sizeof(float) * (size_t)pfgdf_blocking(n, in, bo, mr, nr, kc, &chunk, &ncols)};
+                    sizeof(float) * (size_t)pfgdf_blocking(n, in, bo, tiling.mr, tiling.nr, tiling.kc, &chunk, &ncols)};
   for (int k = 0; k < 4; ++k) at[k] = bytes, bytes += (need[k] + 63) / 64 * 64;
   void *owned, *base = pfgdf_scratch(bytes, &owned);
   if (!base) return -1;
